@@ -1,0 +1,57 @@
+"""The error hierarchy of tinkerkit.
+
+Every error a user can cause is a :class:`TinkerkitError`; the CLI prints its message on one line
+and exits non-zero, with no traceback. Messages name the file, the line and the field (or the config
+key and value) and, where one exists, the fix. Categories also subclass the matching builtin so that
+library callers can catch ``ValueError``/``RuntimeError`` as usual (after tinker-cookbook's
+``exceptions.py``).
+"""
+
+from __future__ import annotations
+
+
+class TinkerkitError(Exception):
+    """Base class of every error tinkerkit reports to a user."""
+
+
+class ConfigError(TinkerkitError, ValueError):
+    """An invalid config file, config key, config value or command-line argument."""
+
+
+class DataError(TinkerkitError, ValueError):
+    """A data file or record that cannot be read or normalized.
+
+    Attributes:
+        path: The file, when known.
+        line: The 1-based line (JSON Lines) or record index (JSON arrays), when known.
+        field: The record field at fault, when known.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
+                 field: str | None = None) -> None:
+        self.path, self.line, self.field = path, line, field
+        where = ""
+        if path is not None:
+            where = f"{path}:{line}" if line is not None else str(path)
+            where += f": field '{field}'" if field else ""
+            where += ": "
+        elif field:
+            where = f"field '{field}': "
+        super().__init__(where + message)
+        self.reason = message
+
+
+class ModelError(TinkerkitError, ValueError):
+    """A model name, directory or tokenizer that cannot be resolved or loaded."""
+
+
+class EngineError(TinkerkitError, RuntimeError):
+    """A training or sampling engine failure (bad request, incompatible checkpoint, ...)."""
+
+
+class CheckpointError(EngineError):
+    """A checkpoint that is missing, incomplete, corrupted or from another base model or rank."""
+
+
+class ExportError(TinkerkitError, RuntimeError):
+    """An export or merge that cannot be completed (including non-finite weights)."""
