@@ -83,6 +83,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in complete if line.strip()]
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a UTF-8 JSON file (a byte-order mark is accepted)."""
+    return json.loads(Path(path).read_text(encoding="utf-8-sig"))
+
+
 def rewrite_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
     """Replace a JSON Lines file atomically with ``records``."""
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -1,0 +1,224 @@
+"""The ``tinkerkit`` command: split, stats, train, eval, export, demo.
+
+Every error a user can cause ends in one line on stderr and a non-zero exit code (1), never a
+traceback; set ``TINKERKIT_DEBUG=1`` to see the traceback of an unexpected error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from tinkerkit.errors import ConfigError, TinkerkitError
+
+console = Console()
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+# -- split and stats ---------------------------------------------------------------------------
+
+def cmd_split(args: argparse.Namespace) -> None:
+    from tinkerkit.data.split import run_split
+
+    tokenizer = None
+    if args.tokenizer:
+        from tinkerkit.models import load_tokenizer
+        tokenizer = load_tokenizer(args.tokenizer)
+    test_ratio = None if args.test_size is not None else args.test_ratio
+    run_split(args.files, args.output_dir, test_ratio=test_ratio, test_size=args.test_size,
+              seed=args.seed, format=args.format, on_error=args.on_error, tokenizer=tokenizer,
+              console=console)
+
+
+def cmd_stats(args: argparse.Namespace) -> None:
+    from tinkerkit.data.formats import load_conversations
+    from tinkerkit.models import load_tokenizer
+    from tinkerkit.render import Renderer, print_render_stats
+
+    loaded = load_conversations(args.files, format=args.format, on_error=args.on_error)
+    renderer = Renderer(load_tokenizer(args.model), args.train_on, args.max_length,
+                        truncate=not args.no_truncate)
+    _, stats = renderer.render_dataset(loaded.conversations)
+    console.print(f"{sum(loaded.counts.values())} records from {len(args.files)} file(s), "
+                  f"model {args.model}")
+    print_render_stats(stats, console, args.max_length, skipped_records=loaded.skipped)
+
+
+# -- train --------------------------------------------------------------------------------------
+
+def _train_fields(args: argparse.Namespace) -> dict:
+    return {"data_files": args.data, "base_model": args.model, "lora_rank": args.rank,
+            "learning_rate": args.lr, "num_epochs": args.epochs, "batch_size": args.batch_size,
+            "max_steps": args.max_steps, "max_sequence_length": args.max_length}
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from tinkerkit.config import load_config, parse_overrides
+    from tinkerkit.train import config_for_resume, resolve_resume, train
+
+    if args.resume and args.init_from:
+        raise ConfigError("--resume and --init-from exclude each other")
+    if args.resume and not args.config:
+        run_dir, _ = resolve_resume(args.resume)
+        fields = {k: v for k, v in _train_fields(args).items() if v is not None}
+        config = config_for_resume(run_dir, {**fields, **parse_overrides(args.set)})
+    else:
+        config = load_config(args.config, args.set, **_train_fields(args))
+    train(config, run_dir=args.run_dir, resume=args.resume, init_from=args.init_from,
+          console=console)
+
+
+# -- eval ---------------------------------------------------------------------------------------
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from tinkerkit.evaluate import compare_results, load_results
+
+    if args.compare:
+        compare_results(load_results(args.compare[0]), load_results(args.compare[1]), console)
+        return
+    from tinkerkit.config import load_config
+    from tinkerkit.evaluate import run_evaluation
+
+    config = load_config(args.config, args.set, base_model=args.model, max_tokens=args.max_tokens,
+                         temperature=args.temperature, eval_limit=args.limit)
+    data = args.data or config.test_files
+    if not data:
+        raise ConfigError("no test data: pass --data FILE (or set TEST_FILES in the config)")
+    run_evaluation(config, data=data if isinstance(data, list) else [data],
+                   checkpoint=args.checkpoint, output=args.output, num_samples=args.num_samples,
+                   console=console)
+
+
+# -- export -------------------------------------------------------------------------------------
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from tinkerkit.export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.output, merge=args.merge, dtype=args.dtype)
+    console.print(f"PEFT adapter: {result.adapter_dir}")
+    if result.merged_dir is not None:
+        console.print(f"Merged model ({result.dtype}): {result.merged_dir}  "
+                      f"max |logit diff| = {result.max_logit_diff:.3g} "
+                      f"(tolerance {result.tolerance:.3g})")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from tinkerkit.demo import run_demo
+
+    run_demo(Path(args.output_dir), console=console, quick=args.quick)
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", help="force a record shape (messages, prompt_completion, "
+                   "question_answer, math, s1k, alpaca)")
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="stop at a malformed record (default) or skip and count it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinkerkit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("split", help="merge data files and split them into train and test sets")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--test-ratio", type=float, default=0.2)
+    p.add_argument("--test-size", type=int)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--output-dir", default="data")
+    p.add_argument("--tokenizer", help="also count tokens with this model's tokenizer")
+    _data_options(p)
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("stats", help="token length statistics and truncation counts of data files")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--no-truncate", action="store_true", help="count long examples as skipped")
+    p.add_argument("--train-on", choices=["all_assistant", "last_assistant"], default="all_assistant")
+    _data_options(p)
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("train", help="train a LoRA adapter")
+    p.add_argument("--config", help="config.py, .toml or .yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--run-dir")
+    p.add_argument("--resume", metavar="PATH", help="a run directory or checkpoint to continue")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="start a new stage from a checkpoint's weights (fresh optimizer)")
+    p.add_argument("--data", nargs="+", help="DATA_FILES")
+    p.add_argument("--model", help="BASE_MODEL")
+    p.add_argument("--rank", type=int, help="LORA_RANK")
+    p.add_argument("--lr", type=float, help="LEARNING_RATE")
+    p.add_argument("--epochs", type=int, help="NUM_EPOCHS")
+    p.add_argument("--batch-size", type=int, help="BATCH_SIZE")
+    p.add_argument("--max-steps", type=int, help="MAX_STEPS")
+    p.add_argument("--max-length", type=int, help="MAX_SEQUENCE_LENGTH")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="sample answers on a test set and grade them")
+    p.add_argument("--model", help="BASE_MODEL")
+    p.add_argument("--checkpoint", help="a checkpoint or adapter directory (default: base model)")
+    p.add_argument("--data", nargs="+", help="test file(s)")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--output", default="evaluation_results.json")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per problem (pass@k)")
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
+                   help="compare two evaluation_results.json files")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="export a checkpoint as a PEFT adapter (and merged model)")
+    p.add_argument("checkpoint")
+    p.add_argument("--output", required=True)
+    p.add_argument("--merge", action="store_true", help="also write a merged HF model")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("demo", help="the whole pipeline on generated arithmetic problems")
+    p.add_argument("--output-dir", default="demo_output")
+    p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tinkerkit`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _quiet_libraries()
+        args.func(args)
+    except TinkerkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure: one line unless debugging
+        if os.environ.get("TINKERKIT_DEBUG"):
+            raise
+        print(f"error: unexpected {type(e).__name__}: {e} (TINKERKIT_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

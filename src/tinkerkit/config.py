@@ -1,0 +1,239 @@
+"""One validated training configuration, loaded from ``config.py``, ``.toml`` or ``.yaml``.
+
+A Python config file follows the seed scripts: module-level UPPERCASE names (``DATA_FILES``,
+``BASE_MODEL``, ``LORA_RANK``, ``LEARNING_RATE``, ...), each the upper-case form of a field of
+:class:`TrainConfig`. TOML and YAML files use the same keys, in either case. ``--set KEY=VALUE``
+overrides any key; the value is parsed as a YAML scalar (``1e-4``, ``true``, ``[a.jsonl, b.jsonl]``).
+
+Every problem is collected and reported at once as a :class:`~tinkerkit.errors.ConfigError` that
+names each key and value; a mistyped key gets the closest valid key as a suggestion.
+
+Example::
+
+    config = load_config("config.py", overrides=["LEARNING_RATE=2e-4", "MAX_STEPS=100"])
+    config.learning_rate  # 0.0002
+"""
+
+from __future__ import annotations
+
+import difflib
+import runpy
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tinkerkit.errors import ConfigError
+
+
+class TrainOn(StrEnum):
+    """Which assistant messages carry loss weight."""
+
+    ALL_ASSISTANT = "all_assistant"
+    LAST_ASSISTANT = "last_assistant"
+
+
+class LRSchedule(StrEnum):
+    """Learning-rate schedule after linear warmup: constant, linear decay to 0, or cosine to 0."""
+
+    CONSTANT = "constant"
+    LINEAR = "linear"
+    COSINE = "cosine"
+
+
+class TrainConfig(BaseModel):
+    """Every setting of a training run, with its default. Field ``x`` is ``X`` in ``config.py``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+
+    # Data
+    data_files: list[str] = Field(default_factory=list, description="Training data files (JSON, JSON Lines).")
+    data_format: str | None = Field(None, description="Force a record shape (messages, prompt_completion, question_answer, math, s1k, alpaca); None detects it.")
+    on_error: Literal["raise", "skip"] = Field("raise", description="A malformed record stops the run (raise) or is skipped and counted (skip).")
+    test_files: list[str] = Field(default_factory=list, description="Test files for `tinkerkit eval` when --data is not given.")
+
+    # Model and LoRA
+    base_model: str = Field("smollm2-135m-instruct", description="HF model directory, hub id, or registry name.")
+    backend: Literal["local", "tinker"] = Field("local", description="Training engine: in-process PyTorch/PEFT, or the Tinker SDK.")
+    tinker_base_url: str | None = Field(None, description="Tinker server URL (else $TINKER_BASE_URL, else the hosted service).")
+    lora_rank: int = Field(32, gt=0, description="LoRA rank r.")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; None means alpha = rank (scale 1).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    lora_targets: str = Field("all-linear", description="LoRA target modules: attention, mlp, all-linear, or comma-separated module names.")
+    train_unembed: bool = Field(False, description="Also put LoRA on the unembedding (lm_head).")
+    device: str = Field("auto", description="Local engine device: auto, cpu, cuda, cuda:N.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Local engine parameter dtype.")
+
+    # Rendering
+    max_sequence_length: int = Field(4096, gt=1, description="Longest rendered example in tokens.")
+    truncate_long_sequences: bool = Field(True, description="Cut longer examples on the right (True) or skip them (False).")
+    train_on: TrainOn = Field(TrainOn.ALL_ASSISTANT, description="Assistant messages that carry loss.")
+
+    # Optimization
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    lr_schedule: LRSchedule = Field(LRSchedule.LINEAR, description="constant, linear or cosine decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer steps.")
+    num_epochs: int = Field(1, gt=0, description="Passes over the training data.")
+    batch_size: int = Field(8, gt=0, description="Examples per optimizer step.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (None: all epochs).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    grad_clip_norm: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables.")
+    seed: int = Field(42, description="Seed for LoRA init, data order and dropout.")
+
+    # Run directory and checkpoints
+    run_dir: str | None = Field(None, description="Run directory (default runs/<timestamp>).")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+
+    # Sampling for evaluation
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature for evaluation (0 = greedy).")
+    max_tokens: int = Field(512, gt=0, description="Maximum generated tokens per answer.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    top_k: int = Field(-1, description="Top-k sampling (-1 disables).")
+    stop: list[str] | None = Field(None, description="Extra stop strings (the end-of-turn token always stops).")
+    eval_limit: int | None = Field(None, gt=0, description="Evaluate only the first N test examples.")
+
+    @field_validator("data_files", "test_files", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (str, Path)) else value
+
+    @field_validator("data_files", "test_files")
+    @classmethod
+    def _files_exist(cls, paths: list[str]) -> list[str]:
+        missing = [p for p in paths if not Path(p).expanduser().exists()]
+        if missing:
+            raise ValueError(f"file not found: {', '.join(missing)}")
+        return [str(p) for p in paths]
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError("must be -1 (off) or a positive integer")
+        return value
+
+    def dump(self) -> dict:
+        """The resolved config as JSON-ready data, UPPERCASE keys (no secrets are ever fields)."""
+        return {k.upper(): v for k, v in self.model_dump(mode="json").items()}
+
+
+FIELDS = tuple(TrainConfig.model_fields)
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key.lower(), FIELDS, n=1, cutoff=0.6)
+    return f"; did you mean {close[0].upper()}?" if close else ""
+
+
+def _normalize_keys(raw: dict[str, Any], origin: str) -> dict[str, Any]:
+    values, problems = {}, []
+    for key, value in raw.items():
+        name = str(key).lower().replace("-", "_")
+        if name not in FIELDS:
+            problems.append(f"{origin}: unknown key {key}{_suggest(name)}")
+        else:
+            values[name] = value
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return values
+
+
+def _read_python(path: Path) -> dict[str, Any]:
+    try:
+        namespace = runpy.run_path(str(path))
+    except Exception as e:  # the user's own code failed: report it on one line
+        raise ConfigError(f"{path}: could not run the config file: {type(e).__name__}: {e}") from e
+    return {k: v for k, v in namespace.items()
+            if k.isupper() and not k.startswith("_") and not callable(v)
+            and not isinstance(v, type(runpy))}
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".py":
+            return _read_python(path)
+        text = path.read_text(encoding="utf-8-sig")
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"{path}: unknown config type '{suffix}' (use .py, .toml or .yaml)")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: invalid {suffix[1:]}: {' '.join(str(e).split())}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` strings; values are YAML scalars or lists.
+
+    Raises:
+        ConfigError: An item has no ``=`` or an unknown key.
+    """
+    raw = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            raw[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raw[key.strip()] = value
+    return _normalize_keys(raw, "--set")
+
+
+def _format_validation(error: ValidationError, values: dict[str, Any]) -> str:
+    problems = []
+    for item in error.errors():
+        name = str(item["loc"][0]) if item["loc"] else "?"
+        if item["type"] == "extra_forbidden":
+            problems.append(f"unknown key {name.upper()}{_suggest(name)}")
+            continue
+        value = values.get(name, item.get("input"))
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{name.upper()}={value!r}: {message}")
+    return "invalid config: " + "; ".join(problems)
+
+
+def build_config(values: dict[str, Any]) -> TrainConfig:
+    """Validate lower-case field values into a :class:`TrainConfig`.
+
+    Raises:
+        ConfigError: Listing every invalid key and value.
+    """
+    try:
+        return TrainConfig(**values)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, values)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                **fields: Any) -> TrainConfig:
+    """Load a config file, apply keyword ``fields`` (from CLI flags), then ``--set`` overrides.
+
+    Args:
+        path: ``config.py``, ``*.toml`` or ``*.yaml``; ``None`` uses defaults only.
+        overrides: ``KEY=VALUE`` strings, applied last.
+        **fields: Lower-case field values; ``None`` values are ignored.
+
+    Raises:
+        ConfigError: Unreadable file, unknown key (with a suggestion), or invalid value.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        values.update(_normalize_keys(_read_file(path), str(path)))
+    values.update({k: v for k, v in fields.items() if v is not None})
+    values.update(parse_overrides(overrides or []))
+    return build_config(values)

@@ -1,0 +1,468 @@
+"""Load data files and normalize every record shape to a :class:`Conversation`.
+
+Files are JSON arrays (``.json`` starting with ``[``), JSON Lines (``.jsonl``, or any file that does
+not start with ``[``) or Parquet (needs ``pyarrow``); UTF-8 with or without a byte-order mark, LF or
+CRLF line ends. Each file's record shape is detected from its first recognizable record (or forced
+with ``format=``) and every record of the file is normalized with it:
+
+==================  ===============================================  ===============================
+format              fields                                           reference answer
+==================  ===============================================  ===============================
+messages            ``messages`` [{role, content, thinking?}]        ``reference_answer`` or the
+                    (TRL / OpenAI chat; also ``tinkerkit split``     last assistant message's
+                    output)                                          ``#### N`` / last ``\\boxed{}``
+prompt_completion   ``prompt``, ``completion`` (strings, or TRL's    as for messages
+                    conversational lists of messages)
+question_answer     ``question``, ``answer`` (GSM8K)                 text after the last ``####``
+math                ``problem``, ``answer``, ``solution?`` (MATH,    ``answer`` (a number becomes
+                    AIME, AMC)                                       ``"27"`` for ``27.0``)
+s1k                 ``question``, ``thinking_trajectories``,         ``solution``, if present
+                    ``attempt`` (simplescaling/s1K)
+alpaca              ``instruction``, ``input?``, ``output``          none
+==================  ===============================================  ===============================
+
+Locations are written ``path:N``: N is the 1-based line in JSON Lines files and the 1-based record
+number in JSON arrays and Parquet files (a JSON array may hold all records on one line).
+
+Example::
+
+    result = load_conversations(["gsm8k/test.jsonl"])
+    result.conversations[0].reference_answer   # "18"
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+from tinkerkit.data.conversation import Conversation, Message
+from tinkerkit.errors import ConfigError, DataError
+
+ROLES = ("system", "user", "assistant")
+
+# Shape of each format, in the order users read them; also the error help for unknown shapes.
+_SHAPES = {
+    "messages": "{messages: [{role, content}, ...]}",
+    "prompt_completion": "{prompt, completion}",
+    "question_answer": "{question, answer} (GSM8K)",
+    "math": "{problem, answer, solution?} (MATH, AIME, AMC)",
+    "s1k": "{question, thinking_trajectories, attempt} (s1K)",
+    "alpaca": "{instruction, input?, output}",
+}
+FORMATS: tuple[str, ...] = tuple(_SHAPES)
+
+# Fields that identify each format, checked in this order: the more specific shapes first (AIME
+# records carry both ``problem`` and ``question``/``answer``; s1K carries ``question``).
+_SIGNATURES = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "s1k": ("thinking_trajectories",),
+    "math": ("problem",),
+    "question_answer": ("question", "answer"),
+    "alpaca": ("instruction", "output"),
+}
+
+
+@dataclass
+class LoadResult:
+    """The conversations of one or more files, with what was skipped and why.
+
+    Attributes:
+        conversations: Every normalized record, files in the given order, records in file order.
+        skipped: ``(where, reason)`` of each record skipped with ``on_error="skip"``; ``where`` is
+            ``"path:N"`` (see the module docstring).
+        counts: Loaded records per file, keyed by the path as given.
+        formats: Detected (or forced) format per file; absent for a file with no valid record.
+    """
+
+    conversations: list[Conversation] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    formats: dict[str, str] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------- loading files
+
+def load_conversations(paths: Sequence[str | Path], format: str | None = None,
+                       on_error: Literal["raise", "skip"] = "raise") -> LoadResult:
+    """Load and normalize the records of several data files.
+
+    Args:
+        paths: JSON, JSON Lines or Parquet files; merged in the given order.
+        format: Force one of :data:`FORMATS` for every file; ``None`` detects it per file.
+        on_error: ``"raise"`` stops at the first bad record; ``"skip"`` records it in
+            :attr:`LoadResult.skipped` and goes on. File-level problems always raise.
+
+    Returns:
+        The conversations, skipped records, and per-file counts and formats.
+
+    Raises:
+        DataError: An unknown ``format``; a missing, empty, non-UTF-8 or syntactically invalid file
+            (naming the file and line); a bad record with ``on_error="raise"`` (naming file, line and
+            field); or no valid record at all.
+        ConfigError: ``on_error`` is neither ``"raise"`` nor ``"skip"``.
+    """
+    _check_format_name(format)
+    if on_error not in ("raise", "skip"):
+        raise ConfigError(f"--on-error must be 'raise' or 'skip', got {on_error!r}")
+    if not paths:
+        raise DataError("no data files given")
+    result = LoadResult()
+    for path in paths:
+        key = str(path)
+        records = _read_records(Path(path))
+        file_format = format or _detect_file_format(records)
+        loaded = 0
+        for n, record in records:
+            try:
+                if isinstance(record, DataError):
+                    raise record
+                result.conversations.append(normalize_record(record, file_format, f"{key}:{n}"))
+                loaded += 1
+            except DataError as e:
+                if on_error == "raise":
+                    raise
+                result.skipped.append((f"{key}:{n}", _reason(e)))
+        result.counts[key] = loaded
+        if file_format is not None:
+            result.formats[key] = file_format
+    if not result.conversations:
+        first = f"; first: {result.skipped[0][0]}: {result.skipped[0][1]}" if result.skipped else ""
+        raise DataError(f"no valid records in {', '.join(map(str, paths))} "
+                        f"({len(result.skipped)} skipped{first})")
+    return result
+
+
+def _read_records(path: Path) -> list[tuple[int, Any]]:
+    """``(N, record)`` pairs of a file; a malformed JSON line becomes a :class:`DataError` value."""
+    if not path.exists():
+        raise DataError("file not found", path=str(path))
+    if path.is_dir():
+        raise DataError("is a directory; pass the data files inside it", path=str(path))
+    if path.suffix.lower() == ".parquet":
+        records = list(enumerate(_read_parquet(path), start=1))
+    else:
+        text = _decode(path)
+        if not text.strip():
+            raise DataError("file is empty", path=str(path))
+        if path.suffix.lower() == ".jsonl" or not text.lstrip().startswith("["):
+            records = _parse_json_lines(text, str(path))
+        else:
+            records = list(enumerate(_parse_json_array(text, str(path)), start=1))
+    if not records:
+        raise DataError("file holds no records", path=str(path))
+    return records
+
+
+def _read_parquet(path: Path) -> list[Any]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("reading Parquet needs pyarrow: pip install pyarrow", path=str(path)) from None
+    return pq.read_table(path).to_pylist()
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = bom + e.start
+        raise DataError(f"invalid UTF-8 at byte offset {offset}; save the file as UTF-8",
+                        path=str(path), line=data[:offset].count(b"\n") + 1) from None
+
+
+def _parse_json_lines(text: str, path: str) -> list[tuple[int, Any]]:
+    records = []
+    for n, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON allows U+2028
+        if not line.strip():
+            continue
+        try:
+            records.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            records.append((n, DataError(f"invalid JSON: {e.msg} (column {e.colno})",
+                                         path=path, line=n)))
+    return records
+
+
+def _parse_json_array(text: str, path: str) -> list[Any]:
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        message = e.msg
+        if e.msg == "Expecting value" and text[e.pos:e.pos + 1] == "]" \
+                and text[:e.pos].rstrip().endswith(","):
+            message = "trailing comma before ']'"  # Python < 3.13 reports only "Expecting value"
+        raise DataError(f"invalid JSON at column {e.colno}: {message}", path=path,
+                        line=e.lineno) from None
+    if not isinstance(records, list):
+        raise DataError(f"expected a JSON array of records, got {_kind(records)}", path=path)
+    return records
+
+
+def _detect_file_format(records: list[tuple[int, Any]]) -> str | None:
+    """The format of the first record whose shape is recognized; ``None`` if there is none."""
+    for _, record in records:
+        if isinstance(record, dict):
+            try:
+                return detect_format(record)
+            except DataError:
+                continue
+    return None
+
+
+def _reason(error: DataError) -> str:
+    return f"field '{error.field}': {error.reason}" if error.field else error.reason
+
+
+# ------------------------------------------------------------------------------ detecting a shape
+
+def detect_format(record: dict) -> str:
+    """The format name of one record, from the fields it has.
+
+    Args:
+        record: One decoded JSON object.
+
+    Returns:
+        One of :data:`FORMATS`.
+
+    Raises:
+        DataError: No known shape matches; the message lists the record's fields and every shape.
+    """
+    for name, fields in _SIGNATURES.items():
+        if all(f in record for f in fields):
+            return name
+    shapes = "; ".join(f"{name} {shape}" for name, shape in _SHAPES.items())
+    raise DataError(f"unknown record shape with fields {sorted(record)}; known shapes: {shapes}; "
+                    f"force one with --format")
+
+
+def _check_format_name(format: str | None) -> None:
+    if format is not None and format not in FORMATS:
+        raise DataError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+
+
+# ------------------------------------------------------------------------------------ normalizing
+
+def normalize_record(record: dict, format: str | None, where: str) -> Conversation:
+    """Normalize one record to a :class:`Conversation`.
+
+    Args:
+        record: One decoded JSON object.
+        format: One of :data:`FORMATS`, or ``None`` to detect it from this record.
+        where: ``"path:N"``, kept as :attr:`Conversation.source` and named in errors.
+
+    Returns:
+        The conversation, with its reference answer where the format has one.
+
+    Raises:
+        DataError: Not an object, an unknown shape or format, a missing field, a field of the wrong
+            type (e.g. a number or null where text is expected), an empty conversation or an unknown
+            role; the message names ``where`` and the field.
+    """
+    if not isinstance(record, dict):
+        raise _error(where, None, f"expected a JSON object, got {_kind(record)}")
+    _check_format_name(format)
+    if format is None:
+        try:
+            format = detect_format(record)
+        except DataError as e:
+            raise _error(where, None, e.reason) from None
+    messages, reference = _NORMALIZERS[format](record, where)
+    return Conversation(messages=messages, reference_answer=reference, source=where)
+
+
+Normalized = tuple[list[Message], str | None]
+
+
+def _from_messages(record: dict, where: str) -> Normalized:
+    messages = _messages(record, "messages", where)
+    return messages, _reference_or_extracted(record, messages, where)
+
+
+def _from_prompt_completion(record: dict, where: str) -> Normalized:
+    if isinstance(record.get("prompt"), list) and isinstance(record.get("completion"), list):  # TRL conversational form
+        messages = _messages(record, "prompt", where) + _messages(record, "completion", where)
+    else:
+        messages = [Message(role="user", content=_text(record, "prompt", where)),
+                    Message(role="assistant", content=_text(record, "completion", where))]
+    return messages, _reference_or_extracted(record, messages, where)
+
+
+def _from_question_answer(record: dict, where: str) -> Normalized:
+    answer = _text(record, "answer", where)
+    messages = [Message(role="user", content=_text(record, "question", where)),
+                Message(role="assistant", content=_strip_calculator_annotations(answer))]
+    return messages, gsm8k_final_answer(answer)
+
+
+def _from_math(record: dict, where: str) -> Normalized:
+    """MATH-style; without ``solution`` (AMC) the record is evaluation-only: a user turn alone."""
+    messages = [Message(role="user", content=_text(record, "problem", where))]
+    if "solution" in record:
+        messages.append(Message(role="assistant", content=_text(record, "solution", where)))
+    if "answer" in record:
+        return messages, _answer_text(record, "answer", where)
+    if "solution" in record:  # the original MATH release has no answer field: use its \boxed{}
+        return messages, _extract_answer(messages[-1].content)
+    raise _error(where, "answer", "required field is missing")
+
+
+def _from_s1k(record: dict, where: str) -> Normalized:
+    trajectories = record.get("thinking_trajectories")
+    if not isinstance(trajectories, list) or not trajectories:
+        raise _error(where, "thinking_trajectories",
+                     f"expected a non-empty array of strings, got {_kind(trajectories)}")
+    for i, item in enumerate(trajectories):
+        if not isinstance(item, str):
+            raise _error(where, f"thinking_trajectories[{i}]", f"expected a string, got {_kind(item)}")
+    messages = [Message(role="user", content=_text(record, "question", where)),
+                Message(role="assistant", content=_text(record, "attempt", where),
+                        thinking="\n".join(trajectories))]
+    reference = _text(record, "solution", where) if "solution" in record else None
+    return messages, reference
+
+
+def _from_alpaca(record: dict, where: str) -> Normalized:
+    prompt = _text(record, "instruction", where)
+    extra = _text(record, "input", where, allow_empty=True) if "input" in record else ""
+    if extra.strip():
+        prompt += "\n\n" + extra
+    return [Message(role="user", content=prompt),
+            Message(role="assistant", content=_text(record, "output", where))], None
+
+
+_NORMALIZERS: dict[str, Callable[[dict, str], Normalized]] = {
+    "messages": _from_messages,
+    "prompt_completion": _from_prompt_completion,
+    "question_answer": _from_question_answer,
+    "math": _from_math,
+    "s1k": _from_s1k,
+    "alpaca": _from_alpaca,
+}
+assert tuple(_NORMALIZERS) == FORMATS
+
+
+def _messages(record: dict, key: str, where: str) -> list[Message]:
+    """Validate a list of ``{role, content, thinking?|reasoning_content?}`` turns."""
+    turns = record.get(key)
+    if not isinstance(turns, list):
+        raise _error(where, key, f"expected an array of messages, got {_kind(turns)}")
+    if not turns:
+        raise _error(where, key, "empty conversation")
+    messages = []
+    for i, turn in enumerate(turns):
+        name = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise _error(where, name, f"expected an object {{role, content}}, got {_kind(turn)}")
+        role = _text(turn, "role", where, prefix=name)
+        if role not in ROLES:
+            raise _error(where, f"{name}.role", f"unknown role {role!r} (expected {', '.join(ROLES)})")
+        thinking_key = "thinking" if "thinking" in turn else "reasoning_content"
+        thinking = None
+        if turn.get(thinking_key) is not None:
+            thinking = _text(turn, thinking_key, where, prefix=name, allow_empty=True)
+        content = _text(turn, "content", where, prefix=name, allow_empty=bool(thinking))
+        messages.append(Message(role=role, content=content, thinking=thinking))
+    return messages
+
+
+def _text(record: dict, key: str, where: str, prefix: str = "", allow_empty: bool = False) -> str:
+    """``record[key]`` as a string, else a DataError naming ``prefix.key``."""
+    name = f"{prefix}.{key}" if prefix else key
+    if key not in record:
+        raise _error(where, name, "required field is missing")
+    value = record[key]
+    if not isinstance(value, str):
+        raise _error(where, name, f"expected a string, got {_kind(value)}")
+    if not allow_empty and not value.strip():
+        raise _error(where, name, "is empty")
+    return value
+
+
+def _answer_text(record: dict, key: str, where: str) -> str:
+    """A reference answer given as a string or a JSON number (AMC's ``27.0`` becomes ``"27"``)."""
+    value = record[key]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(int(value)) if float(value).is_integer() else repr(value)
+    return _text(record, key, where)
+
+
+def _reference_or_extracted(record: dict, messages: list[Message], where: str) -> str | None:
+    """The record's ``reference_answer`` if present, else one extracted from the last assistant."""
+    if record.get("reference_answer") is not None:
+        return _answer_text(record, "reference_answer", where)
+    replies = [m for m in messages if m.role == "assistant"]
+    return _extract_answer(replies[-1].content) if replies else None
+
+
+# -------------------------------------------------------------------------------- answer helpers
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+_THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
+def _strip_calculator_annotations(text: str) -> str:
+    """GSM8K's ``<<48/2=24>>`` calculator annotations removed (``48/2 = <<48/2=24>>24`` -> ``48/2 = 24``)."""
+    return _CALCULATOR.sub("", text)
+
+
+def gsm8k_final_answer(text: str) -> str | None:
+    """The text after the last ``####``, stripped, thousands commas removed; ``None`` if absent.
+
+    Format: GSM8K (Cobbe et al. 2021, ``grade_school_math/data/*.jsonl``), e.g. ``#### 1,234`` ->
+    ``"1234"``.
+    """
+    if "####" not in text:
+        return None
+    answer = _THOUSANDS_COMMA.sub("", text.rsplit("####", 1)[1].strip())
+    return answer or None
+
+
+def _last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (braces balanced), or ``None``."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len("\\boxed{")
+    for i in range(begin, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth < 0:
+            return text[begin:i].strip() or None
+    return None
+
+
+def _extract_answer(text: str) -> str | None:
+    """A reference answer from a worked solution: ``#### N`` (GSM8K) or the last ``\\boxed{}``.
+
+    Uses :func:`tinkerkit.grading.extract_final_answer` when that module exists.
+    """
+    try:
+        from tinkerkit.grading import extract_final_answer
+    except ImportError:
+        return gsm8k_final_answer(text) or _last_boxed(text)
+    return extract_final_answer(text)
+
+
+def _kind(value: Any) -> str:
+    """The JSON type name of a decoded value, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _error(where: str, field: str | None, reason: str) -> DataError:
+    """A DataError located at ``where`` (``"path:N"``), with ``path``/``line`` split out."""
+    path, sep, line = where.rpartition(":")
+    if sep and line.isdigit():
+        return DataError(reason, path=path, line=int(line), field=field)
+    return DataError(reason, path=where, field=field)

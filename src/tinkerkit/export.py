@@ -1,0 +1,387 @@
+"""Export trained LoRA checkpoints: a self-contained PEFT adapter, and a merged HF model.
+
+A checkpoint (layout in :mod:`tinkerkit.checkpoint`) is already a PEFT adapter directory; export
+validates it and writes what a user ships::
+
+    <output_dir>/adapter/   adapter_config.json (base model as hub id), adapter_model.safetensors
+                            (PEFT key layout, float32), tokenizer + chat template, README.md
+    <output_dir>/merged/    model.safetensors, config.json, generation_config.json,
+                            tokenizer + chat template  (base weights + LoRA deltas, one dtype)
+
+Merging follows LoRA (Hu et al. 2021, arXiv 2106.09685, §4.1): ``W' = W + (alpha / r) * B @ A``,
+done by PEFT's ``merge_and_unload`` in float32 and cast once to the requested dtype. Every merge is
+checked: the merged model, read back from disk, must reproduce the logits of base + adapter on a
+fixed chat within a tolerance derived from the dtype's rounding (see :func:`logit_tolerance`).
+
+Example::
+
+    result = export_checkpoint("runs/gsm8k/checkpoints/step_000100", "exports/gsm8k", merge=True)
+    print(result.adapter_dir, result.merged_dir, result.max_logit_diff, result.tolerance)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tinkerkit.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, STATE_FILE, read_checkpoint_meta
+from tinkerkit.errors import CheckpointError, ConfigError, ExportError
+from tinkerkit.io import atomic_directory, atomic_write_json, atomic_write_text
+from tinkerkit.models import REGISTRY, hub_id_of, load_model, load_tokenizer
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Unit roundoff u = 2^-p of each dtype, p = significand bits including the implicit one
+# (IEEE 754-2008 binary32 p=24, binary16 p=11; bfloat16 p=8). Rounding a weight to the dtype
+# changes it by at most a relative u: bf16 0.39%, fp16 0.049%, fp32 6e-8.
+_UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11, "fp32": 2.0**-24}
+# Headroom over u * (logit scale); see logit_tolerance for how these were chosen.
+_ROUNDOFF_FACTOR = {"bf16": 8.0, "fp16": 8.0, "fp32": 2.0**14}
+
+# The fixed conversation on which a merge is checked (rendered with the model's chat template).
+_CHECK_CHAT = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Natalia sold 48 clips in April and half as many in May. "
+                                "How many clips did she sell altogether?"},
+    {"role": "assistant", "content": "In May she sold 48 / 2 = 24 clips, so 48 + 24 = 72."},
+]
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_checkpoint` wrote.
+
+    Attributes:
+        adapter_dir: The PEFT adapter directory.
+        merged_dir: The merged HF model directory, or None when no merge was asked for.
+        max_logit_diff: Largest absolute logit difference, merged vs base + adapter (None: no merge).
+        tolerance: The tolerance that difference was checked against (None: no merge).
+        dtype: The merged model's dtype, ``"bf16"``/``"fp16"``/``"fp32"`` (None: no merge).
+    """
+
+    adapter_dir: Path
+    merged_dir: Path | None = None
+    max_logit_diff: float | None = None
+    tolerance: float | None = None
+    dtype: str | None = None
+
+
+def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, merge: bool = False,
+                      dtype: str = "bf16") -> ExportResult:
+    """Export a checkpoint to ``output_dir/adapter`` and, with ``merge``, ``output_dir/merged``.
+
+    Args:
+        checkpoint: A tinkerkit checkpoint directory.
+        output_dir: Parent directory of the exports (created if needed).
+        merge: Also write a merged model (see :func:`merge_adapter`).
+        dtype: The merged model's dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"``.
+
+    Returns:
+        The paths written and, with ``merge``, the merge check's numbers.
+
+    Raises:
+        ConfigError: ``dtype`` is not one of the above.
+        CheckpointError: The checkpoint is missing, incomplete or unreadable.
+        ExportError: Non-finite weights, an adapter that does not fit its base model, or a merged
+            model that fails the logit check.
+        ModelError: The base model or its tokenizer cannot be loaded.
+    """
+    _check_dtype(dtype)
+    output_dir = Path(output_dir)
+    adapter_dir = export_adapter(checkpoint, output_dir / "adapter")
+    if not merge:
+        return ExportResult(adapter_dir=adapter_dir)
+    merged_dir, diff, tolerance = merge_adapter(checkpoint, output_dir / "merged", dtype=dtype)
+    return ExportResult(adapter_dir, merged_dir, diff, tolerance, dtype)
+
+
+def export_adapter(checkpoint: str | Path, output_dir: str | Path) -> Path:
+    """Write a self-contained PEFT adapter directory from a checkpoint.
+
+    The directory holds ``adapter_config.json`` (``base_model_name_or_path`` is the base model's hub
+    id when tinkerkit knows one, :func:`tinkerkit.models.hub_id_of`), ``adapter_model.safetensors``
+    (the checkpoint's float32 LoRA tensors, PEFT key layout, keys unchanged), the base model's
+    tokenizer files with its chat template, and a README.md model card; no optimizer state. It loads
+    with ``PeftModel.from_pretrained(base, output_dir)``. Written atomically: an existing
+    ``output_dir`` is replaced only when the new one is complete.
+
+    Args:
+        checkpoint: A tinkerkit checkpoint directory.
+        output_dir: The adapter directory to write.
+
+    Returns:
+        ``output_dir`` as a Path.
+
+    Raises:
+        CheckpointError: The checkpoint is missing, incomplete, unreadable, not in PEFT's key layout,
+            or its adapter config disagrees with ``tinkerkit_state.json`` (rank, alpha).
+        ExportError: A weight is NaN or infinite (the message names the tensor).
+        ModelError: The base model's tokenizer cannot be loaded.
+    """
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    meta = read_checkpoint_meta(checkpoint)
+    config, tensors = _read_adapter(checkpoint)
+    _check_meta_agrees(checkpoint, meta, config)
+    tokenizer = load_tokenizer(meta["base_model"])
+    config.base_model_name_or_path = hub_id_of(meta["base_model"])
+    config.inference_mode = True  # as PeftModel.save_pretrained records it
+    with atomic_directory(output_dir) as staging:
+        _save_tensors(tensors, staging / ADAPTER_WEIGHTS)
+        atomic_write_json(staging / ADAPTER_CONFIG, _config_dict(config))
+        tokenizer.save_pretrained(staging)
+        atomic_write_text(staging / "README.md", _model_card(config))
+    return output_dir
+
+
+def merge_adapter(checkpoint_or_adapter: str | Path, output_dir: str | Path, dtype: str = "bf16",
+                  base_model: str | None = None) -> tuple[Path, float, float]:
+    """Merge a LoRA adapter into its base model and save a checked HF model directory.
+
+    The base model is loaded in float32, the adapter applied with PEFT and merged
+    (``merge_and_unload(safe_merge=True)``) in float32, and the result cast once to ``dtype`` and
+    saved (safetensors, config, generation config, tokenizer with chat template) atomically. The
+    saved model is then loaded back in ``dtype``, upcast to float32, and its logits compared with
+    those of the unmerged float32 base + adapter on a fixed short chat; the check thus measures the
+    error the saved weights carry, independent of the hardware's low-precision arithmetic.
+
+    Tied input/output embeddings (e.g. SmolLM2) stay tied unless the adapter changes one of them;
+    then they are untied before merging, so that the delta reaches only the adapted layer, and the
+    saved config says ``tie_word_embeddings: false``.
+
+    Args:
+        checkpoint_or_adapter: A tinkerkit checkpoint or an adapter written by
+            :func:`export_adapter` (or any PEFT LoRA directory).
+        output_dir: The merged model directory to write.
+        dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"``.
+        base_model: Overrides the base model (registry name, local directory or hub id). By
+            default a checkpoint's ``base_model`` from ``tinkerkit_state.json`` (resolves offline);
+            for an adapter directory its ``base_model_name_or_path``, mapped back to the registry
+            name when it is the hub id of a registry model.
+
+    Returns:
+        ``(output_dir, max_abs_logit_diff, tolerance)``; logits are in nats (natural-log units).
+
+    Raises:
+        ConfigError: ``dtype`` is not one of the above.
+        CheckpointError: The checkpoint or adapter is missing, incomplete or unreadable.
+        ExportError: Non-finite adapter or merged weights (the tensor is named), an adapter that
+            does not fit the base model, or a logit difference above the tolerance. Nothing is
+            left at ``output_dir`` in that case (an earlier export there is kept).
+        ModelError: The base model or its tokenizer cannot be loaded.
+    """
+    _check_dtype(dtype)
+    source, output_dir = Path(checkpoint_or_adapter), Path(output_dir)
+    config, tensors = _read_adapter(source)
+    base_name = base_model or _recorded_base_model(source, config)
+    model = load_model(base_name, "float32")
+    tokenizer = load_tokenizer(base_name)
+    input_ids = _check_input_ids(tokenizer)
+    _untie_adapted_embeddings(model, tensors)
+    peft_model = _apply_adapter(model, config, tensors, source, base_name)
+    with torch.no_grad():
+        reference = peft_model(input_ids).logits.float()
+    merged = _merge(peft_model, source).to(DTYPES[dtype])
+    _require_finite(merged.state_dict(), f"merged model of {source} in {dtype}")
+    tolerance = logit_tolerance(dtype, reference)
+    with atomic_directory(output_dir) as staging:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        diff = _reloaded_logit_diff(staging, dtype, input_ids, reference)
+        if not diff <= tolerance:  # also catches NaN
+            raise ExportError(f"merge of {source} into {base_name} failed its check: max |logit "
+                              f"difference| {diff:.3g} > tolerance {tolerance:.3g} ({dtype}); "
+                              f"nothing was written to {output_dir}")
+    return output_dir, diff, tolerance
+
+
+def logit_tolerance(dtype: str, reference_logits: torch.Tensor) -> float:
+    """The largest acceptable |logit difference| between a merged model and base + adapter.
+
+    ``tolerance = factor * u * max(1, max|reference_logits|)``, with ``u`` the unit roundoff of
+    the dtype (bf16 2^-8 ≈ 0.39%, fp16 2^-11 ≈ 0.049%, fp32 2^-24 ≈ 6e-8): rounding every weight
+    to the dtype perturbs it by at most a relative ``u``, so the logits move by about ``u`` times
+    their scale, grown by accumulation across layers. ``factor`` is the headroom over that first
+    estimate. Measured on SmolLM2-135M (30 layers) with a random rank-8 adapter, the difference
+    was about 1.2 ``u`` times the scale in bf16 and fp16 (e.g. 0.09 on logits up to 19 in bf16),
+    and about 40 ``u`` times it in fp32 (1e-5 on logits up to 19: merged and unmerged sum in
+    different orders), so the factors are 8 for bf16/fp16 (tolerance ≈ 0.6 on logits of 19,
+    ≈ 3% of the scale) and 2^14 for fp32 (≈ 1.9e-3 on logits of 19, the "about 1e-3" of float32
+    merges). A broken merge (a delta applied twice, to the wrong layer, or lost in a tie) moves
+    the logits by the adapter's whole effect, usually far more.
+
+    Args:
+        dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"``.
+        reference_logits: Logits of base + adapter, any shape, float32.
+
+    Returns:
+        The tolerance in logit units (nats).
+    """
+    scale = max(1.0, reference_logits.abs().max().item())
+    return _ROUNDOFF_FACTOR[dtype] * _UNIT_ROUNDOFF[dtype] * scale
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}")
+
+
+def _read_adapter(path: Path):
+    """The validated LoraConfig and float tensors of a checkpoint or adapter directory."""
+    from peft import LoraConfig
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if (path / STATE_FILE).is_file():
+        read_checkpoint_meta(path)  # checks the checkpoint is complete
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path}: {name} is missing (not an adapter or checkpoint?)")
+    try:
+        config = LoraConfig.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path / ADAPTER_CONFIG}: not a LoRA config: {e}") from e
+    try:
+        tensors = load_file(path / ADAPTER_WEIGHTS)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: unreadable safetensors: {e}") from e
+    foreign = [k for k in tensors if not k.startswith("base_model.model.")]
+    if foreign or not tensors:
+        raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: not in PEFT's key layout "
+                              f"(first foreign key: {foreign[0] if foreign else 'no tensors'})")
+    _require_finite(tensors, str(path / ADAPTER_WEIGHTS))
+    return config, tensors
+
+
+def _require_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = (~torch.isfinite(tensor)).sum().item()
+            raise ExportError(f"{where}: tensor '{key}' has {bad} non-finite (NaN/inf) values; "
+                              f"refusing to export it")
+
+
+def _check_meta_agrees(path: Path, meta: dict, config) -> None:
+    for field, value in (("rank", config.r), ("alpha", config.lora_alpha)):
+        if field in meta and meta[field] != value:
+            raise CheckpointError(f"checkpoint {path}: {STATE_FILE} field '{field}' is "
+                                  f"{meta[field]} but {ADAPTER_CONFIG} says {value}")
+
+
+def _recorded_base_model(path: Path, config) -> str:
+    if (path / STATE_FILE).is_file():
+        return read_checkpoint_meta(path)["base_model"]
+    recorded = config.base_model_name_or_path
+    if not recorded:
+        raise CheckpointError(f"{path / ADAPTER_CONFIG}: no base_model_name_or_path; "
+                              f"pass base_model=")
+    by_hub_id = {entry.hub_id: name for name, entry in REGISTRY.items() if entry.hub_id}
+    return by_hub_id.get(recorded, recorded)
+
+
+def _config_dict(config) -> dict:
+    """The config as JSON, sets as sorted lists (deterministic, unlike PEFT's set order)."""
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in sorted(config.to_dict().items())}
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    # Inside a staged directory (tinkerkit.io.atomic_directory), so the write is atomic.
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+
+def _model_card(config) -> str:
+    targets = config.target_modules
+    targets = ", ".join(sorted(targets)) if isinstance(targets, set) else str(targets)
+    base = config.base_model_name_or_path
+    return f"""---
+base_model: {base}
+library_name: peft
+tags: [lora, tinkerkit]
+---
+
+# LoRA adapter for {base}
+
+Trained with tinkerkit.
+
+| | |
+|---|---|
+| base model | `{base}` |
+| rank (r) | {config.r} |
+| alpha | {config.lora_alpha} (scale alpha / r = {config.lora_alpha / config.r:g}) |
+| target modules | {targets} |
+
+The tokenizer and chat template of the base model are included.
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base = AutoModelForCausalLM.from_pretrained("{base}")
+model = PeftModel.from_pretrained(base, "path/to/this/directory")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
+```
+"""
+
+
+def _check_input_ids(tokenizer) -> torch.Tensor:
+    """Token ids of the fixed check conversation, shape (1, T), int64."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(_CHECK_CHAT, tokenize=False)
+    else:  # a base model without a template: the same words as plain text
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in _CHECK_CHAT)
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+
+def _untie_adapted_embeddings(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Give the output embedding its own copy when tied and adapted, so a merge changes one."""
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if outputs is None or outputs.weight is not inputs.weight:
+        return
+    names = [name for name, module in model.named_modules() if module in (inputs, outputs)]
+    if not any(key.startswith(f"base_model.model.{name}.") for key in tensors for name in names):
+        return
+    outputs.weight = torch.nn.Parameter(inputs.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+
+
+def _apply_adapter(model, config, tensors: dict[str, torch.Tensor], source: Path, base_name: str):
+    """Base model + adapter via PEFT; every adapter tensor must land and every LoRA weight be set."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    peft_model = get_peft_model(model, config)
+    try:
+        result = set_peft_model_state_dict(peft_model, tensors)
+    except RuntimeError as e:  # size mismatch: another base model or rank
+        raise ExportError(f"adapter {source} does not fit base model '{base_name}': "
+                          f"{str(e).splitlines()[-1].strip()}") from e
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ExportError(f"adapter {source} does not fit base model '{base_name}': "
+                          f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+    return peft_model.eval()
+
+
+def _merge(peft_model, source: Path):
+    try:
+        return peft_model.merge_and_unload(safe_merge=True)
+    except ValueError as e:  # PEFT's safe_merge: NaNs in the merged weights
+        raise ExportError(f"merging {source}: {e}") from e
+
+
+def _reloaded_logit_diff(model_dir: Path, dtype: str, input_ids: torch.Tensor,
+                         reference: torch.Tensor) -> float:
+    """Max |logits| difference of the saved model (weights in dtype, run in float32) vs reference."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype],
+                                                       output_loading_info=True)
+    if info["missing_keys"] or info["unexpected_keys"]:
+        raise ExportError(f"the saved merged model does not load back: missing "
+                          f"{sorted(info['missing_keys'])[:3]}, unexpected "
+                          f"{sorted(info['unexpected_keys'])[:3]}")
+    with torch.no_grad():
+        logits = model.float().eval()(input_ids).logits
+    return (logits - reference).abs().max().item()
