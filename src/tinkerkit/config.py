@@ -186,11 +186,24 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            raw[key.strip()] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            raw[key.strip()] = value
+        raw[key.strip()] = _parse_scalar(value)
     return _normalize_keys(raw, "--set")
+
+
+def _parse_scalar(text: str) -> Any:
+    """A YAML scalar or list; numbers YAML 1.1 leaves as strings (``1e-4``) become floats."""
+    if not text.strip():
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _format_validation(error: ValidationError, values: dict[str, Any]) -> str:

@@ -1,0 +1,90 @@
+"""Config loading from .py, .toml, .yaml and --set, with one-line errors for bad keys and values."""
+
+import pytest
+
+from tinkerkit.config import LRSchedule, TrainOn, load_config, parse_overrides
+from tinkerkit.errors import ConfigError
+
+
+def test_python_config_uppercase_names(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("{}\n")
+    path = tmp_path / "config.py"
+    path.write_text(f"import os\nDATA_FILES = [{str(data)!r}]\nLORA_RANK = 8\nLEARNING_RATE = 3e-4\n"
+                    "MAX_SEQUENCE_LENGTH = 16384\nTRUNCATE_LONG_SEQUENCES = False\n"
+                    "def helper():\n    return 1\n")
+    config = load_config(path)
+    assert config.data_files == [str(data)]
+    assert (config.lora_rank, config.learning_rate) == (8, 3e-4)
+    assert (config.max_sequence_length, config.truncate_long_sequences) == (16384, False)
+
+
+@pytest.mark.parametrize("name,text", [
+    ("c.toml", 'LORA_RANK = 4\nlr_schedule = "cosine"\nTRAIN_ON = "last_assistant"\n'),
+    ("c.yaml", "LORA_RANK: 4\nlr_schedule: cosine\nTRAIN_ON: last_assistant\n"),
+])
+def test_toml_and_yaml(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    config = load_config(path)
+    assert config.lora_rank == 4
+    assert config.lr_schedule is LRSchedule.COSINE
+    assert config.train_on is TrainOn.LAST_ASSISTANT
+
+
+def test_overrides_win_and_parse_yaml_scalars(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("LORA_RANK: 4\n")
+    config = load_config(path, ["LORA_RANK=16", "max_steps=100", "STOP=[a, b]"], lora_rank=8)
+    assert (config.lora_rank, config.max_steps, config.stop) == (16, 100, ["a", "b"])
+    assert parse_overrides(["LEARNING_RATE=1e-4"]) == {"learning_rate": 1e-4}
+
+
+def test_mistyped_key_suggests_closest(tmp_path):
+    path = tmp_path / "config.py"
+    path.write_text("LEARNNG_RATE = 1e-4\n")
+    with pytest.raises(ConfigError, match=r"unknown key LEARNNG_RATE; did you mean LEARNING_RATE\?"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("LEARNING_RATE=-1", "LEARNING_RATE=-1: Input should be greater than 0"),
+    ("LORA_RANK=0", "LORA_RANK=0: Input should be greater than 0"),
+    ("DATA_FILES=missing.jsonl", "DATA_FILES='missing.jsonl': file not found: missing.jsonl"),
+    ("LR_SCHEDULE=step", "LR_SCHEDULE='step'"),
+    ("BATCH_SIZE=x", "BATCH_SIZE='x'"),
+])
+def test_invalid_values_name_key_and_value(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_every_problem_reported_at_once():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["LEARNING_RATE=-1", "LORA_RANK=0"])
+    assert "LEARNING_RATE" in str(error.value) and "LORA_RANK" in str(error.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.py")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("LORA_RANK = = 3\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: invalid toml"):
+        load_config(bad)
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(ConfigError, match="could not run the config file: RuntimeError: boom"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["LORA_RANK"])
+
+
+def test_dump_round_trips():
+    config = load_config(None, ["LORA_RANK=8"])
+    dumped = config.dump()
+    assert dumped["LORA_RANK"] == 8 and dumped["TRAIN_ON"] == "all_assistant"
+    assert load_config(None, [f"{k}={v}" for k, v in dumped.items()
+                              if v is not None and not isinstance(v, list)]) == config

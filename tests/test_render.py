@@ -1,0 +1,137 @@
+"""Rendering: weight masks token by token, prompt prefixes, truncation and its counts."""
+
+import copy
+
+import numpy as np
+import pytest
+
+from tinkerkit.config import TrainOn
+from tinkerkit.data.conversation import Conversation, Message
+from tinkerkit.errors import DataError
+from tinkerkit.render import Renderer, RenderSkip, end_of_turn_ids
+
+
+def conv(*turns, system=None):
+    messages = [Message(role="system", content=system)] if system else []
+    roles = ["user", "assistant"]
+    messages += [Message(role=roles[i % 2], content=t) for i, t in enumerate(turns)]
+    return Conversation(messages=tuple(messages), source="test:1")
+
+
+TWO_TURNS = conv("2+2?", "4", "Times 3?", "12", system="Be brief.")
+
+# (token text, weight) for the whole ChatML rendering: loss on both answers and their <|im_end|>,
+# never on the newline after it, the prompts or the generation prompts.
+CHATML_ALL_ASSISTANT = [
+    ("<|im_start|>", 0), ("system", 0), ("\n", 0), ("Be", 0), (" brief", 0), (".", 0),
+    ("<|im_end|>", 0), ("\n", 0), ("<|im_start|>", 0), ("user", 0), ("\n", 0), ("2", 0), ("+", 0),
+    ("2", 0), ("?", 0), ("<|im_end|>", 0), ("\n", 0), ("<|im_start|>", 0), ("ass", 0),
+    ("istant", 0), ("\n", 0), ("4", 1), ("<|im_end|>", 1), ("\n", 0), ("<|im_start|>", 0),
+    ("user", 0), ("\n", 0), ("Times", 0), (" ", 0), ("3", 0), ("?", 0), ("<|im_end|>", 0),
+    ("\n", 0), ("<|im_start|>", 0), ("ass", 0), ("istant", 0), ("\n", 0), ("1", 1), ("2", 1),
+    ("<|im_end|>", 1), ("\n", 0),
+]
+
+# A Zephyr-style template (end of turn = the EOS token), loss on the last answer only.
+ZEPHYR = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
+          "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+ZEPHYR_LAST_ASSISTANT_TAIL = [  # the last 12 tokens; every earlier token has weight 0
+    ("|", 0), (">", 0), ("\n", 0), ("<", 0), ("|", 0), ("ass", 0), ("istant", 0), ("|", 0),
+    (">", 0), ("\n", 0), ("1", 1), ("2", 1), ("<|im_end|>", 1), ("\n", 0),
+][-12:]
+
+
+def pairs(tokenizer, tokens, weights):
+    return [(tokenizer.decode([t]), int(w)) for t, w in zip(tokens, weights)]
+
+
+def test_chatml_two_turn_mask(smol_tokenizer):
+    tokens, weights = Renderer(smol_tokenizer).render_tokens(TWO_TURNS)
+    assert pairs(smol_tokenizer, tokens, weights) == CHATML_ALL_ASSISTANT
+
+
+def test_chatml_matches_hf_apply_chat_template(smol_tokenizer):
+    tokens, _ = Renderer(smol_tokenizer).render_tokens(TWO_TURNS)
+    chat = [m.model_dump(exclude_none=True) for m in TWO_TURNS.messages]
+    expected = smol_tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+    assert tokens == list(expected)
+
+
+def test_other_template_last_assistant_mask(smol_tokenizer):
+    tokenizer = copy.deepcopy(smol_tokenizer)
+    tokenizer.chat_template = ZEPHYR
+    tokens, weights = Renderer(tokenizer, train_on=TrainOn.LAST_ASSISTANT).render_tokens(TWO_TURNS)
+    got = pairs(tokenizer, tokens, weights)
+    assert got[-12:] == ZEPHYR_LAST_ASSISTANT_TAIL
+    assert sum(w for _, w in got) == 3  # "1", "2", end of turn — the first answer "4" has none
+
+
+def test_pad_equal_to_eos_still_trains_end_of_turn(smol_tokenizer):
+    assert smol_tokenizer.pad_token_id == smol_tokenizer.eos_token_id  # SmolLM2: both <|im_end|>
+    example = Renderer(smol_tokenizer).render(conv("Hi", "Hello"))
+    targets = example.datum.loss_fn_inputs["target_tokens"].to_numpy()
+    weights = example.datum.loss_fn_inputs["weights"].to_numpy()
+    eos_positions = np.flatnonzero(targets == smol_tokenizer.eos_token_id)
+    assert weights[eos_positions[-1]] == 1.0
+
+
+def test_datum_is_one_token_shift_and_prompt_is_prefix(smol_tokenizer):
+    renderer = Renderer(smol_tokenizer)
+    tokens, weights = renderer.render_tokens(TWO_TURNS)
+    datum = renderer.render(TWO_TURNS).datum
+    assert datum.model_input.to_ints() == tokens[:-1]
+    assert datum.loss_fn_inputs["target_tokens"].to_numpy().tolist() == tokens[1:]
+    assert datum.loss_fn_inputs["weights"].to_numpy().tolist() == weights[1:]
+    prompt = renderer.build_prompt(TWO_TURNS).to_ints()
+    assert tokens[: len(prompt)] == prompt
+    assert smol_tokenizer.decode(prompt).endswith("Times 3?<|im_end|>\n<|im_start|>assistant\n")
+    hf_prompt = smol_tokenizer.apply_chat_template(
+        [m.model_dump(exclude_none=True) for m in TWO_TURNS.prompt_messages()],
+        tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert prompt == list(hf_prompt)
+
+
+def test_truncation_inside_answer_counts_lost_end_of_turn(smol_tokenizer):
+    c = conv("Count.", "one two three four five six")
+    full = len(Renderer(smol_tokenizer).render_tokens(c)[0])
+    example = Renderer(smol_tokenizer, max_length=full - 4).render(c)
+    assert example.truncated and example.lost_end_of_turn
+    assert example.n_tokens == full - 5 and example.full_length == full
+
+
+def test_truncation_before_answer_is_skipped_and_counted(smol_tokenizer):
+    long_question = conv("word " * 50, "ok")
+    short = conv("Hi", "Hello")
+    renderer = Renderer(smol_tokenizer, max_length=40)
+    with pytest.raises(RenderSkip) as skip:
+        renderer.render(long_question)
+    assert skip.value.kind == "skipped"
+    examples, stats = renderer.render_dataset([long_question, short, conv("no answer")])
+    assert (stats.processed, stats.truncated, stats.skipped, stats.failed) == (1, 0, 1, 1)
+    assert stats.reasons[1] == ("test:1", "no assistant message to learn from")
+    assert len(examples) == 1
+
+
+def test_truncation_off_skips(smol_tokenizer):
+    c = conv("Count.", "one two three four five six")
+    with pytest.raises(RenderSkip, match="truncation off"):
+        Renderer(smol_tokenizer, max_length=20, truncate=False).render(c)
+
+
+def test_thinking_rendered_inside_think_tags(smol_tokenizer):
+    c = Conversation(messages=(Message(role="user", content="Q"),
+                               Message(role="assistant", content="A", thinking="step 1")))
+    tokens, weights = Renderer(smol_tokenizer).render_tokens(c)
+    trained = smol_tokenizer.decode([t for t, w in zip(tokens, weights) if w])
+    assert trained == "<think>\nstep 1\n</think>\n\nA<|im_end|>"
+
+
+def test_end_of_turn_ids(smol_tokenizer):
+    assert end_of_turn_ids(smol_tokenizer) == [0, 2]  # <|endoftext|>, <|im_end|>
+
+
+def test_tokenizer_without_template_is_a_clear_error(smol_tokenizer):
+    tokenizer = copy.deepcopy(smol_tokenizer)
+    tokenizer.chat_template = None
+    with pytest.raises(DataError, match="no chat template"):
+        Renderer(tokenizer)

@@ -1,0 +1,128 @@
+"""The training loop with a fake engine: loss normalization, schedules, data order, run files."""
+
+import json
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+import tinker
+
+from tinkerkit import train as train_module
+from tinkerkit.config import load_config
+from tinkerkit.render import RenderedExample
+from tinkerkit.train import batch_indices, learning_rate_at, train
+
+
+def done(value):
+    future = Future()
+    future.set_result(value)
+    return future
+
+
+class FakeClient:
+    """A stand-in engine whose NLL per weighted token is 2.0 in single-token answers, else 1.0."""
+
+    def __init__(self, tokenizer, root):
+        self.tokenizer, self.root, self.calls = tokenizer, root, []
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def forward_backward(self, data, loss_fn):
+        total = 0.0
+        for datum in data:
+            weights = datum.loss_fn_inputs["weights"].to_numpy()
+            nll = 2.0 if np.count_nonzero(weights) == 1 else 1.0
+            total += float(np.sum(weights * nll))
+        self.calls.append(("forward_backward", len(data)))
+        return done(tinker.types.ForwardBackwardOutput(
+            loss_fn_output_type="fake", loss_fn_outputs=[], metrics={"loss:sum": total}))
+
+    def optim_step(self, params):
+        self.calls.append(("optim_step", params.learning_rate))
+        return done(None)
+
+    def save_state(self, name):
+        path = self.root / name
+        path.mkdir(parents=True)
+        return done(type("Saved", (), {"path": str(path)})())
+
+
+@pytest.fixture
+def fake_engine(monkeypatch, smol_tokenizer, tmp_path):
+    clients = []
+
+    def create(config, checkpoint_root, state=None, with_optimizer=False):
+        clients.append(FakeClient(smol_tokenizer, checkpoint_root))
+        return clients[-1]
+
+    monkeypatch.setattr("tinkerkit.engines.create_training_client", create)
+    return clients
+
+
+def write_chat(path, answers):
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                      {"role": "assistant", "content": a}]})
+             for i, a in enumerate(answers)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def example(weights):
+    n = len(weights)
+    datum = tinker.types.Datum(
+        model_input=tinker.types.ModelInput.from_ints(list(range(1, n + 1))),
+        loss_fn_inputs={"target_tokens": np.arange(2, n + 2, dtype=np.int64),
+                        "weights": np.asarray(weights, dtype=np.float32)})
+    return RenderedExample(datum, n + 1, False, False, "test")
+
+
+def test_step_loss_is_normalized_by_weighted_tokens_of_the_whole_step(fake_engine, tmp_path,
+                                                                       monkeypatch):
+    # One example trains 1 token at NLL 2.0, the other 3 tokens at NLL 1.0 each.
+    monkeypatch.setattr(train_module, "load_examples",
+                        lambda config, tokenizer, console: [example([0, 1]), example([0, 1, 1, 1])])
+    data = tmp_path / "train.jsonl"
+    write_chat(data, ["a", "b"])
+    config = load_config(None, [f"DATA_FILES={data}", "BATCH_SIZE=2", "NUM_EPOCHS=1"])
+    result = train(config, run_dir=tmp_path / "run")
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert result.losses == [1.25]  # (2.0 + 3 * 1.0) / 4, not the per-example mean 1.5
+    assert metrics[0]["loss"] == 1.25 and metrics[0]["weighted_tokens"] == 4
+    assert set(metrics[0]) == {"step", "epoch", "loss", "lr", "weighted_tokens", "total_tokens",
+                               "seconds"}
+    checkpoints = [json.loads(line) for line in (tmp_path / "run" / "checkpoints.jsonl").open()]
+    assert checkpoints == [{"step": 1, "epoch": 1, "path": result.final_checkpoint, "kind": "state"}]
+    assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["BATCH_SIZE"] == 2
+
+
+def test_steps_epochs_and_save_every(fake_engine, tmp_path):
+    data = tmp_path / "train.jsonl"
+    write_chat(data, ["a", "b", "c", "d", "e"])
+    config = load_config(None, [f"DATA_FILES={data}", "BATCH_SIZE=2", "NUM_EPOCHS=2",
+                                "SAVE_EVERY=2", "LEARNING_RATE=1e-3", "LR_SCHEDULE=constant"])
+    result = train(config, run_dir=tmp_path / "run")
+    assert result.steps == 6  # ceil(5 / 2) = 3 per epoch
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "checkpoints.jsonl").open()]
+    assert steps == [2, 4, 6]
+    optim = [c for c in fake_engine[0].calls if c[0] == "optim_step"]
+    assert [lr for _, lr in optim] == [1e-3] * 6
+
+
+def test_learning_rate_schedules():
+    config = load_config(None, ["LEARNING_RATE=1.0", "WARMUP_STEPS=2", "LR_SCHEDULE=linear"])
+    assert [learning_rate_at(s, 6, config) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    cosine = load_config(None, ["LEARNING_RATE=1.0", "LR_SCHEDULE=cosine"])
+    assert [round(learning_rate_at(s, 4, cosine), 6) for s in range(4)] == [1.0, 0.853553, 0.5,
+                                                                           0.146447]
+
+
+def test_batch_order_is_a_seeded_permutation_per_epoch():
+    epoch0 = [batch_indices(s, 5, 2, seed=3) for s in range(3)]
+    assert all(e == 0 for e, _ in epoch0)
+    assert sorted(i for _, batch in epoch0 for i in batch) == [0, 1, 2, 3, 4]
+    assert [len(b) for _, b in epoch0] == [2, 2, 1]
+    assert batch_indices(4, 5, 2, seed=3) == batch_indices(4, 5, 2, seed=3)
+    assert batch_indices(3, 5, 2, seed=3)[0] == 1
+    assert batch_indices(0, 5, 2, seed=3) != batch_indices(0, 5, 2, seed=4)
