@@ -57,8 +57,7 @@ class TrainConfig(BaseModel):
 
     # Model and LoRA
     base_model: str = Field("smollm2-135m-instruct", description="HF model directory, hub id, or registry name.")
-    backend: Literal["local", "tinker"] = Field("local", description="Training engine: in-process PyTorch/PEFT, or the Tinker SDK.")
-    tinker_base_url: str | None = Field(None, description="Tinker server URL (else $TINKER_BASE_URL, else the hosted service).")
+    backend: Literal["local"] = Field("local", description="Training engine: the in-process PyTorch/PEFT engine.")
     lora_rank: int = Field(32, gt=0, description="LoRA rank r.")
     lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; None means alpha = rank (scale 1).")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")

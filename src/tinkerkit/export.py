@@ -37,8 +37,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (IEEE 754-2008 binary32 p=24, binary16 p=11; bfloat16 p=8). Rounding a weight to the dtype
 # changes it by at most a relative u: bf16 0.39%, fp16 0.049%, fp32 6e-8.
 _UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11, "fp32": 2.0**-24}
-# Headroom over u * (logit scale); see logit_tolerance for how these were chosen.
-_ROUNDOFF_FACTOR = {"bf16": 8.0, "fp16": 8.0, "fp32": 2.0**14}
+# Headroom over u * (logit scale); logit_tolerance says how these were measured and chosen.
+_ROUNDOFF_FACTOR = {"bf16": 8.0, "fp16": 8.0, "fp32": 2.0**10}
 
 # The fixed conversation on which a merge is checked (rendered with the model's chat template).
 _CHECK_CHAT = [
@@ -56,7 +56,7 @@ class ExportResult:
     Attributes:
         adapter_dir: The PEFT adapter directory.
         merged_dir: The merged HF model directory, or None when no merge was asked for.
-        max_logit_diff: Largest absolute logit difference, merged vs base + adapter (None: no merge).
+        max_logit_diff: Largest |logit difference|, merged vs base + adapter (None: no merge).
         tolerance: The tolerance that difference was checked against (None: no merge).
         dtype: The merged model's dtype, ``"bf16"``/``"fp16"``/``"fp32"`` (None: no merge).
     """
@@ -115,8 +115,8 @@ def export_adapter(checkpoint: str | Path, output_dir: str | Path) -> Path:
         ``output_dir`` as a Path.
 
     Raises:
-        CheckpointError: The checkpoint is missing, incomplete, unreadable, not in PEFT's key layout,
-            or its adapter config disagrees with ``tinkerkit_state.json`` (rank, alpha).
+        CheckpointError: The checkpoint is missing, incomplete, unreadable, not in PEFT's key
+            layout, or its adapter config disagrees with ``tinkerkit_state.json`` (rank, alpha).
         ExportError: A weight is NaN or infinite (the message names the tensor).
         ModelError: The base model's tokenizer cannot be loaded.
     """
@@ -161,7 +161,7 @@ def merge_adapter(checkpoint_or_adapter: str | Path, output_dir: str | Path, dty
             name when it is the hub id of a registry model.
 
     Returns:
-        ``(output_dir, max_abs_logit_diff, tolerance)``; logits are in nats (natural-log units).
+        ``(output_dir, max_abs_logit_diff, tolerance)``, the last two in logit units.
 
     Raises:
         ConfigError: ``dtype`` is not one of the above.
@@ -170,6 +170,11 @@ def merge_adapter(checkpoint_or_adapter: str | Path, output_dir: str | Path, dty
             does not fit the base model, or a logit difference above the tolerance. Nothing is
             left at ``output_dir`` in that case (an earlier export there is kept).
         ModelError: The base model or its tokenizer cannot be loaded.
+
+    Example::
+
+        path, diff, tolerance = merge_adapter("exports/gsm8k/adapter", "exports/gsm8k/merged-fp16",
+                                              dtype="fp16", base_model="smollm2-135m-instruct")
     """
     _check_dtype(dtype)
     source, output_dir = Path(checkpoint_or_adapter), Path(output_dir)
@@ -188,6 +193,7 @@ def merge_adapter(checkpoint_or_adapter: str | Path, output_dir: str | Path, dty
     with atomic_directory(output_dir) as staging:
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        del model, peft_model, merged  # free the float32 copy before loading the saved one
         diff = _reloaded_logit_diff(staging, dtype, input_ids, reference)
         if not diff <= tolerance:  # also catches NaN
             raise ExportError(f"merge of {source} into {base_name} failed its check: max |logit "
@@ -203,20 +209,21 @@ def logit_tolerance(dtype: str, reference_logits: torch.Tensor) -> float:
     the dtype (bf16 2^-8 ≈ 0.39%, fp16 2^-11 ≈ 0.049%, fp32 2^-24 ≈ 6e-8): rounding every weight
     to the dtype perturbs it by at most a relative ``u``, so the logits move by about ``u`` times
     their scale, grown by accumulation across layers. ``factor`` is the headroom over that first
-    estimate. Measured on SmolLM2-135M (30 layers) with a random rank-8 adapter, the difference
-    was about 1.2 ``u`` times the scale in bf16 and fp16 (e.g. 0.09 on logits up to 19 in bf16),
-    and about 40 ``u`` times it in fp32 (1e-5 on logits up to 19: merged and unmerged sum in
-    different orders), so the factors are 8 for bf16/fp16 (tolerance ≈ 0.6 on logits of 19,
-    ≈ 3% of the scale) and 2^14 for fp32 (≈ 1.9e-3 on logits of 19, the "about 1e-3" of float32
-    merges). A broken merge (a delta applied twice, to the wrong layer, or lost in a tie) moves
-    the logits by the adapter's whole effect, usually far more.
+    estimate. Measured on SmolLM2-135M (30 layers, logits up to 40 on the check chat) with a
+    random rank-8 adapter on all linear layers, the difference was 1.9 ``u`` times the scale in
+    bf16 (0.30), 2.3 in fp16 (0.045) and 42 in fp32 (1.0e-4: merged and unmerged sum in different
+    orders). The factors, 8 for bf16/fp16 and 2^10 for fp32, leave 3.5x to 24x headroom: on
+    logits of 40 the tolerance is 1.25 in bf16 (3% of the scale), 0.16 in fp16 and 2.4e-3 in fp32
+    (the "about 1e-3" usual for float32 merges). A broken merge (a delta applied twice, to the
+    wrong layer, or lost in a tie) moves the logits by the adapter's whole effect, usually far
+    more.
 
     Args:
         dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"``.
         reference_logits: Logits of base + adapter, any shape, float32.
 
     Returns:
-        The tolerance in logit units (nats).
+        The tolerance in logit units.
     """
     scale = max(1.0, reference_logits.abs().max().item())
     return _ROUNDOFF_FACTOR[dtype] * _UNIT_ROUNDOFF[dtype] * scale
@@ -348,9 +355,10 @@ def _untie_adapted_embeddings(model, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _apply_adapter(model, config, tensors: dict[str, torch.Tensor], source: Path, base_name: str):
-    """Base model + adapter via PEFT; every adapter tensor must land and every LoRA weight be set."""
+    """Base model + adapter via PEFT; every adapter tensor must land, every LoRA weight be set."""
     from peft import get_peft_model, set_peft_model_state_dict
 
+    config.base_model_name_or_path = None  # the base is the one loaded here (no rename warning)
     peft_model = get_peft_model(model, config)
     try:
         result = set_peft_model_state_dict(peft_model, tensors)
@@ -373,7 +381,7 @@ def _merge(peft_model, source: Path):
 
 def _reloaded_logit_diff(model_dir: Path, dtype: str, input_ids: torch.Tensor,
                          reference: torch.Tensor) -> float:
-    """Max |logits| difference of the saved model (weights in dtype, run in float32) vs reference."""
+    """Max |logit difference| of the saved model (dtype weights, float32 compute) vs reference."""
     from transformers import AutoModelForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype],

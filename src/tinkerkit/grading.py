@@ -10,10 +10,10 @@ Three criteria, from strict to lenient in what they accept as the same answer:
   upper bound, useful when a model answers in prose.
 
 ``math_verify`` bounds its own work with ``signal.alarm``, which only works in the main thread.
-Here every equivalence check instead runs in one worker process (math-verify's own timeouts off) that
-the caller waits on with a hard timeout, and which is killed and replaced when a check overruns it.
-That works from any thread and also stops work that a signal cannot interrupt (a huge integer power
-computed inside GMP). A timed-out check counts as not equivalent and is reported in
+Here every equivalence check instead runs in one worker process (math-verify's own timeouts off)
+that the caller waits on with a hard timeout, and which is killed and replaced when a check
+overruns it. That works from any thread and also stops work that a signal cannot interrupt (a huge
+integer power computed inside GMP). A timed-out check counts as not equivalent and is reported in
 :attr:`Grade.timed_out`.
 
 Example::
@@ -24,16 +24,19 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
-import multiprocessing
-import multiprocessing.pool
 import os
 import re
+import select
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 
-from tinkerkit.errors import ConfigError
+from tinkerkit.errors import ConfigError, EngineError
 
 __all__ = [
     "Grade",
@@ -150,6 +153,7 @@ def extract_final_answer(text: str) -> str | None:
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|textit|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
 _LATEX_NOISE = re.compile(r"\\left(?![A-Za-z])|\\right(?![A-Za-z])|\\[!,;:]")
 _FRAC_VARIANT = re.compile(r"\\[dt]frac(?![A-Za-z])")
+_DOLLAR = re.compile(r"\\?\$")
 _ASSIGNMENT = re.compile(r"^[A-Za-z]\s*=(?!=)\s*(?=\S)")
 _WHITESPACE = re.compile(r"\s+")
 _NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+")
@@ -158,7 +162,7 @@ _NUMBER_TOKEN = re.compile(r"(?<![\d.])(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)
 
 
 def _canonical_number(text: str) -> str:
-    """``'1,234.50'`` -> ``'1234.5'``, ``'27.0'`` -> ``'27'``, ``'-0'`` -> ``'0'`` (exact, Decimal)."""
+    """``'1,234.50'`` -> ``'1234.5'``, ``'27.0'`` -> ``'27'``, ``'-0'`` -> ``'0'`` (exact)."""
     value = Decimal(text.replace(",", ""))
     if value == 0:
         return "0"
@@ -174,12 +178,13 @@ def normalize_answer(ans: str) -> str:
        ``\\mathrm``, ``\\mathbf``, ``\\mbox``) are replaced by their content;
     2. sizing and spacing commands are removed: ``\\left``, ``\\right``, ``\\!``, ``\\,``, ``\\;``,
        ``\\:``; ``\\dfrac`` and ``\\tfrac`` become ``\\frac``;
-    3. ``$`` signs are removed (math delimiters and currency alike);
+    3. ``$`` and ``\\$`` signs are removed (math delimiters and currency alike);
     4. a leading one-letter assignment is dropped: ``x = 5`` -> ``5``;
     5. surrounding whitespace and trailing periods are stripped, inner whitespace runs become one
        space;
     6. a plain number loses its digit-group commas and is written canonically (exactly, through
-       ``Decimal``): ``1,234`` -> ``1234``, ``27.0`` -> ``27``, ``0.50`` -> ``0.5``, ``.5`` -> ``0.5``.
+       ``Decimal``): ``1,234`` -> ``1234``, ``27.0`` -> ``27``, ``0.50`` -> ``0.5``,
+       ``.5`` -> ``0.5``.
 
     Mathematical equivalence beyond this (``0.5`` vs ``\\frac{1}{2}``) is
     :func:`check_answer_equivalent`'s job.
@@ -193,7 +198,7 @@ def normalize_answer(ans: str) -> str:
     text = _TEXT_WRAPPER.sub(r"\1", ans)
     text = _LATEX_NOISE.sub("", text)
     text = _FRAC_VARIANT.sub(r"\\frac", text)
-    text = text.replace("$", "").strip()
+    text = _DOLLAR.sub("", text).strip()
     text = _ASSIGNMENT.sub("", text)
     text = _WHITESPACE.sub(" ", text).strip().rstrip(".").strip()
     if _NUMBER.fullmatch(text):
@@ -252,19 +257,29 @@ def check_answer_contains(output: str, ref: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def _start_worker() -> None:
-    """Worker initializer: import math_verify once and silence its 'timeout disabled' warning."""
-    import math_verify  # noqa: F401  (imported here so the first timed check does not pay for it)
+def _serve_verifier() -> None:
+    """The worker's main loop: one JSON ``[pred, ref]`` per stdin line -> one JSON bool per line.
 
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    Prints ``"ready"`` once math_verify is imported. Anything else that writes to ``sys.stdout``
+    is sent to stderr so that it cannot corrupt the replies.
+    """
+    import math_verify  # noqa: F401  (imported before "ready": start-up is not timed)
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout disabled" warning
+    replies, sys.stdout = sys.stdout, sys.stderr
+    print(json.dumps("ready"), file=replies, flush=True)
+    for line in sys.stdin:
+        pred, ref = json.loads(line)
+        print(json.dumps(_verify(pred, ref)), file=replies, flush=True)
 
 
-def _verify_in_worker(pred: str, ref: str) -> bool:
+def _verify(pred: str, ref: str) -> bool:
     """Parse both answers with math_verify and compare them (runs in the worker process).
 
     Each answer is wrapped in ``\\boxed{}`` so that math_verify's LaTeX extraction takes the whole
-    answer; its plain-expression extraction (``1/2``) is tried too. ``verify`` is not symmetric:
-    the reference is its ``gold`` argument.
+    answer; its plain-expression extraction (``1/2``) is tried too. math_verify's own signal-based
+    timeouts are off (the parent enforces one). ``verify`` is not symmetric: the reference is its
+    ``gold`` argument.
     """
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
@@ -274,30 +289,61 @@ def _verify_in_worker(pred: str, ref: str) -> bool:
     return bool(gold and target and verify(gold, target, timeout_seconds=None))
 
 
-class _Verifier:
-    """One spawned worker process running :func:`_verify_in_worker`, replaced after a timeout.
+# Plain words are text, not math: math_verify reads "even" as the product e*v*e*n (= "veen").
+_WORDS = re.compile(r"[A-Za-z]{2,}(?: [A-Za-z]+)*")
+_WORKER_CODE = "from tinkerkit.grading import _serve_verifier; _serve_verifier()"
+_WORKER_START_SECONDS = 120.0  # importing sympy + math_verify; generous for a loaded machine
 
-    Calls are serialized by a lock, so a timeout kills only the overrunning check. The worker's
-    start-up (importing sympy and math_verify, about a second) happens outside the timed window.
+
+class _Verifier:
+    """One worker process (``python -c _WORKER_CODE``) running :func:`_verify`, killed on timeout.
+
+    A plain subprocess rather than ``multiprocessing``: spawning re-imports the caller's main
+    script, which would rerun a script that lacks an ``if __name__ == "__main__"`` guard. Calls
+    are serialized by a lock, so a timeout kills only the overrunning check; the next call starts
+    a fresh worker. Start-up (about a second) happens outside the timed window. A worker that dies
+    mid-check is treated like one that timed out. Waiting uses ``select`` on a pipe (POSIX).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pool: multiprocessing.pool.Pool | None = None
+        self._process: subprocess.Popen | None = None
 
     def check(self, pred: str, ref: str, timeout_seconds: float) -> bool | None:
         """True/False as math_verify decides, or None when the check ran out of time."""
         with self._lock:
-            if self._pool is None:
-                self._pool = multiprocessing.get_context("spawn").Pool(1, initializer=_start_worker)
-                self._pool.apply(os.getpid)  # wait until the worker is ready
-            pending = self._pool.apply_async(_verify_in_worker, (pred, ref))
-            try:
-                return pending.get(timeout_seconds)
-            except multiprocessing.TimeoutError:
-                self._pool.terminate()
-                self._pool = None
-                return None
+            process = self._process if self._process and self._process.poll() is None else None
+            process = process or self._start()
+            process.stdin.write(json.dumps([pred, ref]) + "\n")
+            process.stdin.flush()
+            reply = self._read_reply(timeout_seconds)
+            if reply is None:
+                self._stop()
+            return reply
+
+    def _start(self) -> subprocess.Popen:
+        package_root = str(Path(__file__).resolve().parents[1])  # so the worker imports this copy
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [package_root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _WORKER_CODE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, encoding="utf-8", env=env)
+        if self._read_reply(_WORKER_START_SECONDS) != "ready":
+            self._stop()
+            raise EngineError(f"the math_verify worker process did not start within "
+                              f"{_WORKER_START_SECONDS:.0f} s (its errors are on stderr above)")
+        return self._process
+
+    def _read_reply(self, timeout_seconds: float):
+        """The worker's next JSON reply, or None when none arrives in time (or it died)."""
+        readable, _, _ = select.select([self._process.stdout], [], [], timeout_seconds)
+        line = self._process.stdout.readline() if readable else ""
+        return json.loads(line) if line else None
+
+    def _stop(self) -> None:
+        self._process.kill()
+        self._process.wait()
+        self._process = None
 
 
 _VERIFIER = _Verifier()
@@ -312,6 +358,8 @@ def _equivalent(pred: str, ref: str, timeout_seconds: float) -> tuple[bool, bool
     normalized_pred, normalized_ref = normalize_answer(pred), normalize_answer(ref)
     if not normalized_pred or not normalized_ref:
         return False, False
+    if _WORDS.fullmatch(normalized_pred) or _WORDS.fullmatch(normalized_ref):
+        return normalized_pred.lower() == normalized_ref.lower(), False
     verdict = _VERIFIER.check(normalized_pred, normalized_ref, timeout_seconds)
     return bool(verdict), verdict is None
 
@@ -324,6 +372,9 @@ def check_answer_equivalent(pred: str | None, ref: str, timeout_seconds: float =
     symbolic simplification, intervals, sets, tuples, matrices, equations). Examples that hold:
     ``0.5`` ~ ``\\frac{1}{2}`` ~ ``1/2``, ``3`` ~ ``3.0``, ``\\sqrt{2}/2`` ~
     ``\\frac{\\sqrt{2}}{2}``, ``(1, 2)`` ~ ``(1,2)``, ``\\{1,2\\}`` ~ ``\\{2,1\\}``.
+    Plain words (letters and spaces, such as ``\\text{Monday}``) are compared as text,
+    case-insensitively, since math_verify would read them as products of one-letter variables and
+    match anagrams.
 
     Safe to call from any thread: the check runs in a worker process with a hard timeout.
 

@@ -8,9 +8,9 @@ with ``format=``) and every record of the file is normalized with it:
 ==================  ===============================================  ===============================
 format              fields                                           reference answer
 ==================  ===============================================  ===============================
-messages            ``messages`` [{role, content, thinking?}]        ``reference_answer`` or the
-                    (TRL / OpenAI chat; also ``tinkerkit split``     last assistant message's
-                    output)                                          ``#### N`` / last ``\\boxed{}``
+messages            ``messages`` [{role, content, thinking?}]        ``reference_answer``, else
+                    (TRL / OpenAI chat; also ``tinkerkit split``     the last assistant message's
+                    output)                                          (``grading`` extraction)
 prompt_completion   ``prompt``, ``completion`` (strings, or TRL's    as for messages
                     conversational lists of messages)
 question_answer     ``question``, ``answer`` (GSM8K)                 text after the last ``####``
@@ -41,6 +41,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from tinkerkit.data.conversation import Conversation, Message
 from tinkerkit.errors import ConfigError, DataError
+from tinkerkit.grading import extract_final_answer
 
 ROLES = ("system", "user", "assistant")
 
@@ -101,9 +102,9 @@ def load_conversations(paths: Sequence[str | Path], format: str | None = None,
         The conversations, skipped records, and per-file counts and formats.
 
     Raises:
-        DataError: An unknown ``format``; a missing, empty, non-UTF-8 or syntactically invalid file
-            (naming the file and line); a bad record with ``on_error="raise"`` (naming file, line and
-            field); or no valid record at all.
+        DataError: An unknown ``format``; a missing, empty, non-UTF-8 or syntactically invalid
+            file (naming the file and line); a bad record with ``on_error="raise"`` (naming file,
+            line and field); or no valid record at all.
         ConfigError: ``on_error`` is neither ``"raise"`` nor ``"skip"``.
     """
     _check_format_name(format)
@@ -162,7 +163,8 @@ def _read_parquet(path: Path) -> list[Any]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError("reading Parquet needs pyarrow: pip install pyarrow", path=str(path)) from None
+        raise DataError("reading Parquet needs pyarrow: pip install pyarrow",
+                        path=str(path)) from None
     return pq.read_table(path).to_pylist()
 
 
@@ -286,7 +288,8 @@ def _from_messages(record: dict, where: str) -> Normalized:
 
 
 def _from_prompt_completion(record: dict, where: str) -> Normalized:
-    if isinstance(record.get("prompt"), list) and isinstance(record.get("completion"), list):  # TRL conversational form
+    if isinstance(record.get("prompt"), list) and isinstance(record.get("completion"), list):
+        # TRL's conversational prompt/completion: two lists of messages
         messages = _messages(record, "prompt", where) + _messages(record, "completion", where)
     else:
         messages = [Message(role="user", content=_text(record, "prompt", where)),
@@ -295,8 +298,8 @@ def _from_prompt_completion(record: dict, where: str) -> Normalized:
 
 
 def _from_question_answer(record: dict, where: str) -> Normalized:
-    answer = _text(record, "answer", where)
-    messages = [Message(role="user", content=_text(record, "question", where)),
+    question, answer = _text(record, "question", where), _text(record, "answer", where)
+    messages = [Message(role="user", content=question),
                 Message(role="assistant", content=_strip_calculator_annotations(answer))]
     return messages, gsm8k_final_answer(answer)
 
@@ -309,7 +312,7 @@ def _from_math(record: dict, where: str) -> Normalized:
     if "answer" in record:
         return messages, _answer_text(record, "answer", where)
     if "solution" in record:  # the original MATH release has no answer field: use its \boxed{}
-        return messages, _extract_answer(messages[-1].content)
+        return messages, extract_final_answer(messages[-1].content)
     raise _error(where, "answer", "required field is missing")
 
 
@@ -320,7 +323,8 @@ def _from_s1k(record: dict, where: str) -> Normalized:
                      f"expected a non-empty array of strings, got {_kind(trajectories)}")
     for i, item in enumerate(trajectories):
         if not isinstance(item, str):
-            raise _error(where, f"thinking_trajectories[{i}]", f"expected a string, got {_kind(item)}")
+            raise _error(where, f"thinking_trajectories[{i}]",
+                         f"expected a string, got {_kind(item)}")
     messages = [Message(role="user", content=_text(record, "question", where)),
                 Message(role="assistant", content=_text(record, "attempt", where),
                         thinking="\n".join(trajectories))]
@@ -362,7 +366,8 @@ def _messages(record: dict, key: str, where: str) -> list[Message]:
             raise _error(where, name, f"expected an object {{role, content}}, got {_kind(turn)}")
         role = _text(turn, "role", where, prefix=name)
         if role not in ROLES:
-            raise _error(where, f"{name}.role", f"unknown role {role!r} (expected {', '.join(ROLES)})")
+            raise _error(where, f"{name}.role",
+                         f"unknown role {role!r} (expected {', '.join(ROLES)})")
         thinking_key = "thinking" if "thinking" in turn else "reasoning_content"
         thinking = None
         if turn.get(thinking_key) is not None:
@@ -398,7 +403,7 @@ def _reference_or_extracted(record: dict, messages: list[Message], where: str) -
     if record.get("reference_answer") is not None:
         return _answer_text(record, "reference_answer", where)
     replies = [m for m in messages if m.role == "assistant"]
-    return _extract_answer(replies[-1].content) if replies else None
+    return extract_final_answer(replies[-1].content) if replies else None
 
 
 # -------------------------------------------------------------------------------- answer helpers
@@ -408,7 +413,7 @@ _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
 def _strip_calculator_annotations(text: str) -> str:
-    """GSM8K's ``<<48/2=24>>`` calculator annotations removed (``48/2 = <<48/2=24>>24`` -> ``48/2 = 24``)."""
+    """GSM8K's calculator annotations removed: ``48/2 = <<48/2=24>>24`` -> ``48/2 = 24``."""
     return _CALCULATOR.sub("", text)
 
 
@@ -422,31 +427,6 @@ def gsm8k_final_answer(text: str) -> str | None:
         return None
     answer = _THOUSANDS_COMMA.sub("", text.rsplit("####", 1)[1].strip())
     return answer or None
-
-
-def _last_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` (braces balanced), or ``None``."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, begin = 0, start + len("\\boxed{")
-    for i in range(begin, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth < 0:
-            return text[begin:i].strip() or None
-    return None
-
-
-def _extract_answer(text: str) -> str | None:
-    """A reference answer from a worked solution: ``#### N`` (GSM8K) or the last ``\\boxed{}``.
-
-    Uses :func:`tinkerkit.grading.extract_final_answer` when that module exists.
-    """
-    try:
-        from tinkerkit.grading import extract_final_answer
-    except ImportError:
-        return gsm8k_final_answer(text) or _last_boxed(text)
-    return extract_final_answer(text)
 
 
 def _kind(value: Any) -> str:

@@ -58,7 +58,7 @@ def length_stats(lengths: Sequence[int]) -> LengthStats:
 
 
 def stats_table(title: str, rows: dict[str, LengthStats]) -> Table:
-    """A rich table with one row per named :class:`LengthStats` (count, min, mean, median, p95, max).
+    """A rich table, one row per named :class:`LengthStats`: count, min, mean, median, p95, max.
 
     Args:
         title: The table title, e.g. ``"Lengths (tokens)"``.

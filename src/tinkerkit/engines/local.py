@@ -1,0 +1,828 @@
+"""The local engine: Tinker's training client surface, in process, on PyTorch + PEFT.
+
+:class:`LocalTrainingClient` offers the calls of ``tinker.TrainingClient`` that the training loop
+uses (``forward_backward``, ``forward``, ``optim_step``, ``save_state``, ``load_state``,
+``load_state_with_optimizer``, ``save_weights_for_sampler``, sampling clients) with Tinker's
+semantics, and returns the SDK's own ``tinker.types`` objects. Every call returns a
+``concurrent.futures.Future`` at once; one worker thread per client runs the calls in submission
+order, so a caller can submit the next batch before it awaits the previous one.
+
+Semantics (those of Tinker):
+
+* ``cross_entropy``: ``loss = sum_t weights[t] * -log p(target_tokens[t] | tokens[:t+1])`` over
+  all tokens of all datums, not normalized (the loop normalizes through the weights). Per-datum
+  ``logprobs`` (float32, shape ``[T]``) come back aligned with ``target_tokens``.
+* Gradients accumulate over ``forward_backward`` calls until ``optim_step``, which clips the
+  global gradient norm (when ``grad_clip_norm > 0``), applies ``torch.optim.AdamW`` (decoupled
+  weight decay, as Tinker's docs state) and zeroes the gradients.
+
+Memory: datums are sorted by length and run in right-padded micro-batches of at most
+``microbatch_tokens`` padded tokens. Right padding needs no attention mask under causal attention
+(no real token attends to a later pad), so SDPA keeps its ``is_causal`` path and no ``[T, T]``
+mask is built. The vocabulary projection runs on chunks of :data:`LOGIT_CHUNK` positions under
+``torch.utils.checkpoint``, so at most ``[LOGIT_CHUNK, vocab]`` logits are alive at once, in the
+forward and in the backward pass.
+
+Determinism: ``seed`` fixes the LoRA initialization (drawn on the CPU, so it does not depend on
+the device); LoRA dropout draws from the client's own RNG state, which ``save_state`` stores and
+``load_state_with_optimizer`` restores, so that a resumed run is bitwise identical on the CPU.
+The client turns on ``torch.use_deterministic_algorithms(True, warn_only=True)``.
+
+Checkpoints follow :mod:`tinkerkit.checkpoint`. ``save_state(name)`` writes
+``<checkpoint_root>/<name>``; ``save_weights_for_sampler(name)`` writes
+``<checkpoint_root>/sampler_weights/<name>`` (Tinker keeps the two kinds apart as well, so a
+state and a sampler checkpoint of the same name never overwrite each other). In
+``tinkerkit_state.json``, ``rng_state`` is ``{"cpu": <base64 of torch.get_rng_state() bytes>,
+"cuda": <base64 of torch.cuda.get_rng_state() bytes, or null>}`` and ``target_modules`` lists the
+resolved module names (``lm_head`` excluded; see ``train_unembed``).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import datetime as _dt
+import math
+import os
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from tinker import types
+
+from tinkerkit.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CHECKPOINT_FORMAT,
+    OPTIMIZER_STATE,
+    STATE_FILE,
+    read_checkpoint_meta,
+)
+from tinkerkit.errors import CheckpointError, EngineError, ModelError
+from tinkerkit.io import atomic_directory, atomic_write_json
+from tinkerkit.models import hub_id_of, load_model, load_tokenizer, resolve_model
+
+if TYPE_CHECKING:
+    from tinkerkit.engines.local_sampling import LocalSamplingClient
+
+LOGIT_CHUNK = 1024
+"""Positions projected to the vocabulary at once (memory ``LOGIT_CHUNK * vocab`` floats)."""
+SUPPORTED_LOSSES = ("cross_entropy",)
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+ADAPTER_NAME = "default"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- model helpers
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else as ``torch.device``.
+
+    Raises:
+        EngineError: The device string is not one torch knows.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise EngineError(f"device '{device}' is not a torch device: {e}") from e
+
+
+def check_dtype(dtype: str) -> str:
+    """Validate a dtype name (``float32``, ``bfloat16``, ``float16``).
+
+    Raises:
+        EngineError: Any other name.
+    """
+    if dtype not in _DTYPES:
+        raise EngineError(f"dtype '{dtype}' is not supported; use one of {', '.join(_DTYPES)}")
+    return dtype
+
+
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers ``*ForCausalLM`` inside a ``PeftModel`` (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def check_plain_lm_head(model: torch.nn.Module) -> None:
+    """Refuse models whose logits are not ``lm_head(last_hidden_state)``.
+
+    The chunked log-probabilities below call the decoder and the output projection directly,
+    which would silently drop a logit soft-cap (Gemma 2) or a logit scale (Cohere).
+
+    Raises:
+        EngineError: The config has ``final_logit_softcapping`` or ``logit_scale``.
+    """
+    config = causal_lm(model).config
+    for field in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, field, None) not in (None, 1.0):
+            raise EngineError(f"model type '{config.model_type}' sets {field}; the local engine "
+                              "supports models whose logits are lm_head(hidden states) only")
+
+
+def last_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None,
+                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Final hidden states ``[B, T, H]`` of the decoder, without the vocabulary projection."""
+    decoder = causal_lm(model).get_decoder()
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  use_cache=False)
+    return out.last_hidden_state
+
+
+def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor,
+                    targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()  # [chunk, vocab]
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor,
+                   chunk: int = LOGIT_CHUNK) -> torch.Tensor:
+    """``log p(targets[b, t] | input_ids[b, :t+1])`` without materializing ``[B, T, vocab]``.
+
+    The output projection, ``logsumexp`` and ``gather`` run per chunk of ``chunk`` positions
+    under ``torch.utils.checkpoint`` when gradients are on, so the backward pass recomputes one
+    ``[chunk, vocab]`` block at a time instead of keeping all of them.
+
+    Args:
+        model: A causal LM (``PeftModel`` or transformers ``*ForCausalLM``).
+        input_ids: int64 ``[B, T]``; right padding only (no attention mask is used).
+        targets: int64 ``[B, T]``, valid token ids (padding positions any valid id).
+        chunk: Positions per vocabulary projection.
+
+    Returns:
+        float32 ``[B, T]`` log-probabilities.
+    """
+    hidden = last_hidden_states(model, input_ids)
+    batch, length, width = hidden.shape
+    flat_hidden, flat_targets = hidden.reshape(-1, width), targets.reshape(-1)
+    head = causal_lm(model).get_output_embeddings()
+    pieces = []
+    for start in range(0, flat_hidden.shape[0], chunk):
+        args = (head, flat_hidden[start:start + chunk], flat_targets[start:start + chunk])
+        if torch.is_grad_enabled():
+            pieces.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args,
+                                                            use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(*args))
+    return torch.cat(pieces).reshape(batch, length)
+
+
+def wrap_lora(model: torch.nn.Module, config, seed: int) -> torch.nn.Module:
+    """``peft.get_peft_model(model, config)`` with the LoRA init drawn from ``seed``.
+
+    Call it on a CPU model: the init is then the same whatever device the model moves to. The
+    global RNG is left as it was. PEFT's warning about LoRA on a tied ``lm_head`` is silenced
+    (see ``train_unembed`` in :class:`LocalTrainingClient` for what that adapter does).
+    """
+    from peft import get_peft_model
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
+
+
+def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The LoRA parameters of a ``PeftModel``, keyed as in PEFT's saved state dict.
+
+    PEFT saves ``...q_proj.lora_A.weight`` for the parameter ``...q_proj.lora_A.default.weight``
+    (``get_peft_model_state_dict`` drops the adapter name); the keys here are the saved ones.
+    """
+    marker = f".{ADAPTER_NAME}."
+    return {name.replace(marker, "."): param for name, param in model.named_parameters()
+            if ".lora_" in name}
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file to CPU tensors (never unpickles).
+
+    Raises:
+        CheckpointError: The file is missing, truncated or not safetensors, or holds a
+            non-finite value.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {file.parent}: {file.name} is missing")
+    try:
+        tensors = load_file(file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {file.parent}: {file.name} is corrupted: "
+                              f"{str(e).splitlines()[0]}") from e
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"checkpoint {file.parent}: {file.name}: '{key}' holds "
+                                  "non-finite values")
+    return tensors
+
+
+def assign_tensors(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+                   file: Path, suffix: str = "") -> None:
+    """Copy ``tensors[key + suffix]`` into ``params[key]`` for every key, strictly.
+
+    Raises:
+        CheckpointError: A key is missing or unexpected, or a shape differs.
+    """
+    expected = {key + suffix for key in params}
+    missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {file.parent}: {file.name} does not match this model "
+                              f"({len(missing)} missing keys, e.g. {missing[:1]}; "
+                              f"{len(unexpected)} unexpected, e.g. {unexpected[:1]})")
+    with torch.no_grad():
+        for key, param in params.items():
+            tensor = tensors[key + suffix]
+            if tensor.shape != param.shape:
+                raise CheckpointError(f"checkpoint {file.parent}: {file.name}: '{key + suffix}' "
+                                      f"has shape {list(tensor.shape)}, the model "
+                                      f"{list(param.shape)} (another rank?)")
+            param.copy_(tensor)
+
+
+def load_adapter_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load ``adapter_model.safetensors`` of a checkpoint into a ``PeftModel`` of the same shape.
+
+    Raises:
+        CheckpointError: Missing/corrupted file, missing or unexpected keys, other shapes.
+    """
+    file = Path(path) / ADAPTER_WEIGHTS
+    assign_tensors(adapter_parameters(model), read_safetensors(file), file)
+
+
+def share_base_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` in eval mode whose frozen base weights are shared, not copied.
+
+    Only the trainable (LoRA) parameters and the buffers are duplicated, so a sampling snapshot
+    of a training model costs the adapter's memory, not the base model's. Base weights are never
+    written by training, so sharing them between threads is safe.
+    """
+    memo = {id(p): p for p in model.parameters() if not p.requires_grad}
+    snapshot = copy.deepcopy(model, memo)
+    for param in snapshot.parameters():
+        param.requires_grad_(False)
+        param.grad = None
+    return snapshot.eval()
+
+
+def resolve_target_modules(model: torch.nn.Module, target_modules: str | list[str],
+                           train_unembed: bool) -> list[str]:
+    """Module names to wrap with LoRA.
+
+    Args:
+        model: The transformers causal LM.
+        target_modules: ``"attention"`` (q/k/v/o projections), ``"mlp"`` (gate/up/down
+            projections), ``"all-linear"`` (both), or explicit ``nn.Linear`` names.
+        train_unembed: Also wrap the output projection (``lm_head``).
+
+    Returns:
+        Sorted module names (last name component), as PEFT's ``target_modules`` takes them.
+
+    Raises:
+        EngineError: A name matches no linear layer of the model, or nothing is selected.
+    """
+    head = causal_lm(model).get_output_embeddings()
+    linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and module is not head}
+    presets = {"attention": ATTENTION_MODULES, "mlp": MLP_MODULES,
+               "all-linear": ATTENTION_MODULES + MLP_MODULES}
+    if isinstance(target_modules, str):
+        if target_modules not in presets:
+            raise EngineError(f"target_modules '{target_modules}' is not one of "
+                              f"{', '.join(presets)} (or a list of module names)")
+        names = sorted(linear & set(presets[target_modules]))
+    else:
+        unknown = sorted(set(target_modules) - linear)
+        if unknown:
+            raise EngineError(f"target_modules {unknown} are not linear layers of this model; "
+                              f"its linear layers: {', '.join(sorted(linear))}")
+        names = sorted(set(target_modules))
+    if not names:
+        raise EngineError(f"target_modules {target_modules!r} selects no layer of this model; "
+                          f"its linear layers: {', '.join(sorted(linear))}")
+    return names + (["lm_head"] if train_unembed else [])
+
+
+def _encode_rng(state: torch.Tensor | None) -> str | None:
+    return None if state is None else base64.b64encode(state.numpy().tobytes()).decode("ascii")
+
+
+def _decode_rng(text: str | None) -> torch.Tensor | None:
+    if text is None:
+        return None
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class _Example:
+    """One validated datum: int64 ``tokens``/``targets`` and float32 ``weights``, all ``[T]``."""
+
+    index: int
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    weights: torch.Tensor
+
+
+def _to_example(index: int, datum: types.Datum, vocab_size: int) -> _Example:
+    where = f"datum {index}"
+    try:
+        tokens = torch.tensor(datum.model_input.to_ints(), dtype=torch.int64)
+    except ValueError as e:
+        raise EngineError(f"{where}: model_input holds non-token chunks: {e}") from e
+    inputs = datum.loss_fn_inputs
+    if "target_tokens" not in inputs:
+        raise EngineError(f"{where}: loss_fn_inputs['target_tokens'] is missing")
+    targets = inputs["target_tokens"].to_torch().to(torch.int64)
+    weights = (inputs["weights"].to_torch().to(torch.float32) if "weights" in inputs
+               else torch.ones(len(targets)))
+    if tokens.numel() == 0:
+        raise EngineError(f"{where}: model_input is empty")
+    for field, tensor in (("target_tokens", targets), ("weights", weights)):
+        if tensor.shape != tokens.shape:
+            raise EngineError(f"{where}: loss_fn_inputs['{field}'] has shape "
+                              f"{list(tensor.shape)}, model_input has [{tokens.numel()}]")
+    for field, tensor in (("model_input", tokens), ("target_tokens", targets)):
+        if tensor.min() < 0 or tensor.max() >= vocab_size:
+            raise EngineError(f"{where}: {field} holds a token id outside [0, {vocab_size})")
+    if not torch.isfinite(weights).all():
+        raise EngineError(f"{where}: loss_fn_inputs['weights'] holds a non-finite value")
+    return _Example(index, tokens, targets, weights)
+
+
+def _microbatches(examples: list[_Example], budget: int) -> list[list[_Example]]:
+    """Longest first; each batch holds at most ``budget`` padded tokens (one datum at least)."""
+    batches: list[list[_Example]] = []
+    for example in sorted(examples, key=lambda e: -len(e.tokens)):
+        if batches and (len(batches[-1]) + 1) * len(batches[-1][0].tokens) <= budget:
+            batches[-1].append(example)
+        else:
+            batches.append([example])
+    return batches
+
+
+def _pad(rows: list[torch.Tensor], length: int, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.zeros(len(rows), length, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return out
+
+
+def _check_adam(params: types.AdamParams) -> None:
+    checks = {"learning_rate": params.learning_rate >= 0, "beta1": 0 <= params.beta1 < 1,
+              "beta2": 0 <= params.beta2 < 1, "eps": params.eps > 0,
+              "weight_decay": params.weight_decay >= 0,
+              "grad_clip_norm": params.grad_clip_norm >= 0}
+    for field, ok in checks.items():
+        value = getattr(params, field)
+        if not ok or not math.isfinite(value):
+            raise EngineError(f"AdamParams.{field}={value} is out of range")
+
+
+# ----------------------------------------------------------------------------------- client
+
+
+class LocalTrainingClient:
+    """A LoRA training client on PyTorch + PEFT with the ``tinker.TrainingClient`` surface.
+
+    Args:
+        base_model: A local HF model directory, a registry name (``smollm2-135m-instruct``) or a
+            hub id (see :func:`tinkerkit.models.resolve_model`); recorded in checkpoints as
+            given.
+        rank: LoRA rank ``r``.
+        alpha: LoRA ``lora_alpha``; the update is scaled by ``alpha / rank``. ``None`` means
+            ``alpha = rank`` (scale 1, so the learning rate does not depend on the rank's
+            scaling; the seed's scripts used alpha=32 with rank 32, the same scale).
+        dropout: LoRA dropout probability (Tinker uses none).
+        target_modules: ``"all-linear"``, ``"attention"``, ``"mlp"`` or module names.
+        train_unembed: Also put LoRA on ``lm_head``. With tied embeddings (SmolLM2), the adapter
+            changes the output projection only; the input embedding stays the frozen base
+            matrix, and merging such an adapter requires untying the two.
+        seed: Seeds the LoRA initialization and the dropout RNG.
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda:0"``, ...
+        dtype: Base-model dtype (``float32``, ``bfloat16``, ``float16``); LoRA weights, the
+            loss and the optimizer state stay float32.
+        checkpoint_root: Directory under which ``save_state`` names live.
+        microbatch_tokens: Most padded tokens per forward pass.
+
+    Raises:
+        EngineError: A bad argument (device, dtype, targets, rank) or an unsupported model.
+        ModelError: The base model cannot be loaded.
+    """
+
+    def __init__(self, base_model: str, rank: int = 32, *, alpha: float | None = None,
+                 dropout: float = 0.0, target_modules: str | list[str] = "all-linear",
+                 train_unembed: bool = False, seed: int = 0, device: str = "auto",
+                 dtype: str = "float32", checkpoint_root: str | Path = "checkpoints",
+                 microbatch_tokens: int = 8192) -> None:
+        from peft import LoraConfig
+
+        if rank < 1 or microbatch_tokens < 1 or not 0 <= dropout < 1:
+            raise EngineError(f"invalid LoRA settings: rank={rank}, dropout={dropout}, "
+                              f"microbatch_tokens={microbatch_tokens}")
+        self.base_model, self.rank = base_model, rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.dropout, self.train_unembed, self.seed = dropout, train_unembed, seed
+        self.device, self.dtype = resolve_device(device), check_dtype(dtype)
+        self.checkpoint_root, self.microbatch_tokens = Path(checkpoint_root), microbatch_tokens
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+        base = load_model(base_model, dtype)
+        check_plain_lm_head(base)
+        names = resolve_target_modules(base, target_modules, train_unembed)
+        self.target_modules = [n for n in names if n != "lm_head"]
+        config = LoraConfig(r=rank, lora_alpha=self.alpha, lora_dropout=dropout,
+                            target_modules=names, bias="none", task_type="CAUSAL_LM")
+        self.model = wrap_lora(base, config, seed).to(self.device)
+        self._params = adapter_parameters(self.model)
+        self._optimizer = self._new_optimizer()
+        self._step = 0
+        self._rng = self._seeded_rng(seed)
+        self._tokenizer = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinkerkit-train")
+
+    # -- plumbing
+
+    def _submit(self, fn: Callable, *args: Any) -> Future:
+        return self._worker.submit(fn, *args)
+
+    def _new_optimizer(self) -> torch.optim.AdamW:
+        return torch.optim.AdamW(list(self._params.values()), foreach=False, fused=False)
+
+    def _seeded_rng(self, seed: int) -> dict[str, torch.Tensor | None]:
+        with torch.random.fork_rng(devices=self._rng_devices()):
+            torch.manual_seed(seed)
+            return self._capture_rng()
+
+    def _rng_devices(self) -> list[int]:
+        if self.device.type != "cuda":
+            return []
+        return [self.device.index if self.device.index is not None else torch.cuda.current_device()]
+
+    def _capture_rng(self) -> dict[str, torch.Tensor | None]:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+    def close(self) -> None:
+        """Finish the queued calls and stop the worker thread."""
+        self._worker.shutdown(wait=True)
+
+    # -- information
+
+    def get_tokenizer(self):
+        """The base model's tokenizer (loaded once, with its chat template)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.base_model)
+        return self._tokenizer
+
+    def get_info(self) -> types.GetInfoResponse:
+        """Base model and LoRA rank, as ``tinker.types.GetInfoResponse``."""
+        arch = (causal_lm(self.model).config.architectures or [None])[0]
+        return types.GetInfoResponse(
+            model_data=types.ModelData(arch=arch, model_name=self.base_model,
+                                       tokenizer_id=self.base_model),
+            model_id=f"local:{self.base_model}", is_lora=True, lora_rank=self.rank,
+            model_name=self.base_model)
+
+    # -- training
+
+    def _examples(self, data: list[types.Datum], loss_fn: str) -> list[_Example]:
+        if loss_fn not in SUPPORTED_LOSSES:
+            raise EngineError(f"loss_fn '{loss_fn}' is not supported by the local engine; "
+                              f"supported: {', '.join(SUPPORTED_LOSSES)}")
+        if not data:
+            raise EngineError("data is empty: pass at least one Datum")
+        vocab = causal_lm(self.model).get_output_embeddings().out_features
+        return [_to_example(i, datum, vocab) for i, datum in enumerate(data)]
+
+    def forward_backward(self, data: list[types.Datum], loss_fn: str = "cross_entropy",
+                         loss_fn_config: dict | None = None) -> Future:
+        """Forward and backward pass; gradients add up until :meth:`optim_step`.
+
+        Args:
+            data: Datums with ``model_input`` (T tokens) and ``loss_fn_inputs``
+                ``target_tokens`` (int64 ``[T]``) and ``weights`` (float32 ``[T]``; all ones when
+                absent).
+            loss_fn: ``"cross_entropy"``.
+            loss_fn_config: Not used by cross_entropy; must be None or empty.
+
+        Returns:
+            Future of ``ForwardBackwardOutput``: ``loss_fn_outputs[i]["logprobs"]`` (float32
+            ``[T]``) and ``metrics["loss:sum"] = sum(weights * -logprobs)``.
+
+        Raises:
+            EngineError: Unknown loss, a loss_fn_config, or a malformed datum (named by index
+                and field). Raised at once, not through the future.
+        """
+        self._check_config(loss_fn_config)
+        return self._submit(self._run, self._examples(data, loss_fn), True)
+
+    def forward(self, data: list[types.Datum], loss_fn: str = "cross_entropy",
+                loss_fn_config: dict | None = None) -> Future:
+        """Like :meth:`forward_backward` but without gradients (and without dropout)."""
+        self._check_config(loss_fn_config)
+        return self._submit(self._run, self._examples(data, loss_fn), False)
+
+    @staticmethod
+    def _check_config(loss_fn_config: dict | None) -> None:
+        if loss_fn_config:
+            raise EngineError(f"loss_fn_config {loss_fn_config} is not used by cross_entropy")
+
+    def _run(self, examples: list[_Example], backward: bool) -> types.ForwardBackwardOutput:
+        self.model.train(backward)
+        logprobs: list[torch.Tensor | None] = [None] * len(examples)
+        loss_sum = 0.0
+        with torch.random.fork_rng(devices=self._rng_devices()), torch.set_grad_enabled(backward):
+            self._restore_rng(self._rng)
+            for batch in _microbatches(examples, self.microbatch_tokens):
+                length = len(batch[0].tokens)
+                tokens = _pad([e.tokens for e in batch], length, torch.int64).to(self.device)
+                targets = _pad([e.targets for e in batch], length, torch.int64).to(self.device)
+                weights = _pad([e.weights for e in batch], length, torch.float32).to(self.device)
+                batch_logprobs = token_logprobs(self.model, tokens, targets)
+                loss = -(batch_logprobs * weights).sum()
+                if backward:
+                    loss.backward()
+                loss_sum += loss.item()
+                for row, example in enumerate(batch):
+                    logprobs[example.index] = batch_logprobs[row, :len(example.tokens)].detach()
+            self._rng = self._capture_rng()
+        outputs = [{"logprobs": types.TensorData.from_torch(lp.float().cpu())} for lp in logprobs]
+        return types.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord",
+                                           loss_fn_outputs=outputs, metrics={"loss:sum": loss_sum})
+
+    def _restore_rng(self, rng: dict[str, torch.Tensor | None]) -> None:
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    def optim_step(self, optim_params: types.AdamParams | None = None, *,
+                   adam_params: types.AdamParams | None = None) -> Future:
+        """One AdamW step on the accumulated gradients, then zero them.
+
+        Order: global L2 gradient norm -> clip to ``grad_clip_norm`` when it is > 0
+        (``torch.nn.utils.clip_grad_norm_``) -> ``torch.optim.AdamW`` with ``learning_rate``,
+        ``(beta1, beta2)``, ``eps`` and decoupled ``weight_decay`` (``p -= lr * wd * p``). A
+        parameter without a gradient (no ``forward_backward`` since the last step) takes a zero
+        gradient, so every parameter's step count equals the client's.
+
+        Args:
+            optim_params: ``tinker.types.AdamParams`` (positional, as in the SDK).
+            adam_params: The SDK's keyword alias of ``optim_params``.
+
+        Returns:
+            Future of ``OptimStepResponse`` with metrics ``grad_norm`` (before clipping),
+            ``learning_rate`` and ``step`` (steps taken so far).
+
+        Raises:
+            EngineError: No or non-Adam parameters, values out of range (at once); a non-finite
+                gradient norm (through the future; the step is skipped, gradients zeroed).
+        """
+        params = optim_params if adam_params is None else adam_params
+        if optim_params is not None and adam_params is not None:
+            raise EngineError("pass AdamParams either positionally or as adam_params, not both")
+        if not isinstance(params, types.AdamParams):
+            raise EngineError("optim_step needs tinker.types.AdamParams, "
+                              f"got {type(params).__name__}")
+        _check_adam(params)
+        return self._submit(self._optim_step, params)
+
+    def _optim_step(self, params: types.AdamParams) -> types.OptimStepResponse:
+        tensors = list(self._params.values())
+        for tensor in tensors:
+            if tensor.grad is None:
+                tensor.grad = torch.zeros_like(tensor)
+        max_norm = params.grad_clip_norm if params.grad_clip_norm > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(tensors, max_norm, foreach=False).item()
+        if not math.isfinite(norm):
+            self._optimizer.zero_grad(set_to_none=True)
+            raise EngineError(f"gradient norm is {norm} at step {self._step + 1}; step skipped")
+        for group in self._optimizer.param_groups:
+            group.update(lr=params.learning_rate, betas=(params.beta1, params.beta2),
+                         eps=params.eps, weight_decay=params.weight_decay)
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        self._step += 1
+        return types.OptimStepResponse(metrics={"grad_norm": norm, "step": float(self._step),
+                                                "learning_rate": params.learning_rate})
+
+    # -- checkpoints
+
+    def _target(self, name: str, *parts: str) -> Path:
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise EngineError(f"checkpoint name '{name}' must be a plain directory name")
+        return (self.checkpoint_root.joinpath(*parts) / name).resolve()
+
+    def save_state(self, name: str) -> Future:
+        """Save LoRA weights, AdamW moments, step and RNG to ``<checkpoint_root>/<name>``.
+
+        Returns:
+            Future of ``SaveWeightsResponse``; ``.path`` is the absolute directory.
+
+        Raises:
+            EngineError: ``name`` is not a plain directory name (at once).
+        """
+        target = self._target(name)
+        return self._submit(self._save, target, "state")
+
+    def save_weights_for_sampler(self, name: str) -> Future:
+        """Save LoRA weights (no optimizer) to ``<checkpoint_root>/sampler_weights/<name>``.
+
+        Returns:
+            Future of ``SaveWeightsForSamplerResponse``; ``.path`` is the absolute directory.
+        """
+        target = self._target(name, "sampler_weights")
+        return self._submit(self._save, target, "sampler")
+
+    def _meta(self, kind: str) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "kind": kind, "base_model": self.base_model,
+                "rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                "target_modules": self.target_modules, "train_unembed": self.train_unembed,
+                "optimizer_step": self._step,
+                "rng_state": {k: _encode_rng(v) for k, v in self._rng.items()},
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+    def _save(self, target: Path, kind: str):
+        from safetensors.torch import save_file
+
+        config = copy.deepcopy(self.model.peft_config[ADAPTER_NAME])
+        config.base_model_name_or_path = hub_id_of(self.base_model)
+        config.inference_mode = True
+        weights = {k: p.detach().float().cpu().contiguous() for k, p in self._params.items()}
+        with atomic_directory(target) as staging:
+            config.save_pretrained(str(staging))
+            save_file(weights, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+            if kind == "state":
+                save_file(self._moments(), staging / OPTIMIZER_STATE)
+            atomic_write_json(staging / STATE_FILE, self._meta(kind))
+        if kind == "state":
+            return types.SaveWeightsResponse(path=str(target))
+        return types.SaveWeightsForSamplerResponse(path=str(target))
+
+    def _moments(self) -> dict[str, torch.Tensor]:
+        moments = {}
+        for key, param in self._params.items():
+            state = self._optimizer.state.get(param, {})
+            for name in ("exp_avg", "exp_avg_sq"):
+                value = state.get(name, torch.zeros_like(param))
+                moments[f"{key}.{name}"] = value.detach().float().cpu().contiguous()
+        return moments
+
+    def load_state(self, path: str) -> Future:
+        """Load LoRA weights from a checkpoint; the optimizer restarts (no moments, step 0).
+
+        Returns:
+            Future of ``LoadWeightsResponse``.
+
+        Raises:
+            CheckpointError: Through the future: missing directory or file, corrupted
+                safetensors, another base model, rank, alpha or target modules.
+        """
+        return self._submit(self._load, Path(path), False)
+
+    def load_state_with_optimizer(self, path: str) -> Future:
+        """Load LoRA weights, AdamW moments, the step count and the dropout RNG state.
+
+        Resuming this way continues bitwise identically on the CPU.
+
+        Raises:
+            CheckpointError: As :meth:`load_state`, or ``optimizer.safetensors`` is missing
+                or does not match.
+        """
+        return self._submit(self._load, Path(path), True)
+
+    def _check_compatible(self, meta: dict, path: Path) -> None:
+        if _model_key(meta.get("base_model")) != _model_key(self.base_model):
+            raise CheckpointError(f"checkpoint {path}: base model '{meta.get('base_model')}' "
+                                  f"differs from this client's '{self.base_model}'")
+        ours = {"rank": self.rank, "alpha": self.alpha, "target_modules": self.target_modules,
+                "train_unembed": self.train_unembed}
+        for field, value in ours.items():
+            if meta.get(field) != value:
+                raise CheckpointError(f"checkpoint {path}: {field}={meta.get(field)!r}, this "
+                                      f"client has {value!r}")
+
+    def _load(self, path: Path, with_optimizer: bool) -> types.LoadWeightsResponse:
+        meta = read_checkpoint_meta(path)
+        self._check_compatible(meta, path)
+        moments = None
+        if with_optimizer:
+            if meta.get("kind") != "state":
+                raise CheckpointError(f"checkpoint {path}: a '{meta.get('kind')}' checkpoint "
+                                      "holds no optimizer state; use load_state")
+            moments = read_safetensors(path / OPTIMIZER_STATE)
+        load_adapter_weights(self.model, path)
+        self._optimizer = self._new_optimizer()
+        self._step = 0
+        if moments is not None:
+            self._restore_optimizer(moments, int(meta["optimizer_step"]), path)
+            self._rng = {k: _decode_rng(meta["rng_state"].get(k)) for k in ("cpu", "cuda")}
+        return types.LoadWeightsResponse(path=str(path))
+
+    def _restore_optimizer(self, moments: dict[str, torch.Tensor], step: int, path: Path) -> None:
+        file = path / OPTIMIZER_STATE
+        suffixes = (".exp_avg", ".exp_avg_sq")
+        stray = [key for key in moments if not key.endswith(suffixes)]
+        if stray:
+            raise CheckpointError(f"checkpoint {path}: {file.name}: unexpected key '{stray[0]}'")
+        states = {param: {"step": torch.tensor(float(step))} for param in self._params.values()}
+        for suffix in suffixes:
+            buffers = {key: torch.zeros_like(param) for key, param in self._params.items()}
+            assign_tensors(buffers, {k: v for k, v in moments.items() if k.endswith(suffix)},
+                           file, suffix)
+            for key, param in self._params.items():
+                states[param][suffix[1:]] = buffers[key]
+        self._optimizer.state.update(states)
+        self._step = step
+
+    # -- sampling
+
+    def save_weights_and_get_sampling_client(self, name: str | None = None) -> LocalSamplingClient:
+        """A sampling client on a snapshot of the current weights (after the queued calls).
+
+        The snapshot shares the frozen base weights with this client and copies the LoRA
+        weights, so training on does not change what it samples. With ``name``, the weights are
+        also saved as :meth:`save_weights_for_sampler` does.
+        """
+        if name is not None:
+            self.save_weights_for_sampler(name)
+        snapshot = self._submit(share_base_copy, self.model).result()
+        return self._sampling_client(snapshot)
+
+    def create_sampling_client(self, model_path: str) -> LocalSamplingClient:
+        """A sampling client on the LoRA weights saved at ``model_path``.
+
+        A checkpoint of this client's shape reuses its loaded base weights; another rank or
+        target set loads the base model anew.
+
+        Raises:
+            CheckpointError: Missing or corrupted checkpoint, or another base model.
+        """
+        from tinkerkit.engines.local_sampling import LocalSamplingClient
+
+        path = Path(model_path)
+        meta = read_checkpoint_meta(path)
+        try:
+            self._check_compatible(meta, path)
+        except CheckpointError:
+            if _model_key(meta.get("base_model")) != _model_key(self.base_model):
+                raise
+            return LocalSamplingClient(self.base_model, str(path), tokenizer=self.get_tokenizer(),
+                                       device=str(self.device), dtype=self.dtype)
+        snapshot = self._submit(share_base_copy, self.model).result()
+        load_adapter_weights(snapshot, path)
+        return self._sampling_client(snapshot)
+
+    def _sampling_client(self, model: torch.nn.Module) -> LocalSamplingClient:
+        from tinkerkit.engines.local_sampling import LocalSamplingClient
+
+        return LocalSamplingClient(self.base_model, model=model, tokenizer=self.get_tokenizer(),
+                                   device=str(self.device), dtype=self.dtype)
+
+
+def _model_key(name: str | None) -> str | None:
+    """Compare base models by their resolved directory (or hub id), not their spelling."""
+    if name is None:
+        return None
+    try:
+        resolved = resolve_model(name)
+    except ModelError:  # an unresolvable name compares as written
+        return name
+    return str(resolved.resolve()) if isinstance(resolved, Path) else resolved
+
+
+def create_training_client_from_state(path: str | Path, *, with_optimizer: bool,
+                                      **overrides: Any) -> LocalTrainingClient:
+    """A training client built from a checkpoint's ``tinkerkit_state.json`` and loaded from it.
+
+    Args:
+        path: A ``save_state`` (or, without optimizer, ``save_weights_for_sampler``) directory.
+        with_optimizer: Also restore AdamW moments, step and RNG (exact resume).
+        **overrides: Other :class:`LocalTrainingClient` arguments (``device``,
+            ``checkpoint_root``, ``microbatch_tokens``, ...). ``base_model``, ``rank``,
+            ``alpha``, ``dropout``, ``target_modules`` and ``train_unembed`` come from the
+            checkpoint unless overridden.
+
+    Raises:
+        CheckpointError: The checkpoint is missing, incomplete, corrupted or incompatible.
+    """
+    meta = read_checkpoint_meta(path)
+    kwargs = {field: meta[field] for field in ("rank", "alpha", "dropout", "target_modules",
+                                                "train_unembed") if field in meta}
+    kwargs.update(overrides)
+    client = LocalTrainingClient(kwargs.pop("base_model", meta["base_model"]), **kwargs)
+    load = client.load_state_with_optimizer if with_optimizer else client.load_state
+    load(str(path)).result()
+    return client

@@ -1,0 +1,407 @@
+"""Sampling on the local engine: the ``tinker.SamplingClient`` surface, batched, with a KV cache.
+
+``sample`` and ``compute_logprobs`` queue their request and return a ``Future`` at once. One
+worker thread drains every pending request and runs all their sequences as one batched
+generation (up to ``max_batch_size`` sequences at a time): prompts left-padded, with an
+attention mask and position ids, prefilled once, then decoded one token per step through the
+model's KV cache (transformers ``DynamicCache``). A finished sequence leaves the batch (its rows
+are dropped from the cache), so it costs no more compute.
+
+``SamplingParams`` as in Tinker:
+
+* ``max_tokens``: ``None`` means :data:`DEFAULT_MAX_TOKENS` (256).
+* ``temperature``: 0 is greedy (argmax); otherwise logits / temperature, then ``top_k``
+  (``-1`` or ``0``: off), then ``top_p`` (smallest set of tokens whose probability reaches
+  ``top_p``), then a draw.
+* ``stop``: ``None`` stops at the end tokens (the tokenizer's and generation config's EOS, plus
+  ``<|im_end|>``, ``<|endoftext|>``, ``<|eot_id|>``, ... where the vocabulary has them). Token ids
+  or strings given here *replace* those defaults; ``[]`` disables stopping (generation runs to
+  ``max_tokens``). A stop token is kept as the last token of the sequence. A stop string ends the
+  sequence at the token whose decoding completes it; that token is kept (so the text may run a
+  few characters past the stop string, within that last token).
+* ``seed``: each sequence draws from its own ``torch.Generator`` seeded from ``(seed, sample
+  index)``, so a seeded request samples the same tokens whatever it is batched with (up to
+  floating-point differences between batch shapes; see below). ``None`` draws a fresh seed.
+
+Each ``SampledSequence`` carries the generated ``tokens`` and their ``logprobs`` under the
+unmodified model distribution (``log_softmax`` of the raw logits, before temperature, top-k and
+top-p), as Tinker reports them, and ``stop_reason`` ``"stop"`` or ``"length"``.
+
+Batched and one-at-a-time generation run the same float32 arithmetic on different batch shapes,
+so logits can differ in the last bits; greedy tokens agree unless two candidates tie within that
+noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import secrets
+import threading
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tinker import types
+from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
+from transformers import DynamicCache
+
+from tinkerkit.checkpoint import ADAPTER_CONFIG
+from tinkerkit.engines.local import (
+    LOGIT_CHUNK,
+    causal_lm,
+    check_dtype,
+    check_plain_lm_head,
+    last_hidden_states,
+    load_adapter_weights,
+    resolve_device,
+    share_base_copy,
+    wrap_lora,
+)
+from tinkerkit.errors import CheckpointError, EngineError
+from tinkerkit.models import load_model, load_tokenizer
+
+DEFAULT_MAX_TOKENS = 256
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>",
+              "<|end|>")
+"""End-of-turn tokens that stop generation by default when the vocabulary has them."""
+
+
+@dataclass
+class _Request:
+    """One queued call: a ``sample`` (``rows`` non-empty) or a ``compute_logprobs``."""
+
+    future: Future
+    prompt: list[int]
+    params: types.SamplingParams | None = None
+    max_tokens: int = 0
+    stop_ids: frozenset[int] = frozenset()
+    stop_strings: tuple[str, ...] = ()
+    include_prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+    rows: list[_Row] = field(default_factory=list)
+
+
+@dataclass
+class _Row:
+    """One sequence being generated."""
+
+    request: _Request
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    stop_reason: str | None = None
+
+    def push(self, token: int, logprob: float, tokenizer) -> None:
+        """Append a token and decide whether the sequence is finished."""
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        request = self.request
+        if token in request.stop_ids or self._ends_with_stop_string(tokenizer):
+            self.stop_reason = "stop"
+        elif len(self.tokens) >= request.max_tokens:
+            self.stop_reason = "length"
+
+    def _ends_with_stop_string(self, tokenizer) -> bool:
+        strings = self.request.stop_strings
+        if not strings:
+            return False
+        # A token decodes to at least one character (or a byte of one), so the last
+        # len(longest)+4 tokens hold any stop string just completed.
+        window = max(len(s) for s in strings) + 4
+        text = tokenizer.decode(self.tokens[-window:])
+        return any(s in text for s in strings)
+
+
+def _row_seed(seed: int, index: int) -> int:
+    """A 64-bit seed for sample ``index`` of a request seeded with ``seed`` (NumPy SeedSequence)."""
+    state = np.random.SeedSequence([seed % 2**64, index]).generate_state(1, np.uint64)
+    return int(state[0])
+
+
+def _choose(logits: torch.Tensor, params: types.SamplingParams,
+            generator: torch.Generator) -> torch.Tensor:
+    """Pick the next token from one row of raw logits ``[vocab]`` (float32)."""
+    if params.temperature == 0:
+        return logits.argmax()
+    scaled = logits / params.temperature
+    if 0 < params.top_k < scaled.numel():
+        kth = torch.topk(scaled, params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if params.top_p < 1:
+        values, order = scaled.sort(descending=True)
+        probs = values.softmax(-1)
+        outside = probs.cumsum(-1) - probs >= params.top_p  # mass before it already reaches p
+        scaled = scaled.clone()
+        scaled[order[outside]] = float("-inf")
+    return torch.multinomial(scaled.softmax(-1), 1, generator=generator)[0]
+
+
+def _check_params(params: types.SamplingParams, num_samples: int) -> None:
+    checks = {"temperature": params.temperature >= 0, "top_p": 0 < params.top_p <= 1,
+              "top_k": params.top_k == -1 or params.top_k >= 0,
+              "max_tokens": params.max_tokens is None or params.max_tokens >= 1}
+    for name, ok in checks.items():
+        if not ok:
+            raise EngineError(f"SamplingParams.{name}={getattr(params, name)} is out of range")
+    if num_samples < 1:
+        raise EngineError(f"num_samples={num_samples} must be at least 1")
+
+
+class LocalSamplingClient:
+    """A sampling client on a local model, with the ``tinker.SamplingClient`` surface.
+
+    Args:
+        base_model: The base model argument (directory, registry name or hub id).
+        adapter_path: A LoRA checkpoint (or any PEFT adapter directory) to apply, or None.
+        model: An already-loaded model to use instead of loading ``base_model``: a ``PeftModel``
+            or a plain causal LM. Used as is without ``adapter_path``; with it, the adapter goes
+            onto a copy that shares the given model's weights (the given model is not changed;
+            a ``PeftModel`` must then have the checkpoint's rank and targets).
+        tokenizer: The tokenizer, or None to load ``base_model``'s.
+        device: Where a loaded model goes (``"auto"``: CUDA when available); a given model
+            stays where it is.
+        dtype: dtype of a loaded base model.
+        max_batch_size: Most sequences generated together.
+
+    Raises:
+        ModelError: The base model or tokenizer cannot be loaded.
+        CheckpointError: The adapter is missing, corrupted or does not fit the model.
+    """
+
+    def __init__(self, base_model: str, adapter_path: str | None = None, *,
+                 model: torch.nn.Module | None = None, tokenizer=None, device: str = "auto",
+                 dtype: str = "float32", max_batch_size: int = 32) -> None:
+        if max_batch_size < 1:
+            raise EngineError(f"max_batch_size={max_batch_size} must be at least 1")
+        self.base_model, self.max_batch_size = base_model, max_batch_size
+        if model is None:
+            model = load_model(base_model, check_dtype(dtype)).to(resolve_device(device))
+        if adapter_path is not None:
+            model = _with_adapter(model, Path(adapter_path))
+        check_plain_lm_head(model)
+        self._model = model.eval()
+        self.device = next(model.parameters()).device
+        self._tokenizer = tokenizer if tokenizer is not None else load_tokenizer(base_model)
+        self._vocab = causal_lm(model).get_output_embeddings().out_features
+        self._default_stop = self._end_token_ids()
+        self._pending: list[_Request] = []
+        self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinkerkit-sample")
+
+    def get_tokenizer(self):
+        """The model's tokenizer."""
+        return self._tokenizer
+
+    def get_base_model(self) -> str:
+        """The base model argument this client was created with."""
+        return self.base_model
+
+    def result(self, timeout: float | None = None) -> LocalSamplingClient:
+        """This client: lets SDK-style ``create_sampling_client(...).result()`` code run as is."""
+        return self
+
+    def close(self) -> None:
+        """Finish the queued requests and stop the worker thread."""
+        self._worker.shutdown(wait=True)
+
+    def _end_token_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        lm = causal_lm(self._model)
+        generation = getattr(lm, "generation_config", None)
+        for source in (self._tokenizer.eos_token_id, lm.config.eos_token_id,
+                       getattr(generation, "eos_token_id", None)):
+            ids.update(source if isinstance(source, list) else [] if source is None else [source])
+        vocab = self._tokenizer.get_vocab()
+        ids.update(vocab[token] for token in END_TOKENS if token in vocab)
+        return frozenset(i for i in ids if 0 <= i < self._vocab)
+
+    # -- requests
+
+    def _prompt_ids(self, prompt: types.ModelInput) -> list[int]:
+        try:
+            tokens = prompt.to_ints()
+        except ValueError as e:
+            raise EngineError(f"prompt holds non-token chunks: {e}") from e
+        if not tokens:
+            raise EngineError("prompt is empty")
+        bad = [t for t in tokens if not 0 <= t < self._vocab]
+        if bad:
+            raise EngineError(f"prompt holds token id {bad[0]} outside [0, {self._vocab})")
+        return tokens
+
+    def _stops(self, stop) -> tuple[frozenset[int], tuple[str, ...]]:
+        if stop is None:
+            return self._default_stop, ()
+        if isinstance(stop, str):
+            stop = [stop]
+        strings = tuple(s for s in stop if isinstance(s, str))
+        ids = frozenset(int(s) for s in stop if not isinstance(s, str))
+        if any(not s for s in strings) or any(not 0 <= i < self._vocab for i in ids):
+            raise EngineError(f"SamplingParams.stop={stop!r} holds an empty string or a token id "
+                              f"outside [0, {self._vocab})")
+        return ids, strings
+
+    def sample(self, prompt: types.ModelInput, num_samples: int,
+               sampling_params: types.SamplingParams, include_prompt_logprobs: bool = False,
+               topk_prompt_logprobs: int = 0) -> Future:
+        """Generate ``num_samples`` continuations of ``prompt``.
+
+        Args:
+            prompt: The prompt tokens.
+            num_samples: Independent sequences to draw.
+            sampling_params: See the module docstring.
+            include_prompt_logprobs: Also return ``prompt_logprobs`` (first entry None).
+            topk_prompt_logprobs: Also return the top-k ``(token, logprob)`` per prompt position.
+
+        Returns:
+            Future of ``tinker.types.SampleResponse``.
+
+        Raises:
+            EngineError: An empty prompt, token ids outside the vocabulary or parameters out of
+                range (at once).
+        """
+        _check_params(sampling_params, num_samples)
+        if topk_prompt_logprobs < 0:
+            raise EngineError(f"topk_prompt_logprobs={topk_prompt_logprobs} must be >= 0")
+        stop_ids, stop_strings = self._stops(sampling_params.stop)
+        seed = secrets.randbits(64) if sampling_params.seed is None else sampling_params.seed
+        request = _Request(Future(), self._prompt_ids(prompt), sampling_params,
+                           sampling_params.max_tokens or DEFAULT_MAX_TOKENS, stop_ids,
+                           stop_strings, include_prompt_logprobs, topk_prompt_logprobs)
+        for index in range(num_samples):
+            generator = torch.Generator(device=self.device).manual_seed(_row_seed(seed, index))
+            request.rows.append(_Row(request, generator))
+        return self._enqueue(request)
+
+    def compute_logprobs(self, prompt: types.ModelInput) -> Future:
+        """Log-probability of each prompt token given the tokens before it.
+
+        Returns:
+            Future of a list with one entry per prompt token: None for the first (it has no
+            context), then floats.
+        """
+        return self._enqueue(_Request(Future(), self._prompt_ids(prompt)))
+
+    def _enqueue(self, request: _Request) -> Future:
+        with self._lock:
+            self._pending.append(request)
+        self._worker.submit(self._drain)
+        return request.future
+
+    # -- the worker
+
+    def _drain(self) -> None:
+        with self._lock:
+            requests, self._pending = self._pending, []
+        requests = [r for r in requests if r.future.set_running_or_notify_cancel()]
+        rows = sorted((row for request in requests for row in request.rows),
+                      key=lambda row: len(row.request.prompt))  # similar lengths, less padding
+        try:
+            for start in range(0, len(rows), self.max_batch_size):
+                self._generate(rows[start:start + self.max_batch_size])
+        except Exception as e:  # the whole batch failed: every caller hears of it
+            for request in requests:
+                request.future.set_exception(e)
+            return
+        for request in requests:
+            try:
+                request.future.set_result(self._respond(request))
+            except Exception as e:
+                request.future.set_exception(e)
+
+    def _respond(self, request: _Request):
+        if request.params is None:
+            logprobs, _ = self._prompt_scores(request.prompt, 0)
+            return [None] + logprobs[1:].tolist()
+        sequences = [types.SampledSequence(
+            stop_reason=row.stop_reason, sequence_id=uuid.uuid4().hex,
+            tokens_np=np.array(row.tokens, dtype=np.int32),
+            logprobs_np=np.array(row.logprobs, dtype=np.float32)) for row in request.rows]
+        if not (request.include_prompt_logprobs or request.topk_prompt_logprobs):
+            return types.SampleResponse(sequences=sequences)
+        logprobs, topk = self._prompt_scores(request.prompt, request.topk_prompt_logprobs)
+        return types.SampleResponse(
+            sequences=sequences,
+            prompt_logprobs_np=logprobs if request.include_prompt_logprobs else None,
+            topk_prompt_logprobs_np=topk)
+
+    @torch.no_grad()
+    def _prompt_scores(self, tokens: list[int], k: int) -> tuple[np.ndarray, TopkLogprobs | None]:
+        """float32 ``[T]`` prompt log-probabilities (NaN first) and the top-k per position."""
+        ids = torch.tensor(tokens, device=self.device)
+        hidden = last_hidden_states(self._model, ids[None])[0]
+        head = causal_lm(self._model).get_output_embeddings()
+        logprobs = np.full(len(tokens), np.nan, dtype=np.float32)
+        top_ids = np.zeros((len(tokens), k), dtype=np.int32)
+        top_logprobs = np.full((len(tokens), k), MASK_LOGPROB, dtype=np.float32)
+        for start in range(0, len(tokens) - 1, LOGIT_CHUNK):
+            end = min(start + LOGIT_CHUNK, len(tokens) - 1)  # positions start..end-1 predict +1
+            chunk = head(hidden[start:end]).float().log_softmax(-1)
+            picked = chunk.gather(-1, ids[start + 1:end + 1, None]).squeeze(-1)
+            logprobs[start + 1:end + 1] = picked.cpu().numpy()
+            if k:
+                values, indices = chunk.topk(min(k, chunk.shape[-1]))
+                top_ids[start + 1:end + 1, :values.shape[-1]] = indices.cpu().numpy()
+                top_logprobs[start + 1:end + 1, :values.shape[-1]] = values.cpu().numpy()
+        return logprobs, (TopkLogprobs(top_ids, top_logprobs) if k else None)
+
+    @torch.no_grad()
+    def _generate(self, rows: list[_Row]) -> None:
+        """Generate every row to its end: one prefill, then one cached step per token."""
+        width = max(len(row.request.prompt) for row in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.int64)
+        mask = torch.zeros(len(rows), width, dtype=torch.int64)
+        for i, row in enumerate(rows):  # left padding: every prompt ends at the last column
+            ids[i, width - len(row.request.prompt):] = torch.tensor(row.request.prompt)
+            mask[i, width - len(row.request.prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=causal_lm(self._model).config)
+        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                          cache=cache, use_cache=True, logits_to_keep=1)
+        next_position, active = positions[:, -1:] + 1, list(rows)
+        logits = out.logits[:, -1].float()
+        while True:
+            chosen = torch.stack([_choose(logits[j], row.request.params, row.generator)
+                                  for j, row in enumerate(active)])
+            chosen_logprobs = logits.log_softmax(-1).gather(-1, chosen[:, None]).squeeze(-1)
+            for row, token, logprob in zip(active, chosen.tolist(), chosen_logprobs.tolist()):
+                row.push(token, logprob, self._tokenizer)
+            keep = [j for j, row in enumerate(active) if row.stop_reason is None]
+            if not keep:
+                return
+            if len(keep) < len(active):  # finished rows leave the batch and the cache
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, next_position, chosen = mask[index], next_position[index], chosen[index]
+                active = [active[j] for j in keep]
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            out = self._model(input_ids=chosen[:, None], attention_mask=mask,
+                              position_ids=next_position, cache=cache, use_cache=True)
+            logits, next_position = out.logits[:, -1].float(), next_position + 1
+
+
+def _with_adapter(model: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """``model`` with the LoRA adapter at ``path``, on a copy sharing ``model``'s base weights."""
+    from peft import LoraConfig, PeftModel
+
+    if isinstance(model, PeftModel):
+        snapshot = share_base_copy(model)
+    else:
+        if not (path / ADAPTER_CONFIG).is_file():
+            raise CheckpointError(f"checkpoint {path}: {ADAPTER_CONFIG} is missing")
+        try:
+            config = LoraConfig.from_pretrained(str(path))
+        except (OSError, ValueError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {path}: {ADAPTER_CONFIG} is unreadable: {e}") from e
+        config.inference_mode = True
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        shared = copy.deepcopy(model, {id(p): p for p, _ in flags})
+        snapshot = wrap_lora(shared, config, seed=0).to(next(model.parameters()).device)
+        for param, flag in flags:  # PEFT froze the shared weights; the caller's model keeps its
+            param.requires_grad_(flag)
+    load_adapter_weights(snapshot, path)
+    return snapshot.eval()

@@ -1,0 +1,566 @@
+"""Evaluation: sample answers for held-out conversations, grade them, write and compare results.
+
+The flow (``tinkerkit evaluate`` wires it to a config, a checkpoint and a data file)::
+
+    result = evaluate(conversations, sampling_client, build_prompt, tokenizer, EvalSettings())
+    write_results(result, run_dir / "evaluation_results.json", config=public_config)
+    write_report(result, run_dir / "evaluation_report.md")
+    compare_results(load_results(before_path), load_results(after_path), Console())
+
+Every prompt is submitted before any result is awaited, so a sampling client that batches pending
+requests (the local engine's, or Tinker's) sees them all at once. Outputs are graded by
+:mod:`tinkerkit.grading` under three criteria (exact match, contains, mathematical equivalence);
+with several samples per prompt, pass@k is reported for the equivalence criterion.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import tinker
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tinkerkit.data.conversation import Conversation
+from tinkerkit.errors import ConfigError, DataError, EngineError
+from tinkerkit.grading import grade
+from tinkerkit.io import atomic_write_json, atomic_write_text
+
+__all__ = [
+    "CRITERIA",
+    "EvalResult",
+    "EvalSettings",
+    "compare_results",
+    "evaluate",
+    "load_results",
+    "pass_at_k",
+    "print_summary",
+    "run_evaluation",
+    "settings_from_config",
+    "write_report",
+    "write_results",
+]
+
+CRITERIA = ("exact_match", "contains", "equivalent")
+RESULTS_FORMAT_VERSION = 1
+
+
+@dataclass
+class EvalSettings:
+    """How to sample during evaluation (the CLI fills it from the config's evaluation section).
+
+    Attributes:
+        max_tokens: Most tokens generated per sample; a sample that reaches it is counted as
+            truncated (stop reason ``"length"``).
+        temperature: Sampling temperature; 0 is greedy.
+        top_p: Nucleus sampling probability mass; 1 disables it.
+        top_k: Sample among the k most likely tokens; -1 disables it.
+        stop: Stop strings; None keeps the model's end-of-sequence tokens, ``[]`` disables even
+            those (tinker's ``SamplingParams.stop`` semantics).
+        num_samples: Samples per prompt (K); K > 1 adds pass@k metrics.
+        seed: Base seed; prompt i is sampled with seed ``seed + i``, so results do not depend on
+            batching or order.
+        limit: Evaluate only the first ``limit`` conversations; None for all.
+    """
+
+    max_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop: list[str] | None = None
+    num_samples: int = 1
+    seed: int = 0
+    limit: int | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first field with an impossible value."""
+        checks = [
+            ("max_tokens", self.max_tokens >= 1, "at least 1"),
+            ("temperature", self.temperature >= 0, "at least 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", self.top_k == -1 or self.top_k >= 1, "-1 or at least 1"),
+            ("num_samples", self.num_samples >= 1, "at least 1"),
+            ("limit", self.limit is None or self.limit >= 0, "None or at least 0"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"evaluation setting {name} = {getattr(self, name)!r}: "
+                                  f"must be {expected}")
+
+
+@dataclass
+class EvalResult:
+    """The outcome of :func:`evaluate`.
+
+    Attributes:
+        metrics: Flat ``{name: number or None}``; see :func:`evaluate` for the names.
+        examples: One dict per evaluated conversation (see :func:`evaluate`).
+        settings: The settings used.
+    """
+
+    metrics: dict
+    examples: list[dict]
+    settings: EvalSettings
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimator: the chance that k of n samples include a correct one.
+
+    ``1 - C(n - c, k) / C(n, k)`` (Chen et al. 2021, "Evaluating Large Language Models Trained on
+    Code", arXiv 2107.03374, eq. 1), computed as the product ``1 - prod_{i=n-c+1}^{n} (1 - k/i)``,
+    which avoids the huge binomials.
+
+    Args:
+        n: Samples drawn for the problem.
+        c: How many of them are correct.
+        k: The k of pass@k.
+
+    Returns:
+        A probability in [0, 1].
+
+    Raises:
+        ConfigError: unless ``0 <= c <= n`` and ``1 <= k <= n``.
+    """
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ConfigError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def _pass_at_k_values(num_samples: int) -> list[int]:
+    """The k values reported for K samples: 1, the powers of 2 below K, and K."""
+    return sorted({num_samples} | {2**j for j in range(num_samples.bit_length())})
+
+
+def _sampling_params(settings: EvalSettings, index: int) -> tinker.types.SamplingParams:
+    return tinker.types.SamplingParams(
+        max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p,
+        top_k=settings.top_k, stop=settings.stop, seed=settings.seed + index)
+
+
+def _progress(console: Console, enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, disable=not enabled)
+
+
+def _sample_all(sampling_client, prompts: list, settings: EvalSettings, console: Console,
+                progress: bool) -> list:
+    """Submit every request, then await the responses in order."""
+    futures = [
+        sampling_client.sample(prompt=prompt, num_samples=settings.num_samples,
+                               sampling_params=_sampling_params(settings, i))
+        for i, prompt in enumerate(prompts)
+    ]
+    responses = []
+    with _progress(console, progress) as bar:
+        task = bar.add_task("Sampling", total=len(futures))
+        for future in futures:
+            responses.append(future.result())
+            bar.advance(task)
+    return responses
+
+
+def _grade_example(index: int, conversation: Conversation, prompt_text: str, response,
+                   tokenizer, num_samples: int) -> dict:
+    """The per-example record: prompt, reference, each output with its verdicts."""
+    if len(response.sequences) != num_samples:
+        raise EngineError(f"the sampling client returned {len(response.sequences)} sequences for "
+                          f"example {index}, {num_samples} were requested")
+    reference = conversation.reference_answer
+    outputs = []
+    for sequence in response.sequences:
+        tokens = list(sequence.tokens)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        verdict = grade(text, reference)
+        outputs.append({
+            "text": text, "num_tokens": len(tokens), "stop_reason": sequence.stop_reason,
+            "extracted": verdict.extracted, "exact_match": verdict.exact_match,
+            "contains": verdict.contains, "equivalent": verdict.equivalent,
+            "timed_out": verdict.timed_out,
+        })
+    num_correct = None if reference is None else sum(o["equivalent"] for o in outputs)
+    return {"index": index, "source": conversation.source, "prompt": prompt_text,
+            "question": conversation.prompt_messages()[-1].content, "reference": reference,
+            "num_correct": num_correct, "outputs": outputs}
+
+
+def _metrics(examples: list[dict], num_samples: int, wall_seconds: float,
+             grading_seconds: float) -> dict:
+    """The flat metrics dict of :func:`evaluate` (accuracies are None without graded examples)."""
+    outputs = [o for e in examples for o in e["outputs"]]
+    graded = [e for e in examples if e["reference"] is not None]
+    graded_outputs = [o for e in graded for o in e["outputs"]]
+    generated = sum(o["num_tokens"] for o in outputs)
+    metrics: dict[str, Any] = {
+        "num_examples": len(examples),
+        "num_graded": len(graded),
+        "num_without_reference": len(examples) - len(graded),
+        "num_samples": num_samples,
+    }
+    for criterion in CRITERIA:
+        hits = sum(bool(o[criterion]) for o in graded_outputs)
+        metrics[f"accuracy_{criterion}"] = hits / len(graded_outputs) if graded_outputs else None
+    if num_samples > 1:
+        for k in _pass_at_k_values(num_samples):
+            values = [pass_at_k(num_samples, e["num_correct"], k) for e in graded]
+            metrics[f"pass@{k}"] = sum(values) / len(values) if values else None
+    metrics.update({
+        "no_answer": sum(o["extracted"] is None for o in outputs),
+        "truncated": sum(o["stop_reason"] == "length" for o in outputs),
+        "equivalence_timeouts": sum(o["timed_out"] for o in outputs),
+        "mean_output_tokens": generated / len(outputs) if outputs else None,
+        "generated_tokens": generated,
+        "wall_seconds": wall_seconds,
+        "tokens_per_second": generated / wall_seconds if wall_seconds > 0 else None,
+        "grading_seconds": grading_seconds,
+    })
+    return metrics
+
+
+def evaluate(conversations: Sequence[Conversation], sampling_client,
+             build_prompt: Callable[[Conversation], tinker.types.ModelInput], tokenizer,
+             settings: EvalSettings, progress: bool = True,
+             console: Console | None = None) -> EvalResult:
+    """Sample answers for ``conversations`` and grade them against their reference answers.
+
+    Every request is submitted first (``sampling_client.sample`` returns futures), then the
+    responses are awaited in order and graded (:func:`tinkerkit.grading.grade`). Conversations
+    without a reference answer are sampled and reported but excluded from accuracy and pass@k.
+
+    Metrics (flat dict): ``num_examples``, ``num_graded``, ``num_without_reference``,
+    ``num_samples``; ``accuracy_exact_match``, ``accuracy_contains``, ``accuracy_equivalent``
+    (fraction of graded outputs; with K samples this equals pass@1); with K > 1 ``pass@k`` for k
+    in 1, the powers of 2 below K, and K (equivalence criterion, unbiased estimator averaged over
+    examples); ``no_answer`` and ``truncated`` (outputs without an extractable answer / stopped
+    by ``max_tokens``), ``equivalence_timeouts``; ``mean_output_tokens``, ``generated_tokens``;
+    ``wall_seconds`` (submission of the first request to the last response), ``tokens_per_second``
+    (generated tokens / wall_seconds) and ``grading_seconds``.
+
+    Each example dict holds ``index``, ``source``, ``prompt`` (the prompt tokens decoded with
+    special tokens: exactly what the model saw), ``question`` (the last prompt message's text),
+    ``reference``, ``num_correct`` (outputs judged
+    equivalent; None without a reference) and ``outputs``: per sample ``text`` (decoded without
+    special tokens), ``num_tokens``, ``stop_reason``, ``extracted`` and the verdicts
+    ``exact_match``, ``contains``, ``equivalent`` and ``timed_out``.
+
+    Args:
+        conversations: The evaluation set; each conversation's prompt messages are sent.
+        sampling_client: Anything with tinker's ``sample(prompt=, num_samples=, sampling_params=)``
+            returning a future whose ``.result()`` is a ``tinker.types.SampleResponse``.
+        build_prompt: Conversation -> ``ModelInput``; must be the training renderer's generation
+            prompt, so that the model sees the format it was trained on.
+        tokenizer: Decodes token ids (``decode(ids, skip_special_tokens=...)``).
+        settings: Sampling settings; validated first.
+        progress: Show a progress bar and print the summary table; False is silent.
+        console: Where to print; a new ``rich.console.Console()`` by default.
+
+    Returns:
+        The :class:`EvalResult`.
+
+    Raises:
+        ConfigError: an invalid setting.
+        EngineError: the client returned a different number of sequences than requested.
+    """
+    settings.validate()
+    console = console or Console()
+    selected = list(conversations)[:settings.limit]
+    prompts = [build_prompt(c) for c in selected]
+    start = time.perf_counter()
+    responses = _sample_all(sampling_client, prompts, settings, console, progress)
+    wall_seconds = time.perf_counter() - start
+
+    examples = []
+    with _progress(console, progress) as bar:
+        task = bar.add_task("Grading", total=len(selected))
+        for i, (conversation, prompt, response) in enumerate(zip(selected, prompts, responses)):
+            prompt_text = tokenizer.decode(prompt.to_ints(), skip_special_tokens=False)
+            examples.append(_grade_example(i, conversation, prompt_text, response, tokenizer,
+                                           settings.num_samples))
+            bar.advance(task)
+    grading_seconds = time.perf_counter() - start - wall_seconds
+
+    result = EvalResult(_metrics(examples, settings.num_samples, wall_seconds, grading_seconds),
+                        examples, settings)
+    if progress:
+        print_summary(result, console)
+    return result
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:,.1f}"
+    return str(value)
+
+
+def print_summary(result: EvalResult, console: Console) -> None:
+    """Print the metrics as a rich table, and how many examples lacked a reference answer."""
+    table = Table(title="Evaluation")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in result.metrics.items():
+        table.add_row(name, _format(value))
+    console.print(table)
+    missing = result.metrics["num_without_reference"]
+    if missing:
+        console.print(f"[yellow]{missing} example(s) have no reference answer: sampled, but "
+                      f"excluded from accuracy and pass@k.[/yellow]")
+
+
+def write_results(result: EvalResult, path: str | Path, config: dict | None = None) -> None:
+    """Write ``evaluation_results.json`` atomically.
+
+    The file holds ``format_version``, ``config`` (as given: the caller removes secrets such as
+    API keys first), ``settings``, ``metrics`` and ``examples`` (see :func:`evaluate`).
+
+    Args:
+        result: What :func:`evaluate` returned.
+        path: The JSON file to write.
+        config: The run's configuration, or None.
+    """
+    atomic_write_json(path, {
+        "format_version": RESULTS_FORMAT_VERSION,
+        "config": config,
+        "settings": asdict(result.settings),
+        "metrics": result.metrics,
+        "examples": result.examples,
+    })
+
+
+def load_results(path: str | Path) -> dict:
+    """Read an ``evaluation_results.json`` written by :func:`write_results`.
+
+    Args:
+        path: The file.
+
+    Returns:
+        The parsed dict (``metrics`` a dict, ``examples`` a list of dicts with a ``prompt``).
+
+    Raises:
+        DataError: the file is missing, is not JSON, or lacks ``metrics``/``examples``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("no such evaluation results file", path=str(path))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(f"invalid JSON: {error.msg}", path=str(path), line=error.lineno) from None
+    except UnicodeDecodeError:
+        raise DataError("not a UTF-8 text file", path=str(path)) from None
+    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+        raise DataError("not an evaluation results file (no 'metrics' object)", path=str(path),
+                        field="metrics")
+    examples = data.get("examples")
+    if not isinstance(examples, list) or not all(isinstance(e, dict) and "prompt" in e
+                                                 for e in examples):
+        raise DataError("'examples' must be a list of objects with a 'prompt'", path=str(path),
+                        field="examples")
+    return data
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
+def _fenced(text: str) -> str:
+    """A Markdown code block that stays closed whatever backticks ``text`` contains."""
+    longest = max((len(run) for run in re.findall("`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def _example_markdown(example: dict) -> str:
+    first = example["outputs"][0]
+    source = f" ({example['source']})" if example["source"] else ""
+    return "\n".join([
+        f"### Example {example['index']}{source}",
+        "", "Question (last prompt message):", "", _fenced(_clip(example["question"], 1500)), "",
+        f"Output ({first['num_tokens']} tokens, stop reason {first['stop_reason']}):", "",
+        _fenced(_clip(first["text"], 1500)), "",
+        f"Extracted: `{first['extracted']}` · reference: `{example['reference']}` · "
+        f"correct samples: {example['num_correct']}/{len(example['outputs'])}",
+    ])
+
+
+def write_report(result: EvalResult, path: str | Path, n_examples: int = 5) -> None:
+    """Write a short Markdown report: the metrics table and a few correct and incorrect examples.
+
+    An example is "correct" when its first sample is judged equivalent to the reference; examples
+    without a reference are not shown.
+
+    Args:
+        result: What :func:`evaluate` returned.
+        path: The Markdown file to write (atomically).
+        n_examples: How many correct and how many incorrect examples to show (each).
+    """
+    lines = ["# Evaluation report", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {_format(value)} |" for name, value in result.metrics.items()]
+    if result.metrics["num_without_reference"]:
+        lines += ["", f"{result.metrics['num_without_reference']} example(s) have no reference "
+                      "answer: sampled, but excluded from accuracy and pass@k."]
+    graded = [e for e in result.examples if e["reference"] is not None]
+    for title, wanted in (("Correct examples", True), ("Incorrect examples", False)):
+        chosen = [e for e in graded if bool(e["outputs"][0]["equivalent"]) == wanted][:n_examples]
+        lines += ["", f"## {title} ({len(chosen)} shown)"]
+        for example in chosen:
+            lines += ["", _example_markdown(example)]
+        if not chosen:
+            lines += ["", "None."]
+    atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
+
+
+def _compare_metrics(a: dict, b: dict) -> dict:
+    names = list(dict.fromkeys([*a, *b]))
+    rows = {}
+    for name in names:
+        before, after = a.get(name), b.get(name)
+        numeric = all(type(v) in (int, float) for v in (before, after))
+        rows[name] = {"before": before, "after": after,
+                      "delta": after - before if numeric else None}
+    return rows
+
+
+def _verdict(example: dict) -> dict:
+    outputs = example.get("outputs") or [{}]
+    return {"num_correct": example.get("num_correct"), "extracted": outputs[0].get("extracted")}
+
+
+def _changed_examples(a: list[dict], b: list[dict]) -> tuple[int, list[dict]]:
+    """(number of prompts found in both, the matched examples whose num_correct differs)."""
+    after_by_prompt = {e["prompt"]: e for e in b}
+    matched, changed = 0, []
+    for before in a:
+        after = after_by_prompt.get(before["prompt"])
+        if after is None:
+            continue
+        matched += 1
+        if before.get("num_correct") != after.get("num_correct"):
+            changed.append({
+                "prompt": before["prompt"], "question": before.get("question", before["prompt"]),
+                "reference": before.get("reference"),
+                "before": _verdict(before), "after": _verdict(after),
+            })
+    return matched, changed
+
+
+def compare_results(a: dict, b: dict, console: Console) -> dict:
+    """Compare two evaluation results (before = ``a``, after = ``b``) and print the comparison.
+
+    Metrics are compared name by name (delta = after - before for numbers). Examples are matched
+    by their exact ``prompt`` text, so both runs must have used the same prompt format; an example
+    has changed when its number of correct samples (equivalence criterion) differs.
+
+    Args:
+        a: The earlier results, as returned by :func:`load_results`.
+        b: The later results.
+        console: Where to print the two tables.
+
+    Returns:
+        ``{"metrics": {name: {"before", "after", "delta"}}, "matched": int, "improved": int,
+        "regressed": int, "changed": [{"prompt", "question", "reference", "before", "after"}]}``
+        where ``before``/``after`` hold ``num_correct`` and the first sample's ``extracted`` answer.
+    """
+    metrics = _compare_metrics(a["metrics"], b["metrics"])
+    matched, changed = _changed_examples(a["examples"], b["examples"])
+    improved = sum((c["after"]["num_correct"] or 0) > (c["before"]["num_correct"] or 0)
+                   for c in changed)
+
+    table = Table(title="Metrics: before -> after")
+    for column in ("metric", "before", "after", "delta"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for name, row in metrics.items():
+        delta = row["delta"]
+        shown = "" if delta is None else (f"[green]{_format(delta)}[/green]" if delta > 0 else
+                                          f"[red]{_format(delta)}[/red]" if delta < 0 else "0")
+        table.add_row(name, _format(row["before"]), _format(row["after"]), shown)
+    console.print(table)
+
+    examples = Table(title=f"Changed examples ({len(changed)} of {matched} matched by prompt)")
+    for column in ("question", "reference", "before", "after"):
+        examples.add_column(column)
+    for change in changed:
+        examples.add_row(_clip(change["question"].replace("\n", " "), 80), str(change["reference"]),
+                         f"{change['before']['num_correct']} ({change['before']['extracted']})",
+                         f"{change['after']['num_correct']} ({change['after']['extracted']})")
+    console.print(examples)
+    return {"metrics": metrics, "matched": matched, "improved": improved,
+            "regressed": len(changed) - improved, "changed": changed}
+
+
+def settings_from_config(config, num_samples: int = 1) -> EvalSettings:
+    """The evaluation settings of a :class:`~tinkerkit.config.TrainConfig`."""
+    return EvalSettings(max_tokens=config.max_tokens, temperature=config.temperature,
+                        top_p=config.top_p, top_k=config.top_k, stop=config.stop,
+                        num_samples=num_samples, seed=config.seed, limit=config.eval_limit)
+
+
+def _base_model_of(checkpoint: str | None, default: str) -> str:
+    """The base model recorded in a checkpoint (tinkerkit or exported PEFT adapter), else default."""
+    if checkpoint is None:
+        return default
+    from tinkerkit.checkpoint import STATE_FILE, read_checkpoint_meta
+
+    if (Path(checkpoint) / STATE_FILE).is_file():
+        return read_checkpoint_meta(checkpoint)["base_model"]
+    return default
+
+
+def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
+                   output: str | Path = "evaluation_results.json", num_samples: int = 1,
+                   console: Console | None = None, base_model: str | None = None) -> EvalResult:
+    """Evaluate a base model, or a checkpoint on it, on test files; write results and a report.
+
+    Prompts are rendered by the training :class:`~tinkerkit.render.Renderer` (same chat template,
+    same generation prompt). Results go to ``output`` (JSON) and ``output`` with suffix ``.md``.
+
+    Args:
+        config: Sampling settings and the base model (``BASE_MODEL``) come from it.
+        data: Test files in any format the loader knows.
+        checkpoint: A tinkerkit checkpoint or exported adapter directory; None = the base model.
+        output: Where ``evaluation_results.json`` goes.
+        num_samples: Samples per problem (pass@k with the unbiased estimator).
+        console: Where to print.
+        base_model: Overrides both the config and the checkpoint's recorded base model.
+
+    Raises:
+        DataError, ModelError, CheckpointError, ConfigError: Bad data, model or checkpoint.
+    """
+    from tinkerkit.data.formats import load_conversations
+    from tinkerkit.engines.local_sampling import LocalSamplingClient
+    from tinkerkit.render import Renderer, end_of_turn_ids
+
+    console = console or Console()
+    settings = settings_from_config(config, num_samples)
+    settings.validate()
+    loaded = load_conversations(data, format=config.data_format, on_error=config.on_error)
+    base = base_model or _base_model_of(checkpoint, config.base_model)
+    client = LocalSamplingClient(base, adapter_path=checkpoint, device=config.device,
+                                 dtype=config.dtype)
+    tokenizer = client.get_tokenizer()
+    if settings.stop:  # explicit stop strings replace the defaults: keep the end of turn
+        settings.stop = [*settings.stop, *tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))]
+    renderer = Renderer(tokenizer, config.train_on)
+    console.print(f"Evaluating {checkpoint or base} on {len(loaded.conversations)} examples "
+                  f"from {', '.join(map(str, data))}"
+                  + (f" (first {settings.limit})" if settings.limit else ""))
+    try:
+        result = evaluate(loaded.conversations, client, renderer.build_prompt, tokenizer, settings,
+                          console=console)
+    finally:
+        client.close()
+    run_config = {**config.dump(), "BASE_MODEL": base, "CHECKPOINT": checkpoint,
+                  "DATA": [str(d) for d in data]}
+    write_results(result, output, config=run_config)
+    write_report(result, Path(output).with_suffix(".md"))
+    console.print(f"Results: {output}  Report: {Path(output).with_suffix('.md')}")
+    return result

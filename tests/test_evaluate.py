@@ -1,0 +1,233 @@
+"""The evaluation pipeline with a fake sampling client and the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import tinker
+from rich.console import Console
+
+from tinkerkit.data.conversation import Conversation, Message
+from tinkerkit.errors import ConfigError, DataError, EngineError
+from tinkerkit.evaluate import (
+    EvalSettings,
+    _pass_at_k_values,
+    compare_results,
+    evaluate,
+    load_results,
+    pass_at_k,
+    write_report,
+    write_results,
+)
+from tinkerkit.models import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+class FakeFuture:
+    def __init__(self, client: FakeSamplingClient, response):
+        self.client, self.response = client, response
+
+    def result(self):
+        self.client.log.append("result")
+        return self.response
+
+
+class FakeSamplingClient:
+    """Answers each prompt (keyed by its text) with canned (text, stop_reason) samples."""
+
+    def __init__(self, tokenizer, answers: dict[str, list[tuple[str, str]]]):
+        self.tokenizer, self.answers = tokenizer, answers
+        self.log: list[str] = []
+        self.params: list[tinker.types.SamplingParams] = []
+
+    def sample(self, prompt, num_samples, sampling_params):
+        self.log.append("sample")
+        self.params.append(sampling_params)
+        canned = self.answers[self.tokenizer.decode(prompt.to_ints())]
+        sequences = []
+        for i, (text, stop_reason) in enumerate(canned[:num_samples]):
+            tokens = self.tokenizer.encode(text, add_special_tokens=False)
+            if stop_reason == "stop":
+                tokens.append(self.tokenizer.eos_token_id)  # decoded without special tokens
+            sequences.append(tinker.types.SampledSequence(
+                stop_reason=stop_reason, sequence_id=f"{len(self.log)}-{i}",
+                tokens_np=np.array(tokens, dtype=np.int32)))
+        return FakeFuture(self, tinker.types.SampleResponse(sequences=sequences))
+
+
+def conversation(question: str, reference: str | None) -> Conversation:
+    return Conversation(messages=(Message(role="user", content=question),),
+                        reference_answer=reference, source=f"test:{question[:8]}")
+
+
+QUESTIONS = [  # question, reference, canned output, stop reason
+    ("What is 2+3?", "5", r"2+3 = 5. The answer is \boxed{5}.", "stop"),
+    ("What is half of 1?", "0.5", r"Half of one is \boxed{\frac{1}{2}}", "stop"),
+    ("What is 3+4?", "7", "I am not sure, maybe 7", "stop"),
+    ("What is 3*4?", "12", "First, 3 * 4 = 1", "length"),  # cut by max_tokens
+]
+
+
+def build_prompt_for(tokenizer):
+    return lambda c: tinker.types.ModelInput.from_ints(
+        tokenizer.encode(c.messages[-1].content, add_special_tokens=False))
+
+
+def run_four(tokenizer, answers=None, **settings):
+    answers = answers or {q: [(out, stop)] for q, _, out, stop in QUESTIONS}
+    client = FakeSamplingClient(tokenizer, answers)
+    result = evaluate([conversation(q, ref) for q, ref, _, _ in QUESTIONS], client,
+                      build_prompt_for(tokenizer), tokenizer, EvalSettings(**settings),
+                      console=Console(record=True, width=120))
+    return client, result
+
+
+def test_pass_at_k_known_values():
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(5, 0, 2) == 0
+    assert pass_at_k(4, 4, 2) == 1
+    assert pass_at_k(10, 3, 5) == pytest.approx(1 - math.comb(7, 5) / math.comb(10, 5))
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+
+
+def test_pass_at_k_rejects_impossible_arguments():
+    with pytest.raises(ConfigError, match="k=5"):
+        pass_at_k(4, 1, 5)
+    with pytest.raises(ConfigError, match="c=5"):
+        pass_at_k(4, 5, 1)
+
+
+def test_pass_at_k_values_are_one_powers_of_two_and_k():
+    assert _pass_at_k_values(1) == [1]
+    assert _pass_at_k_values(4) == [1, 2, 4]
+    assert _pass_at_k_values(6) == [1, 2, 4, 6]
+    assert _pass_at_k_values(16) == [1, 2, 4, 8, 16]
+
+
+def test_evaluate_four_examples_exact_metrics(tokenizer):
+    client, result = run_four(tokenizer, max_tokens=64, seed=7)
+    # Every request is submitted before the first result is awaited.
+    assert client.log == ["sample"] * 4 + ["result"] * 4
+    assert [p.seed for p in client.params] == [7, 8, 9, 10]
+    assert {(p.max_tokens, p.temperature, p.top_p, p.top_k, p.stop) for p in client.params} == {
+        (64, 0.0, 1.0, -1, None)}
+
+    generated = [len(tokenizer.encode(out, add_special_tokens=False)) + (stop == "stop")
+                 for _, _, out, stop in QUESTIONS]
+    m = result.metrics
+    assert m["num_examples"] == 4 and m["num_graded"] == 4 and m["num_without_reference"] == 0
+    assert m["accuracy_exact_match"] == 0.25  # only \boxed{5}
+    assert m["accuracy_equivalent"] == 0.5  # \boxed{5} and \frac{1}{2} ~ 0.5
+    assert m["accuracy_contains"] == 0.5  # "5" and "maybe 7"
+    assert m["no_answer"] == 2 and m["truncated"] == 1 and m["equivalence_timeouts"] == 0
+    assert m["generated_tokens"] == sum(generated)
+    assert m["mean_output_tokens"] == sum(generated) / 4
+    assert m["tokens_per_second"] == pytest.approx(sum(generated) / m["wall_seconds"])
+    assert not any(name.startswith("pass@") for name in m)
+
+    first, second, third, fourth = result.examples
+    assert first["outputs"][0]["text"] == QUESTIONS[0][2]  # EOS skipped when decoding
+    assert first["prompt"] == "What is 2+3?" and first["question"] == "What is 2+3?"
+    assert (first["num_correct"], second["num_correct"], third["num_correct"]) == (1, 1, 0)
+    assert second["outputs"][0]["extracted"] == r"\frac{1}{2}"
+    assert third["outputs"][0]["extracted"] is None and third["outputs"][0]["contains"] is True
+    assert fourth["outputs"][0]["stop_reason"] == "length"
+
+
+def test_evaluate_pass_at_k_and_missing_reference(tokenizer):
+    conversations = [conversation("A?", "1"), conversation("B?", "2"), conversation("C?", None)]
+    answers = {
+        "A?": [(r"\boxed{1}", "stop")] + [(r"\boxed{9}", "stop")] * 3,  # 1 of 4 correct
+        "B?": [(r"\boxed{2}", "stop"), (r"\boxed{2.0}", "stop")] + [("no idea", "stop")] * 2,
+        "C?": [("#### 3", "stop")] * 4,
+    }
+    client = FakeSamplingClient(tokenizer, answers)
+    console = Console(record=True, width=120)
+    result = evaluate(conversations, client, build_prompt_for(tokenizer), tokenizer,
+                      EvalSettings(num_samples=4), console=console)
+    m = result.metrics
+    assert (m["num_examples"], m["num_graded"], m["num_without_reference"]) == (3, 2, 1)
+    assert m["accuracy_equivalent"] == 3 / 8
+    assert m["pass@1"] == pytest.approx(3 / 8)  # mean(1/4, 2/4)
+    assert m["pass@2"] == pytest.approx((0.5 + 5 / 6) / 2)  # A: 1 - 3/6, B: 1 - 1/6
+    assert m["pass@4"] == 1.0
+    assert m["no_answer"] == 2  # the two "no idea"; C's "#### 3" is extracted
+    assert result.examples[2]["num_correct"] is None
+    assert result.examples[2]["outputs"][0]["equivalent"] is None
+    assert "excluded from accuracy" in console.export_text()
+
+
+def test_evaluate_limit(tokenizer):
+    client, result = run_four(tokenizer, limit=2)
+    assert result.metrics["num_examples"] == 2 and len(client.params) == 2
+
+
+def test_evaluate_rejects_bad_settings_and_short_responses(tokenizer):
+    with pytest.raises(ConfigError, match="num_samples = 0"):
+        run_four(tokenizer, num_samples=0)
+    with pytest.raises(EngineError, match="returned 1 sequences"):
+        run_four(tokenizer, num_samples=2)  # the canned answers hold one sample each
+
+
+def test_results_round_trip_and_report(tokenizer, tmp_path):
+    _, result = run_four(tokenizer)
+    path = tmp_path / "evaluation_results.json"
+    write_results(result, path, config={"model": "smollm2-135m-instruct"})
+    data = load_results(path)
+    assert data["metrics"] == result.metrics
+    assert data["examples"] == result.examples
+    assert data["config"] == {"model": "smollm2-135m-instruct"}
+    assert data["settings"]["max_tokens"] == 512
+
+    report_path = tmp_path / "evaluation_report.md"
+    write_report(result, report_path, n_examples=1)
+    report = report_path.read_text(encoding="utf-8")
+    assert "| accuracy_equivalent | 0.5000 |" in report
+    correct, incorrect = report.split("## Incorrect examples")
+    assert "What is 2+3?" in correct and r"Extracted: `5`" in correct
+    assert "What is half of 1?" not in report  # n_examples=1: only the first of each kind
+    assert "What is 3+4?" in incorrect and "Extracted: `None`" in incorrect
+
+
+def test_load_results_errors(tmp_path):
+    with pytest.raises(DataError, match="no such evaluation results file"):
+        load_results(tmp_path / "missing.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{\n  "metrics": {,\n}', encoding="utf-8")
+    with pytest.raises(DataError, match=r"broken.json:2: invalid JSON"):
+        load_results(broken)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"examples": []}), encoding="utf-8")
+    with pytest.raises(DataError, match="field 'metrics'"):
+        load_results(other)
+
+
+def test_compare_shows_changed_example(tokenizer, tmp_path):
+    _, before = run_four(tokenizer)
+    answers = {q: [(out, stop)] for q, _, out, stop in QUESTIONS}
+    answers["What is 3+4?"] = [(r"3+4 = \boxed{7}", "stop")]  # now correct
+    _, after = run_four(tokenizer, answers=answers)
+    write_results(before, tmp_path / "before.json")
+    write_results(after, tmp_path / "after.json")
+
+    console = Console(record=True, width=160)
+    comparison = compare_results(load_results(tmp_path / "before.json"),
+                                 load_results(tmp_path / "after.json"), console)
+    assert comparison["matched"] == 4
+    assert (comparison["improved"], comparison["regressed"]) == (1, 0)
+    [change] = comparison["changed"]
+    assert change["question"] == "What is 3+4?"
+    assert change["before"] == {"num_correct": 0, "extracted": None}
+    assert change["after"] == {"num_correct": 1, "extracted": "7"}
+    assert comparison["metrics"]["accuracy_equivalent"]["before"] == 0.5
+    assert comparison["metrics"]["accuracy_equivalent"]["delta"] == pytest.approx(0.25)
+    assert comparison["metrics"]["no_answer"]["delta"] == -1
+    printed = console.export_text()
+    assert "What is 3+4?" in printed and "1 of 4 matched" in printed

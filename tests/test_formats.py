@@ -1,0 +1,300 @@
+"""Loading and normalizing data files: every record shape, every error, and the real data sets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tinkerkit.data.conversation import Conversation, Message
+from tinkerkit.data.formats import (FORMATS, detect_format, load_conversations,
+                                    normalize_record)
+from tinkerkit.errors import ConfigError, DataError
+
+DATA = Path(os.environ.get("TINKERKIT_SHARED_DATA",
+                           Path(__file__).resolve().parents[2] / "shared" / "data"))
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
+
+BOM = b"\xef\xbb\xbf"
+GOOD_1 = '{"question": "Q1?", "answer": "2 + 2 = <<2+2=4>>4\\n#### 4"}'
+MALFORMED = '{"question": "Q2?", "answer": }'
+NO_ANSWER = '{"question": "Q3?"}'
+GOOD_4 = '{"question": "Q4?", "answer": "So 1000 + 234 = <<1000+234=1234>>1,234\\n#### 1,234"}'
+
+
+def write(tmp_path: Path, name: str, lines: list[str], bom: bool = True) -> Path:
+    path = tmp_path / name
+    path.write_bytes((BOM if bom else b"") + "\r\n".join(lines).encode("utf-8") + b"\r\n")
+    return path
+
+
+def user(text: str) -> Message:
+    return Message(role="user", content=text)
+
+
+def assistant(text: str, thinking: str | None = None) -> Message:
+    return Message(role="assistant", content=text, thinking=thinking)
+
+
+# ------------------------------------------- a BOM + CRLF file: a malformed line, a missing field
+
+def test_bom_crlf_file_raises_at_malformed_line(tmp_path):
+    path = write(tmp_path, "mixed.jsonl", [GOOD_1, MALFORMED, NO_ANSWER, GOOD_4])
+    with pytest.raises(DataError) as info:
+        load_conversations([path])
+    assert str(info.value) == f"{path}:2: invalid JSON: Expecting value (column 31)"
+    assert (info.value.path, info.value.line) == (str(path), 2)
+
+
+def test_bom_crlf_file_raises_at_missing_answer(tmp_path):
+    path = write(tmp_path, "gap.jsonl", [GOOD_1, NO_ANSWER, GOOD_4])
+    with pytest.raises(DataError) as info:
+        load_conversations([path])
+    assert str(info.value) == f"{path}:2: field 'answer': required field is missing"
+    assert (info.value.line, info.value.field) == (2, "answer")
+
+
+def test_bom_crlf_file_skip_mode_counts(tmp_path):
+    path = write(tmp_path, "mixed.jsonl", [GOOD_1, MALFORMED, NO_ANSWER, GOOD_4])
+    result = load_conversations([path], on_error="skip")
+    assert result.skipped == [(f"{path}:2", "invalid JSON: Expecting value (column 31)"),
+                              (f"{path}:3", "field 'answer': required field is missing")]
+    assert result.counts == {str(path): 2}
+    assert result.formats == {str(path): "question_answer"}
+    first, last = result.conversations
+    assert first == Conversation(messages=(user("Q1?"), assistant("2 + 2 = 4\n#### 4")),
+                                 reference_answer="4", source=f"{path}:1")
+    assert last.reference_answer == "1234" and last.source == f"{path}:4"
+
+
+def test_format_detected_from_first_recognizable_record(tmp_path):
+    # The first record matches no shape; the file is still GSM8K, so it gets a precise reason.
+    path = write(tmp_path, "late.jsonl", [NO_ANSWER, GOOD_1], bom=False)
+    result = load_conversations([path], on_error="skip")
+    assert result.formats == {str(path): "question_answer"}
+    assert result.skipped == [(f"{path}:1", "field 'answer': required field is missing")]
+
+
+def test_record_of_another_shape_in_a_file_is_an_error(tmp_path):
+    path = write(tmp_path, "two.jsonl", [GOOD_1, '{"instruction": "Hi", "output": "Hello"}'])
+    with pytest.raises(DataError, match="two.jsonl:2: field 'question': required field is missing"):
+        load_conversations([path])
+
+
+# --------------------------------------------------------------------------- one case per format
+
+def test_messages_with_system_thinking_and_boxed_reference():
+    record = {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 6 * 7?"},
+        {"role": "assistant", "content": "It is \\boxed{42}.", "reasoning_content": "6*7=42"}]}
+    assert normalize_record(record, None, "f.jsonl:1") == Conversation(
+        messages=(Message(role="system", content="Be brief."), user("What is 6 * 7?"),
+                  assistant("It is \\boxed{42}.", thinking="6*7=42")),
+        reference_answer="42", source="f.jsonl:1")
+
+
+def test_messages_multi_turn_gsm8k_style_reference():
+    record = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                           {"role": "user", "content": "c"},
+                           {"role": "assistant", "content": "d\n#### 25", "thinking": "t"}]}
+    conversation = normalize_record(record, "messages", "f.jsonl:1")
+    assert [m.role for m in conversation.messages] == ["user", "assistant", "user", "assistant"]
+    assert conversation.messages[-1].thinking == "t"
+    assert conversation.reference_answer == "25"
+
+
+def test_split_output_round_trips():
+    original = Conversation(messages=(user("Q"), assistant("A\n#### 7")), reference_answer="7")
+    record = json.loads(json.dumps(original.to_record()))
+    assert detect_format(record) == "messages"
+    assert normalize_record(record, None, "train_set.json:3") == original.model_copy(
+        update={"source": "train_set.json:3"})
+    eval_only = {"messages": [{"role": "user", "content": "Q"}], "reference_answer": "x"}
+    assert normalize_record(eval_only, None, "w:1").messages == (user("Q"),)
+
+
+def test_prompt_completion_strings_and_conversational():
+    assert normalize_record({"prompt": "P", "completion": "C"}, None, "w:1") == Conversation(
+        messages=(user("P"), assistant("C")), reference_answer=None, source="w:1")
+    record = {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "P"}],
+              "completion": [{"role": "assistant", "content": "so \\boxed{\\frac{1}{2}}"}]}
+    conversation = normalize_record(record, None, "w:2")
+    assert conversation.messages == (Message(role="system", content="S"), user("P"),
+                                     assistant("so \\boxed{\\frac{1}{2}}"))
+    assert conversation.reference_answer == "\\frac{1}{2}"
+
+
+def test_gsm8k_annotations_removed_and_thousands_commas():
+    record = {"question": "How much?",
+              "answer": "He pays 2 * $617 = $<<2*617=1234>>1,234.\n#### 1,234"}
+    assert normalize_record(record, None, "g:1") == Conversation(
+        messages=(user("How much?"), assistant("He pays 2 * $617 = $1,234.\n#### 1,234")),
+        reference_answer="1234", source="g:1")
+    no_marker = normalize_record({"question": "q", "answer": "just text"}, None, "g:2")
+    assert no_marker.reference_answer is None
+
+
+def test_math_with_solution():
+    record = {"problem": "Find x.", "solution": "So $x=\\boxed{5}$.", "answer": "5",
+              "subject": "Algebra", "level": 1}
+    assert normalize_record(record, None, "m:1") == Conversation(
+        messages=(user("Find x."), assistant("So $x=\\boxed{5}$.")), reference_answer="5",
+        source="m:1")
+
+
+def test_amc_number_answer_is_evaluation_only():
+    record = {"id": 0, "problem": "How many miles?", "answer": 27.0, "url": "u", "question": "?"}
+    assert detect_format(record) == "math"
+    assert normalize_record(record, None, "a:1") == Conversation(
+        messages=(user("How many miles?"),), reference_answer="27", source="a:1")
+    assert normalize_record({"problem": "p", "answer": 2.5}, None, "a:2").reference_answer == "2.5"
+
+
+def test_s1k():
+    record = {"question": "Q", "thinking_trajectories": ["step 1", "step 2"], "attempt": "A = 3",
+              "solution": "3", "cot_type": "math"}
+    assert normalize_record(record, None, "s:1") == Conversation(
+        messages=(user("Q"), assistant("A = 3", thinking="step 1\nstep 2")), reference_answer="3",
+        source="s:1")
+
+
+def test_alpaca_with_and_without_input():
+    with_input = {"instruction": "Translate.", "input": "Bonjour", "output": "Hello"}
+    assert normalize_record(with_input, None, "p:1") == Conversation(
+        messages=(user("Translate.\n\nBonjour"), assistant("Hello")), source="p:1")
+    without = {"instruction": "Say hi.", "input": "", "output": "Hi"}
+    assert normalize_record(without, "alpaca", "p:2").messages == (user("Say hi."), assistant("Hi"))
+
+
+# ------------------------------------------------------------------------------ record validation
+
+@pytest.mark.parametrize("record, fmt, message", [
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}, None,
+     "f:7: field 'messages[1].role': unknown role 'bot' (expected system, user, assistant)"),
+    ({"messages": []}, None, "f:7: field 'messages': empty conversation"),
+    ({"messages": [{"role": "user"}]}, None,
+     "f:7: field 'messages[0].content': required field is missing"),
+    ({"question": "q", "answer": 12}, None, "f:7: field 'answer': expected a string, got number"),
+    ({"question": None, "answer": "a"}, None, "f:7: field 'question': expected a string, got null"),
+    ({"problem": "p", "answer": None}, None, "f:7: field 'answer': expected a string, got null"),
+    ({"problem": "p"}, None, "f:7: field 'answer': required field is missing"),
+    ({"question": "q", "thinking_trajectories": "t", "attempt": "a"}, None,
+     "f:7: field 'thinking_trajectories': expected a non-empty array of strings, got string"),
+    ({"prompt": "  ", "completion": "c"}, None, "f:7: field 'prompt': is empty"),
+    ({"question": "q", "answer": "a"}, "alpaca",
+     "f:7: field 'instruction': required field is missing"),
+    ([1, 2], None, "f:7: expected a JSON object, got array"),
+])
+def test_invalid_records(record, fmt, message):
+    with pytest.raises(DataError) as info:
+        normalize_record(record, fmt, "f:7")
+    assert str(info.value) == message
+    assert info.value.line == 7
+
+
+def test_unknown_shape_lists_known_shapes():
+    with pytest.raises(DataError) as info:
+        detect_format({"text": "x"})
+    message = str(info.value)
+    assert message.startswith("unknown record shape with fields ['text']; known shapes: messages")
+    assert all(name in message for name in FORMATS) and "--format" in message
+
+
+def test_forced_unknown_format_lists_formats(tmp_path):
+    with pytest.raises(DataError, match="unknown format 'sharegpt'; choose one of messages, "
+                                        "prompt_completion, question_answer, math, s1k, alpaca"):
+        load_conversations([write(tmp_path, "a.jsonl", [GOOD_1])], format="sharegpt")
+    with pytest.raises(ConfigError, match="--on-error"):
+        load_conversations([write(tmp_path, "a.jsonl", [GOOD_1])], on_error="ignore")
+
+
+# ------------------------------------------------------------------------------ file-level errors
+
+def test_file_level_errors(tmp_path):
+    with pytest.raises(DataError, match="missing.jsonl: file not found"):
+        load_conversations([tmp_path / "missing.jsonl"])
+    with pytest.raises(DataError, match="is a directory"):
+        load_conversations([tmp_path])
+    (tmp_path / "empty.jsonl").write_bytes(BOM + b"\r\n  \n")
+    with pytest.raises(DataError, match="empty.jsonl: file is empty"):
+        load_conversations([tmp_path / "empty.jsonl"])
+    (tmp_path / "none.json").write_text("[]")
+    with pytest.raises(DataError, match="none.json: file holds no records"):
+        load_conversations([tmp_path / "none.json"])
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataError, match="x.parquet: reading Parquet needs pyarrow: pip install"):
+        load_conversations([tmp_path / "x.parquet"])
+
+
+def test_invalid_utf8_names_offset_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(GOOD_1.encode() + b'\n{"question": "caf\xe9", "answer": "#### 1"}\n')
+    with pytest.raises(DataError) as info:
+        load_conversations([path])
+    offset = len(GOOD_1) + 1 + len('{"question": "caf')
+    assert str(info.value) == (f"{path}:2: invalid UTF-8 at byte offset {offset}; "
+                               f"save the file as UTF-8")
+
+
+def test_json_array_trailing_comma_names_line_and_column(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text('[\n  {"prompt": "a", "completion": "b"},\n]\n')
+    with pytest.raises(DataError) as info:
+        load_conversations([path])
+    assert str(info.value) == f"{path}:3: invalid JSON at column 1: trailing comma before ']'"
+
+
+def test_json_array_records_are_numbered(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_bytes(BOM + json.dumps([{"prompt": "a", "completion": "b"},
+                                       {"prompt": "c", "completion": 3}]).encode())
+    with pytest.raises(DataError) as info:
+        load_conversations([path])
+    assert str(info.value) == f"{path}:2: field 'completion': expected a string, got number"
+    result = load_conversations([path], on_error="skip")
+    assert [c.source for c in result.conversations] == [f"{path}:1"]
+    with pytest.raises(DataError, match=r"no valid records in .*bad.jsonl \(1 skipped; first: "):
+        load_conversations([write(tmp_path, "bad.jsonl", [MALFORMED])], on_error="skip")
+
+
+def test_several_files_merge_in_order(tmp_path):
+    a = write(tmp_path, "a.jsonl", [GOOD_1])
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps([{"instruction": "i", "output": "o"}] * 2))
+    result = load_conversations([a, b])
+    assert result.counts == {str(a): 1, str(b): 2}
+    assert result.formats == {str(a): "question_answer", str(b): "alpaca"}
+    assert [c.source for c in result.conversations] == [f"{a}:1", f"{b}:1", f"{b}:2"]
+
+
+# ------------------------------------------------------------------------------------- real data
+
+@needs_data
+@pytest.mark.parametrize("name, count, fmt, first_reference", [
+    ("math500/test.jsonl", 500, "math", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("aime24/test.jsonl", 30, "math", "204"),
+    ("amc23/test.jsonl", 40, "math", "27"),
+    ("gsm8k/test.jsonl", 1319, "question_answer", "18"),
+])
+def test_real_files_load_with_reference_answers(name, count, fmt, first_reference):
+    path = DATA / name
+    result = load_conversations([path])
+    assert result.counts == {str(path): count} and result.formats == {str(path): fmt}
+    assert result.skipped == []
+    assert all(c.reference_answer for c in result.conversations)
+    assert result.conversations[0].reference_answer == first_reference
+    raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    if fmt == "math" and name != "amc23/test.jsonl":
+        assert [c.reference_answer for c in result.conversations] == [r["answer"] for r in raw]
+
+
+@needs_data
+def test_gsm8k_test_references_match_the_marker():
+    conversations = load_conversations([DATA / "gsm8k/test.jsonl"]).conversations
+    assert all(c.reference_answer.lstrip("-").isdigit() for c in conversations)
+    assert not any("<<" in c.messages[1].content for c in conversations)
+    with_commas = [c for c in conversations if "," in c.messages[1].content.rsplit("####", 1)[1]]
+    assert with_commas and all("," not in c.reference_answer for c in with_commas)

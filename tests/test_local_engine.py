@@ -1,0 +1,290 @@
+"""The local training engine against independent computations on a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+from tinker import types
+
+from tinkerkit.engines.local import (
+    LocalTrainingClient,
+    adapter_parameters,
+    create_training_client_from_state,
+    token_logprobs,
+)
+from tinkerkit.errors import CheckpointError, EngineError
+from tinkerkit.models import load_tokenizer
+
+VOCAB = 49152  # the real SmolLM2 tokenizer's vocabulary
+TEXTS = ["The quick brown fox jumps over the lazy dog.",
+         "Two plus two is four.",
+         "Hello!",
+         "A longer sentence, so that micro-batches and padding really differ in length here."]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """A 2-layer random Llama (tied embeddings, SmolLM2 vocabulary) saved as an HF directory."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
+        tie_word_embeddings=True, initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    load_tokenizer("smollm2-135m-instruct").save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def token_lists(tiny_model) -> list[list[int]]:
+    tokenizer = load_tokenizer(tiny_model)
+    return [tokenizer.encode(text) for text in TEXTS]
+
+
+def make_datum(tokens: list[int], weights: list[float] | None = None) -> types.Datum:
+    """Next-token datum: input tokens[:-1], targets tokens[1:]."""
+    weights = weights if weights is not None else [1.0] * (len(tokens) - 1)
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights})
+
+
+def make_client(tiny_model, tmp_path, **kwargs) -> LocalTrainingClient:
+    """A CPU client whose LoRA B matrices are non-zero (seeded), so LoRA changes the outputs."""
+    kwargs = {"rank": 4, "device": "cpu", "checkpoint_root": tmp_path / "ckpt", **kwargs}
+    client = LocalTrainingClient(tiny_model, **kwargs)
+    generator = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for key, param in adapter_parameters(client.model).items():
+            if ".lora_B." in key:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return client
+
+
+def grads(client) -> dict[str, torch.Tensor]:
+    return {k: p.grad.clone() for k, p in adapter_parameters(client.model).items()}
+
+
+def weights_of(client) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in adapter_parameters(client.model).items()}
+
+
+def assert_grads_close(got: dict, expected: dict, rel: float = 1e-4) -> None:
+    """Equal up to float32 summation order: max |diff| <= rel * max |expected| per tensor."""
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert (got[key] - value).abs().max() <= rel * value.abs().max(), key
+
+
+def naive_logprobs(model, datum: types.Datum) -> torch.Tensor:
+    """Full-logits reference: log_softmax(model(tokens).logits) gathered at the targets."""
+    tokens = torch.tensor([datum.model_input.to_ints()])
+    targets = datum.loss_fn_inputs["target_tokens"].to_torch()
+    logits = model(input_ids=tokens).logits[0].float()
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def test_loss_logprobs_and_gradients_match_full_logits(tiny_model, token_lists, tmp_path):
+    client = make_client(tiny_model, tmp_path, train_unembed=True)
+    weights = [[float(i % 3) for i in range(len(t) - 1)] for t in token_lists]  # 0, 1, 2, ...
+    data = [make_datum(t, w) for t, w in zip(token_lists, weights)]
+    out = client.forward_backward(data, "cross_entropy").result()
+    engine_grads = grads(client)
+
+    client.model.zero_grad(set_to_none=True)
+    reference_loss = 0.0
+    for i, datum in enumerate(data):
+        logprobs = naive_logprobs(client.model, datum)
+        w = datum.loss_fn_inputs["weights"].to_torch()
+        loss = -(w * logprobs).sum()
+        loss.backward()
+        reference_loss += loss.item()
+        got = out.loss_fn_outputs[i]["logprobs"].to_torch()
+        assert got.dtype == torch.float32 and got.shape == logprobs.shape
+        torch.testing.assert_close(got, logprobs.detach(), rtol=0, atol=2e-5)
+    assert out.metrics["loss:sum"] == pytest.approx(reference_loss, rel=1e-5)
+    assert reference_loss > 100  # real values: about ln(49152) ~ 10.8 nats per weighted token
+    assert_grads_close(engine_grads, grads(client))
+    assert any(".lm_head.lora_" in key for key in engine_grads)
+
+
+def test_chunked_projection_equals_full_logits_in_values_and_gradients(tiny_model, tmp_path):
+    client = make_client(tiny_model, tmp_path, train_unembed=True)
+    tokens = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
+    targets = torch.roll(tokens, -1, dims=1)
+    chunked = token_logprobs(client.model, tokens, targets, chunk=4)  # 22 positions, 6 chunks
+    chunked.sum().backward()
+    chunked_grads = grads(client)
+    client.model.zero_grad(set_to_none=True)
+    full = client.model(input_ids=tokens).logits.float().log_softmax(-1)
+    full = full.gather(-1, targets[..., None]).squeeze(-1)
+    full.sum().backward()
+    torch.testing.assert_close(chunked, full, rtol=0, atol=2e-5)
+    assert_grads_close(chunked_grads, grads(client))
+
+
+def test_padding_and_microbatches_change_nothing(tiny_model, token_lists, tmp_path):
+    data = [make_datum(t) for t in token_lists]
+    batched = make_client(tiny_model, tmp_path, microbatch_tokens=40)  # several micro-batches
+    together = batched.forward_backward(data).result()
+    single = make_client(tiny_model, tmp_path)
+    alone = [single.forward_backward([d]).result() for d in data]  # one at a time, accumulated
+    for i, result in enumerate(alone):
+        torch.testing.assert_close(together.loss_fn_outputs[i]["logprobs"].to_torch(),
+                                   result.loss_fn_outputs[0]["logprobs"].to_torch(),
+                                   rtol=0, atol=1e-5)
+    assert together.metrics["loss:sum"] == pytest.approx(
+        sum(r.metrics["loss:sum"] for r in alone), rel=1e-6)
+    assert_grads_close(grads(batched), grads(single))
+
+
+def test_gradients_accumulate_until_optim_step(tiny_model, token_lists, tmp_path):
+    adam = types.AdamParams(learning_rate=1e-2)
+    data = [make_datum(t) for t in token_lists[:2]]
+    split = make_client(tiny_model, tmp_path)
+    split.forward_backward(data[:1])
+    split.forward_backward(data[1:])  # submitted before the first result is awaited
+    split.optim_step(adam).result()
+    joint = make_client(tiny_model, tmp_path)
+    joint.forward_backward(data)
+    joint.optim_step(adam).result()
+    for key, value in weights_of(joint).items():
+        torch.testing.assert_close(weights_of(split)[key], value, rtol=1e-5, atol=1e-7)
+    assert all(p.grad is None for p in adapter_parameters(joint.model).values())
+
+
+def test_optim_step_is_clipped_adamw_with_decoupled_weight_decay(tiny_model, token_lists, tmp_path):
+    client = make_client(tiny_model, tmp_path)
+    client.forward_backward([make_datum(token_lists[0])]).result()
+    g, before = grads(client), weights_of(client)
+    norm = math.sqrt(sum(float(t.pow(2).sum()) for t in g.values()))
+    lr, b1, b2, eps, wd, clip = 1e-2, 0.9, 0.95, 1e-8, 0.1, norm / 4
+    response = client.optim_step(types.AdamParams(learning_rate=lr, beta1=b1, beta2=b2, eps=eps,
+                                                  weight_decay=wd, grad_clip_norm=clip)).result()
+    assert response.metrics["grad_norm"] == pytest.approx(norm, rel=1e-5)
+    scale = clip / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_
+    for key, p in before.items():
+        grad = g[key] * scale
+        m_hat = (1 - b1) * grad / (1 - b1)  # first AdamW step, bias-corrected moments
+        v_hat = (1 - b2) * grad**2 / (1 - b2)
+        expected = p * (1 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps)
+        torch.testing.assert_close(weights_of(client)[key], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_with_optimizer_is_bitwise_exact(tiny_model, token_lists, tmp_path):
+    adam = types.AdamParams(learning_rate=1e-2, weight_decay=0.01)
+    data = [make_datum(t) for t in token_lists]
+    first = make_client(tiny_model, tmp_path, dropout=0.1)  # dropout exercises the saved RNG
+    for datum in data[:2]:
+        first.forward_backward([datum])
+        first.optim_step(adam)
+    path = first.save_state("step2").result().path
+    losses = []
+    for datum in data[2:]:
+        losses.append(first.forward_backward([datum]).result().metrics["loss:sum"])
+        first.optim_step(adam).result()
+
+    resumed = create_training_client_from_state(path, with_optimizer=True, device="cpu",
+                                                checkpoint_root=tmp_path / "ckpt2")
+    assert (resumed.rank, resumed.alpha, resumed.dropout) == (4, 4.0, 0.1)
+    for datum, loss in zip(data[2:], losses):
+        assert resumed.forward_backward([datum]).result().metrics["loss:sum"] == loss
+        assert resumed.optim_step(adam).result().metrics["step"] in (3.0, 4.0)
+    for key, value in weights_of(first).items():
+        assert torch.equal(weights_of(resumed)[key], value), key
+
+
+def test_load_state_restores_weights_and_restarts_optimizer(tiny_model, token_lists, tmp_path):
+    client = make_client(tiny_model, tmp_path)
+    client.forward_backward([make_datum(token_lists[0])])
+    client.optim_step(types.AdamParams(learning_rate=1e-2))
+    path = client.save_state("one").result().path
+    fresh = LocalTrainingClient(tiny_model, rank=4, device="cpu", checkpoint_root=tmp_path)
+    assert fresh.load_state(path).result().path == path
+    for key, value in weights_of(client).items():
+        assert torch.equal(weights_of(fresh)[key], value)
+    fresh.forward_backward([make_datum(token_lists[1])])
+    assert fresh.optim_step(types.AdamParams()).result().metrics["step"] == 1.0
+
+
+def test_checkpoint_files_load_in_peft_without_warnings(tiny_model, token_lists, tmp_path):
+    from peft import PeftModel
+
+    client = make_client(tiny_model, tmp_path, target_modules="attention", train_unembed=True)
+    client.forward_backward([make_datum(token_lists[0])])
+    client.optim_step(types.AdamParams(learning_rate=1e-2))
+    path = client.save_state("peft").result().path
+
+    meta = json.loads((tmp_path / "ckpt" / "peft" / "tinkerkit_state.json").read_text())
+    assert meta["kind"] == "state" and meta["format"] == 1 and meta["optimizer_step"] == 1
+    assert meta["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert meta["base_model"] == tiny_model and meta["train_unembed"] is True
+    adapter_keys = set(load_file(f"{path}/adapter_model.safetensors"))
+    assert len(adapter_keys) == 2 * (4 * 2 + 1)  # A and B of q/k/v/o in 2 layers, plus lm_head
+    assert set(load_file(f"{path}/optimizer.safetensors")) == {
+        f"{k}.{m}" for k in adapter_keys for m in ("exp_avg", "exp_avg_sq")}
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(base, path).eval()
+    assert not [w for w in caught if "key" in str(w.message).lower()]
+    tokens = torch.tensor([token_lists[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=tokens).logits,
+                                   client.model.eval()(input_ids=tokens).logits)
+
+
+def test_bad_checkpoints_raise_checkpoint_error(tiny_model, token_lists, tmp_path):
+    client = make_client(tiny_model, tmp_path)
+    path = client.save_state("good").result().path
+    sampler_path = client.save_weights_for_sampler("good").result().path
+    assert sampler_path != path
+    with pytest.raises(CheckpointError, match="rank=4"):
+        LocalTrainingClient(tiny_model, rank=8, device="cpu").load_state(path).result()
+    with pytest.raises(CheckpointError, match="not a directory"):
+        client.load_state(str(tmp_path / "nope")).result()
+    with pytest.raises(CheckpointError, match="no optimizer state"):
+        client.load_state_with_optimizer(sampler_path).result()
+    weights = tmp_path / "ckpt" / "good" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors is corrupted"):
+        client.load_state(path).result()
+
+
+def test_bad_requests_raise_engine_error_naming_the_datum(tiny_model, token_lists, tmp_path):
+    client = make_client(tiny_model, tmp_path)
+    good = make_datum(token_lists[0])
+    with pytest.raises(EngineError, match="supported: cross_entropy"):
+        client.forward_backward([good], "ppo")
+    short = types.Datum(model_input=good.model_input,
+                        loss_fn_inputs={"target_tokens": token_lists[0][1:], "weights": [1.0]})
+    with pytest.raises(EngineError, match=r"datum 1: loss_fn_inputs\['weights'\] has shape"):
+        client.forward_backward([good, short])
+    with pytest.raises(EngineError, match="datum 0: target_tokens holds a token id outside"):
+        client.forward_backward([make_datum([5, VOCAB + 1])])
+    with pytest.raises(EngineError, match="non-finite"):
+        client.forward_backward([make_datum([5, 6, 7], [1.0, math.nan])])
+    with pytest.raises(EngineError, match="learning_rate"):
+        client.optim_step(types.AdamParams(learning_rate=-1.0))
+
+
+def test_seed_fixes_lora_init_and_targets_resolve(tiny_model, tmp_path):
+    def lora_a(client):
+        return {k: v for k, v in weights_of(client).items() if ".lora_A." in k}
+
+    a = LocalTrainingClient(tiny_model, rank=4, seed=7, device="cpu", target_modules="mlp")
+    b = LocalTrainingClient(tiny_model, rank=4, seed=7, device="cpu", target_modules="mlp")
+    c = LocalTrainingClient(tiny_model, rank=4, seed=8, device="cpu", target_modules="mlp")
+    assert a.target_modules == ["down_proj", "gate_proj", "up_proj"]
+    assert all(torch.equal(v, lora_a(b)[k]) for k, v in lora_a(a).items())
+    assert not any(torch.equal(v, lora_a(c)[k]) for k, v in lora_a(a).items())
+    assert a.get_info().lora_rank == 4 and a.alpha == 4.0
+    with pytest.raises(EngineError, match="not linear layers"):
+        LocalTrainingClient(tiny_model, rank=4, device="cpu", target_modules=["c_attn"])

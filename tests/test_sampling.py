@@ -1,0 +1,193 @@
+"""The local sampling client: batched KV-cache generation with Tinker's SamplingParams."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import transformers
+from tinker import types
+
+from tinkerkit.engines.local import LocalTrainingClient
+from tinkerkit.engines.local_sampling import LocalSamplingClient
+from tinkerkit.errors import EngineError
+from tinkerkit.models import load_tokenizer
+
+PROMPTS = ["The quick brown fox", "Hello", "Two plus two is four, and three plus three is", "Why?"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """A 2-layer random Llama (SmolLM2 vocabulary and tokenizer) saved as an HF directory.
+
+    ``initializer_range=0.2`` makes the random model's next-token distributions peaked enough
+    that greedy decoding varies from token to token (at 0.02 it repeats one token).
+    """
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
+        tie_word_embeddings=True, initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    load_tokenizer("smollm2-135m-instruct").save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def sampler(tiny_model) -> LocalSamplingClient:
+    return LocalSamplingClient(tiny_model, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def prompts(sampler) -> list[types.ModelInput]:
+    tokenizer = sampler.get_tokenizer()
+    return [types.ModelInput.from_ints(tokenizer.encode(p)) for p in PROMPTS]
+
+
+def greedy(max_tokens: int, stop=None) -> types.SamplingParams:
+    return types.SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=stop)
+
+
+def test_greedy_is_deterministic_and_logprobs_are_the_models(sampler, prompts):
+    prompt = prompts[0]
+    first = sampler.sample(prompt, 2, greedy(12, stop=[])).result()
+    again = sampler.sample(prompt, 1, greedy(12, stop=[])).result()
+    tokens = first.sequences[0].tokens
+    assert tokens == first.sequences[1].tokens == again.sequences[0].tokens
+    assert len(tokens) == 12 and len(set(tokens)) > 3
+    # The reported logprobs are those of the sampled tokens under the model: compare with the
+    # prompt log-probabilities of prompt + completion, computed by an independent forward pass.
+    scored = sampler.compute_logprobs(types.ModelInput.from_ints(prompt.to_ints() + tokens))
+    expected = scored.result()[prompt.length:]
+    assert first.sequences[0].logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_max_tokens_gives_length(sampler, prompts):
+    result = sampler.sample(prompts[1], 1, greedy(5, stop=[])).result()
+    assert result.sequences[0].stop_reason == "length"
+    assert len(result.sequences[0].tokens) == 5
+
+
+def test_stop_token_and_stop_string(sampler, prompts):
+    tokenizer = sampler.get_tokenizer()
+    free = sampler.sample(prompts[0], 1, greedy(12, stop=[])).result().sequences[0].tokens
+    by_id = sampler.sample(prompts[0], 1, greedy(12, stop=[free[4]])).result().sequences[0]
+    assert by_id.stop_reason == "stop"
+    assert by_id.tokens == free[:free.index(free[4]) + 1]  # the stop token is kept
+
+    stop_text = tokenizer.decode(free[5:7])
+    cut = next(i for i in range(len(free)) if stop_text in tokenizer.decode(free[:i + 1]))
+    by_text = sampler.sample(prompts[0], 1, greedy(12, stop=stop_text)).result().sequences[0]
+    assert by_text.stop_reason == "stop"
+    assert by_text.tokens == free[:cut + 1]
+    assert tokenizer.decode(by_text.tokens).endswith(stop_text)
+
+
+def test_default_stop_tokens_include_im_end(sampler):
+    vocab = sampler.get_tokenizer().get_vocab()
+    assert {vocab["<|im_end|>"], vocab["<|endoftext|>"]} <= sampler._default_stop
+
+
+def test_seeded_sampling_is_reproducible(sampler, prompts):
+    params = types.SamplingParams(max_tokens=8, temperature=1.0, seed=42, stop=[])
+    a = sampler.sample(prompts[0], 3, params).result()
+    b = sampler.sample(prompts[0], 3, params).result()
+    c = sampler.sample(prompts[0], 3, params.model_copy(update={"seed": 43})).result()
+    assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
+    assert [s.tokens for s in a.sequences] != [s.tokens for s in c.sequences]
+    assert len({tuple(s.tokens) for s in a.sequences}) == 3  # samples of one request differ
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(sampler, prompts):
+    expected = sampler.sample(prompts[2], 1, greedy(6, stop=[])).result().sequences[0].tokens
+    for update in ({"top_k": 1}, {"top_p": 1e-6}):
+        params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=0, stop=[], **update)
+        assert sampler.sample(prompts[2], 1, params).result().sequences[0].tokens == expected
+
+
+def test_batched_greedy_equals_one_at_a_time(sampler, prompts):
+    max_tokens = [3, 8, 5, 8]  # rows finish at different steps and leave the batch
+    alone = [sampler.sample(p, 1, greedy(n, stop=[])).result().sequences[0]
+             for p, n in zip(prompts, max_tokens)]
+
+    prefills = []
+    hook = sampler._model.register_forward_hook(
+        lambda module, args, kwargs, out: prefills.append(kwargs["input_ids"].shape)
+        if kwargs["input_ids"].shape[1] > 1 else None, with_kwargs=True)
+    gate = threading.Event()
+    sampler._worker.submit(gate.wait)  # hold the worker so that all requests queue up
+    futures = [sampler.sample(p, 1, greedy(n, stop=[])) for p, n in zip(prompts, max_tokens)]
+    gate.set()
+    together = [f.result().sequences[0] for f in futures]
+    hook.remove()
+
+    assert len(prefills) == 1 and prefills[0][0] == len(prompts)  # one batched prefill
+    for a, b in zip(alone, together):
+        assert a.tokens == b.tokens and a.stop_reason == b.stop_reason == "length"
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def test_compute_logprobs_matches_training_forward(tiny_model, sampler, prompts):
+    tokens = prompts[2].to_ints()
+    logprobs = sampler.compute_logprobs(prompts[2]).result()
+    assert logprobs[0] is None and len(logprobs) == len(tokens)
+
+    trainer = LocalTrainingClient(tiny_model, rank=4, device="cpu")  # LoRA B = 0: the base model
+    datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                        loss_fn_inputs={"target_tokens": tokens[1:]})
+    forward = trainer.forward([datum]).result().loss_fn_outputs[0]["logprobs"].tolist()
+    assert logprobs[1:] == pytest.approx(forward, abs=1e-5)
+
+    response = sampler.sample(prompts[2], 1, greedy(1), include_prompt_logprobs=True,
+                              topk_prompt_logprobs=3).result()
+    assert response.prompt_logprobs == pytest.approx(logprobs, abs=1e-6)
+    top = response.topk_prompt_logprobs
+    assert top[0] is None and len(top[1]) == 3
+    assert top[1][0][1] >= top[1][1][1] >= top[1][2][1] >= logprobs[1] - 1e-6
+
+
+def test_training_snapshots_and_saved_adapters_sample_alike(tiny_model, prompts, tmp_path):
+    trainer = LocalTrainingClient(tiny_model, rank=4, device="cpu", checkpoint_root=tmp_path)
+    tokens = prompts[0].to_ints()
+    datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                        loss_fn_inputs={"target_tokens": tokens[1:]})
+    trainer.forward_backward([datum])
+    trainer.optim_step(types.AdamParams(learning_rate=5e-2))
+    snapshot = trainer.save_weights_and_get_sampling_client()
+    before = snapshot.compute_logprobs(prompts[0]).result()
+    path = trainer.save_weights_for_sampler("s1").result().path
+
+    trainer.forward_backward([datum])
+    trainer.optim_step(types.AdamParams(learning_rate=5e-2))  # training on: snapshot unchanged
+    assert snapshot.compute_logprobs(prompts[0]).result() == before
+    from_path = trainer.create_sampling_client(path).compute_logprobs(prompts[0]).result()
+    fresh = LocalSamplingClient(tiny_model, path, device="cpu").compute_logprobs(prompts[0])
+    assert from_path[1:] == pytest.approx(before[1:], abs=1e-6)
+    assert fresh.result()[1:] == pytest.approx(before[1:], abs=1e-6)
+    base = LocalSamplingClient(tiny_model, device="cpu").compute_logprobs(prompts[0]).result()
+    assert base[1:] != pytest.approx(before[1:], abs=1e-3)  # the adapter changed the model
+
+
+def test_bad_requests_raise_engine_error(sampler, prompts):
+    with pytest.raises(EngineError, match="prompt is empty"):
+        sampler.sample(types.ModelInput.from_ints([]), 1, greedy(3))
+    with pytest.raises(EngineError, match="temperature"):
+        sampler.sample(prompts[0], 1, types.SamplingParams(temperature=-1.0))
+    with pytest.raises(EngineError, match="outside"):
+        sampler.compute_logprobs(types.ModelInput.from_ints([1, 10**6]))
+
+
+@pytest.mark.slow
+def test_real_smollm2_answers_and_stops_at_im_end():
+    sampler = LocalSamplingClient("smollm2-135m-instruct", device="cpu")
+    tokenizer = sampler.get_tokenizer()
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2+3? Answer briefly."}],
+        add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    result = sampler.sample(types.ModelInput.from_ints(list(prompt)), 1, greedy(40)).result()
+    sequence = result.sequences[0]
+    assert sequence.stop_reason == "stop"
+    assert sequence.tokens[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert "5" in tokenizer.decode(sequence.tokens)
