@@ -15,8 +15,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from helpers import save_tiny_llama
 from tinkerkit import export
 from tinkerkit.errors import CheckpointError, ConfigError, ExportError
 from tinkerkit.export import export_adapter, export_checkpoint, merge_adapter
@@ -39,13 +40,7 @@ def input_ids(tokenizer):
 
 
 def _make_base(path, tokenizer, tied: bool, width: int = 64):
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2,
-                         vocab_size=len(tokenizer), tie_word_embeddings=tied)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(path, tied=tied, width=width, initializer_range=0.02)
 
 
 def _make_checkpoint(path, base_dir, targets, base_model=None):
@@ -270,7 +265,7 @@ def test_corrupt_weights_file_is_a_checkpoint_error(untied, tmp_path):
     broken = tmp_path / "ckpt"
     shutil.copytree(ckpt, broken)
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match="adapter_model.safetensors: unreadable safetensors"):
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors is corrupted"):
         export_adapter(broken, tmp_path / "adapter")
 
 

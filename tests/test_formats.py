@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from tinkerkit.data.conversation import Conversation, Message
-from tinkerkit.data.formats import (FORMATS, detect_format, load_conversations,
-                                    normalize_record)
+from tinkerkit.data.formats import FORMATS, detect_format, load_conversations, normalize_record
 from tinkerkit.errors import ConfigError, DataError
 
 DATA = Path(os.environ.get("TINKERKIT_SHARED_DATA",

@@ -12,6 +12,7 @@ import transformers
 from safetensors.torch import load_file
 from tinker import types
 
+from helpers import VOCAB
 from tinkerkit.engines.local import (
     LocalTrainingClient,
     adapter_parameters,
@@ -21,25 +22,10 @@ from tinkerkit.engines.local import (
 from tinkerkit.errors import CheckpointError, EngineError
 from tinkerkit.models import load_tokenizer
 
-VOCAB = 49152  # the real SmolLM2 tokenizer's vocabulary
 TEXTS = ["The quick brown fox jumps over the lazy dog.",
          "Two plus two is four.",
          "Hello!",
          "A longer sentence, so that micro-batches and padding really differ in length here."]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """A 2-layer random Llama (tied embeddings, SmolLM2 vocabulary) saved as an HF directory."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
-        tie_word_embeddings=True, initializer_range=0.2, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    load_tokenizer("smollm2-135m-instruct").save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

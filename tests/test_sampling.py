@@ -5,34 +5,13 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
-import transformers
 from tinker import types
 
 from tinkerkit.engines.local import LocalTrainingClient
 from tinkerkit.engines.local_sampling import LocalSamplingClient
 from tinkerkit.errors import EngineError
-from tinkerkit.models import load_tokenizer
 
 PROMPTS = ["The quick brown fox", "Hello", "Two plus two is four, and three plus three is", "Why?"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """A 2-layer random Llama (SmolLM2 vocabulary and tokenizer) saved as an HF directory.
-
-    ``initializer_range=0.2`` makes the random model's next-token distributions peaked enough
-    that greedy decoding varies from token to token (at 0.02 it repeats one token).
-    """
-    path = tmp_path_factory.mktemp("tiny-llama")
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
-        tie_word_embeddings=True, initializer_range=0.2, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    load_tokenizer("smollm2-135m-instruct").save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

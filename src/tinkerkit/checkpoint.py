@@ -58,3 +58,52 @@ def read_checkpoint_meta(path: str | Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path}: {STATE_FILE} has an unknown format")
     return meta
+
+
+def read_safetensors(file: Path, require_finite: bool = True) -> dict:
+    """Load a safetensors file to CPU tensors (never unpickles).
+
+    Args:
+        file: The ``.safetensors`` file.
+        require_finite: Refuse floating-point tensors holding NaN or inf.
+
+    Returns:
+        ``{key: torch.Tensor}``.
+
+    Raises:
+        CheckpointError: The file is missing, truncated or not safetensors, or (with
+            ``require_finite``) holds a non-finite value.
+    """
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {file.parent}: {file.name} is missing")
+    try:
+        tensors = load_file(file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {file.parent}: {file.name} is corrupted: "
+                              f"{str(e).splitlines()[0]}") from e
+    for key, tensor in tensors.items() if require_finite else ():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"checkpoint {file.parent}: {file.name}: '{key}' holds "
+                                  "non-finite values")
+    return tensors
+
+
+def read_lora_config(path: str | Path):
+    """The PEFT ``LoraConfig`` of a checkpoint or adapter directory.
+
+    Raises:
+        CheckpointError: ``adapter_config.json`` is missing or not a LoRA config.
+    """
+    from peft import LoraConfig
+
+    path = Path(path)
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise CheckpointError(f"checkpoint {path}: {ADAPTER_CONFIG} is missing")
+    try:
+        return LoraConfig.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path}: {ADAPTER_CONFIG} is not a LoRA config: {e}") from e

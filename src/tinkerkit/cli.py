@@ -21,8 +21,13 @@ console = Console()
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
     import transformers
 
+    # Library notices that say nothing actionable to a tinkerkit user.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
+    warnings.filterwarnings("ignore", message=r".*base_model_name_or_path.* was renamed")
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
 

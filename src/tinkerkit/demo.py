@@ -26,7 +26,7 @@ def demo_settings(output_dir: Path, quick: bool) -> dict:
         "base_model": DEMO_MODEL,
         "lora_rank": 16, "lora_alpha": 32,
         "learning_rate": 1e-3, "lr_schedule": "cosine", "warmup_steps": 5,
-        "batch_size": 8, "max_steps": 4 if quick else 60, "num_epochs": 1,
+        "batch_size": 4, "max_steps": 4 if quick else 60, "num_epochs": 1,
         "max_sequence_length": 256, "save_every": 0 if quick else 30, "seed": 0,
         "max_tokens": 96, "temperature": 0.0, "eval_limit": 8 if quick else 40,
         "run_dir": str(output_dir / "run"),

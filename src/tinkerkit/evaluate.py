@@ -497,6 +497,12 @@ def compare_results(a: dict, b: dict, console: Console) -> dict:
             "regressed": len(changed) - improved, "changed": changed}
 
 
+# Sequences generated together. Decoding a small model on CPU is bound by reading the weights once
+# per step, so a wide batch costs little more per step than a narrow one (measured on SmolLM2-135M:
+# about 0.15 s per decode step at 8 sequences and 0.2 s at 40).
+EVAL_BATCH_SIZE = 64
+
+
 def settings_from_config(config, num_samples: int = 1) -> EvalSettings:
     """The evaluation settings of a :class:`~tinkerkit.config.TrainConfig`."""
     return EvalSettings(max_tokens=config.max_tokens, temperature=config.temperature,
@@ -545,7 +551,7 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
     loaded = load_conversations(data, format=config.data_format, on_error=config.on_error)
     base = base_model or _base_model_of(checkpoint, config.base_model)
     client = LocalSamplingClient(base, adapter_path=checkpoint, device=config.device,
-                                 dtype=config.dtype)
+                                 dtype=config.dtype, max_batch_size=EVAL_BATCH_SIZE)
     tokenizer = client.get_tokenizer()
     if settings.stop:  # explicit stop strings replace the defaults: keep the end of turn
         settings.stop = [*settings.stop, *tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))]

@@ -26,7 +26,14 @@ from pathlib import Path
 
 import torch
 
-from tinkerkit.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, STATE_FILE, read_checkpoint_meta
+from tinkerkit.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    STATE_FILE,
+    read_checkpoint_meta,
+    read_lora_config,
+    read_safetensors,
+)
 from tinkerkit.errors import CheckpointError, ConfigError, ExportError
 from tinkerkit.io import atomic_directory, atomic_write_json, atomic_write_text
 from tinkerkit.models import REGISTRY, hub_id_of, load_model, load_tokenizer
@@ -236,23 +243,12 @@ def _check_dtype(dtype: str) -> None:
 
 def _read_adapter(path: Path):
     """The validated LoraConfig and float tensors of a checkpoint or adapter directory."""
-    from peft import LoraConfig
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if (path / STATE_FILE).is_file():
         read_checkpoint_meta(path)  # checks the checkpoint is complete
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path}: {name} is missing (not an adapter or checkpoint?)")
-    try:
-        config = LoraConfig.from_pretrained(str(path))
-    except (OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path / ADAPTER_CONFIG}: not a LoRA config: {e}") from e
-    try:
-        tensors = load_file(path / ADAPTER_WEIGHTS)
-    except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: unreadable safetensors: {e}") from e
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"{path}: {ADAPTER_WEIGHTS} is missing (not an adapter or checkpoint?)")
+    config = read_lora_config(path)
+    tensors = read_safetensors(path / ADAPTER_WEIGHTS, require_finite=False)
     foreign = [k for k in tensors if not k.startswith("base_model.model.")]
     if foreign or not tensors:
         raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: not in PEFT's key layout "

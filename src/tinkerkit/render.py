@@ -38,8 +38,9 @@ from tinkerkit.data.conversation import Conversation, Message
 from tinkerkit.errors import DataError
 
 # End-of-turn markers of common chat templates (ChatML, Llama 3, Gemma, Phi-3). Generation stops on
-# them, and the training weight mask includes them so that the model learns to stop.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+# them by default, and the training weight mask includes them so that the model learns to stop.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>",
+                      "<|end_of_text|>")
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:

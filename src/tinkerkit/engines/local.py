@@ -44,6 +44,7 @@ import copy
 import datetime as _dt
 import math
 import os
+import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,12 +55,12 @@ import torch
 from tinker import types
 
 from tinkerkit.checkpoint import (
-    ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     CHECKPOINT_FORMAT,
     OPTIMIZER_STATE,
     STATE_FILE,
     read_checkpoint_meta,
+    read_safetensors,
 )
 from tinkerkit.errors import CheckpointError, EngineError, ModelError
 from tinkerkit.io import atomic_directory, atomic_write_json
@@ -202,30 +203,6 @@ def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
             if ".lora_" in name}
 
 
-def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file to CPU tensors (never unpickles).
-
-    Raises:
-        CheckpointError: The file is missing, truncated or not safetensors, or holds a
-            non-finite value.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not file.is_file():
-        raise CheckpointError(f"checkpoint {file.parent}: {file.name} is missing")
-    try:
-        tensors = load_file(file)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {file.parent}: {file.name} is corrupted: "
-                              f"{str(e).splitlines()[0]}") from e
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise CheckpointError(f"checkpoint {file.parent}: {file.name}: '{key}' holds "
-                                  "non-finite values")
-    return tensors
-
-
 def assign_tensors(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
                    file: Path, suffix: str = "") -> None:
     """Copy ``tensors[key + suffix]`` into ``params[key]`` for every key, strictly.
@@ -310,6 +287,9 @@ def resolve_target_modules(model: torch.nn.Module, target_modules: str | list[st
         raise EngineError(f"target_modules {target_modules!r} selects no layer of this model; "
                           f"its linear layers: {', '.join(sorted(linear))}")
     return names + (["lm_head"] if train_unembed else [])
+
+
+_GLOBAL_RNG_LOCK = threading.Lock()
 
 
 def _encode_rng(state: torch.Tensor | None) -> str | None:
@@ -541,6 +521,13 @@ class LocalTrainingClient:
             raise EngineError(f"loss_fn_config {loss_fn_config} is not used by cross_entropy")
 
     def _run(self, examples: list[_Example], backward: bool) -> types.ForwardBackwardOutput:
+        # Dropout draws from torch's process-wide RNG, which this client swaps in and out around
+        # each call; the lock keeps clients in other threads (a server's sessions, an abandoned
+        # client still draining its queue) from interleaving with that swap.
+        with _GLOBAL_RNG_LOCK:
+            return self._run_locked(examples, backward)
+
+    def _run_locked(self, examples: list[_Example], backward: bool) -> types.ForwardBackwardOutput:
         self.model.train(backward)
         logprobs: list[torch.Tensor | None] = [None] * len(examples)
         loss_sum = 0.0

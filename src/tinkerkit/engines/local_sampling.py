@@ -48,7 +48,7 @@ from tinker import types
 from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 from transformers import DynamicCache
 
-from tinkerkit.checkpoint import ADAPTER_CONFIG
+from tinkerkit.checkpoint import read_lora_config
 from tinkerkit.engines.local import (
     LOGIT_CHUNK,
     causal_lm,
@@ -60,13 +60,11 @@ from tinkerkit.engines.local import (
     share_base_copy,
     wrap_lora,
 )
-from tinkerkit.errors import CheckpointError, EngineError
+from tinkerkit.errors import EngineError
 from tinkerkit.models import load_model, load_tokenizer
+from tinkerkit.render import end_of_turn_ids
 
 DEFAULT_MAX_TOKENS = 256
-END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>",
-              "<|end|>")
-"""End-of-turn tokens that stop generation by default when the vocabulary has them."""
 
 
 @dataclass
@@ -214,8 +212,7 @@ class LocalSamplingClient:
         for source in (self._tokenizer.eos_token_id, lm.config.eos_token_id,
                        getattr(generation, "eos_token_id", None)):
             ids.update(source if isinstance(source, list) else [] if source is None else [source])
-        vocab = self._tokenizer.get_vocab()
-        ids.update(vocab[token] for token in END_TOKENS if token in vocab)
+        ids.update(end_of_turn_ids(self._tokenizer))
         return frozenset(i for i in ids if 0 <= i < self._vocab)
 
     # -- requests
@@ -386,17 +383,12 @@ class LocalSamplingClient:
 
 def _with_adapter(model: torch.nn.Module, path: Path) -> torch.nn.Module:
     """``model`` with the LoRA adapter at ``path``, on a copy sharing ``model``'s base weights."""
-    from peft import LoraConfig, PeftModel
+    from peft import PeftModel
 
     if isinstance(model, PeftModel):
         snapshot = share_base_copy(model)
     else:
-        if not (path / ADAPTER_CONFIG).is_file():
-            raise CheckpointError(f"checkpoint {path}: {ADAPTER_CONFIG} is missing")
-        try:
-            config = LoraConfig.from_pretrained(str(path))
-        except (OSError, ValueError, TypeError) as e:
-            raise CheckpointError(f"checkpoint {path}: {ADAPTER_CONFIG} is unreadable: {e}") from e
+        config = read_lora_config(path)
         config.inference_mode = True
         flags = [(p, p.requires_grad) for p in model.parameters()]
         shared = copy.deepcopy(model, {id(p): p for p, _ in flags})

@@ -1,0 +1,82 @@
+"""Exact resume through the training loop on the local engine and a tiny random model."""
+
+
+import pytest
+from safetensors.torch import load_file
+
+from tinkerkit import io
+from tinkerkit import train as train_module
+from tinkerkit.config import load_config
+from tinkerkit.data.demo import write_demo_data
+from tinkerkit.errors import CheckpointError
+from tinkerkit.train import train
+
+
+@pytest.fixture
+def config(tiny_model, tmp_path):
+    data = write_demo_data(tmp_path / "train.jsonl", n=12, seed=0)
+    return load_config(None, [f"DATA_FILES={data}", f"BASE_MODEL={tiny_model}", "LORA_RANK=4",
+                              "BATCH_SIZE=4", "NUM_EPOCHS=2", "SAVE_EVERY=2", "SEED=0",
+                              "LORA_DROPOUT=0.1", "LEARNING_RATE=1e-2", "WARMUP_STEPS=1",
+                              "LR_SCHEDULE=cosine", "DEVICE=cpu", "MAX_SEQUENCE_LENGTH=128"])
+
+
+def adapter(path):
+    return load_file(f"{path}/adapter_model.safetensors")
+
+
+def metrics(run_dir):
+    return io.read_jsonl(run_dir / "metrics.jsonl")
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_matches_the_uninterrupted_run(config, tmp_path, monkeypatch):
+    full = train(config, run_dir=tmp_path / "full")
+    assert full.steps == 6
+
+    record = train_module._record
+    calls = []
+
+    def crash_after_three_steps(*args):
+        if len(calls) == 3:
+            raise Crash("killed")
+        calls.append(1)
+        return record(*args)
+
+    monkeypatch.setattr(train_module, "_record", crash_after_three_steps)
+    with pytest.raises(Crash):
+        train(config, run_dir=tmp_path / "crashed")
+    assert [r["step"] for r in metrics(tmp_path / "crashed")] == [1, 2, 3]
+    monkeypatch.setattr(train_module, "_record", record)
+
+    resumed = train(config, resume=str(tmp_path / "crashed"))  # latest checkpoint: step 2
+    crashed, reference = metrics(tmp_path / "crashed"), metrics(tmp_path / "full")
+    assert [r["step"] for r in crashed] == [1, 2, 3, 4, 5, 6]  # step 3 logged once, not twice
+    assert [r["loss"] for r in crashed] == [r["loss"] for r in reference]
+    assert [r["lr"] for r in crashed] == [r["lr"] for r in reference]
+    final, expected = adapter(resumed.final_checkpoint), adapter(full.final_checkpoint)
+    assert final.keys() == expected.keys()
+    for key in final:  # bitwise on CPU
+        assert (final[key] == expected[key]).all(), key
+    steps = [e["step"] for e in io.read_jsonl(tmp_path / "crashed" / "checkpoints.jsonl")]
+    assert steps == [2, 4, 6]
+
+
+def test_resume_from_a_checkpoint_path_and_init_from(config, tmp_path):
+    full = train(config, run_dir=tmp_path / "full")
+    step4 = tmp_path / "full" / "checkpoints" / "step_000004"
+    resumed = train(config, resume=str(step4))
+    assert resumed.losses == [r["loss"] for r in metrics(tmp_path / "full")][4:]
+    # A new stage: weights from step 4, fresh optimizer and schedule, its own run directory.
+    stage = train(config, run_dir=tmp_path / "stage2", init_from=str(step4))
+    assert stage.steps == 6 and len(metrics(tmp_path / "stage2")) == 6
+    assert metrics(tmp_path / "stage2")[0]["lr"] == metrics(tmp_path / "full")[0]["lr"]
+    assert full.final_checkpoint != stage.final_checkpoint
+
+
+def test_resume_refuses_a_path_that_is_not_a_checkpoint(config, tmp_path):
+    with pytest.raises(CheckpointError, match="not a run directory or a checkpoint"):
+        train(config, resume=str(tmp_path))

@@ -1,0 +1,48 @@
+#!/usr/bin/env python3
+"""Fine-tune a LoRA adapter in one screen: data -> Datums -> forward_backward/optim_step -> adapter.
+
+The same client calls work with the Tinker SDK's TrainingClient; here they run on tinkerkit's local
+engine. `tinkerkit train` is the full-featured version of this loop (resume, schedules, metrics).
+
+Usage: python tinker_finetune.py   (after `make install`; edit the settings below)
+"""
+
+import numpy as np
+import tinker
+
+from tinkerkit.data.formats import load_conversations
+from tinkerkit.engines.local import LocalTrainingClient
+from tinkerkit.render import Renderer
+
+# ---- settings -------------------------------------------------------------------------------
+DATA_FILE = "data/train_set.json"   # any format the loader knows (see `tinkerkit split`)
+BASE_MODEL = "smollm2-135m-instruct"
+LORA_RANK = 16
+LEARNING_RATE = 2e-4
+BATCH_SIZE = 8
+NUM_STEPS = 20
+MAX_SEQUENCE_LENGTH = 512
+OUTPUT_NAME = "tinker_finetune_final"
+# -----------------------------------------------------------------------------------------------
+
+client = LocalTrainingClient(BASE_MODEL, LORA_RANK, checkpoint_root="runs/tinker_finetune")
+renderer = Renderer(client.get_tokenizer(), max_length=MAX_SEQUENCE_LENGTH)
+examples, stats = renderer.render_dataset(load_conversations([DATA_FILE]).conversations)
+print(f"{stats.processed} examples ({stats.truncated} truncated, {stats.skipped} skipped)")
+
+order = np.random.default_rng(0).permutation(len(examples))
+for step in range(NUM_STEPS):
+    batch = [examples[i] for i in order[step * BATCH_SIZE:(step + 1) * BATCH_SIZE]]
+    n_weighted = sum(e.n_weighted for e in batch)
+    # Normalize by the weighted tokens of the whole step: the loss is the mean NLL per token.
+    data = [tinker.types.Datum(
+        model_input=e.datum.model_input,
+        loss_fn_inputs={"target_tokens": e.datum.loss_fn_inputs["target_tokens"],
+                        "weights": e.datum.loss_fn_inputs["weights"].to_numpy() / n_weighted})
+        for e in batch]
+    result = client.forward_backward(data, "cross_entropy").result()
+    client.optim_step(tinker.types.AdamParams(learning_rate=LEARNING_RATE)).result()
+    print(f"step {step + 1}/{NUM_STEPS}  loss {result.metrics['loss:sum']:.4f}")
+
+model_path = client.save_state(OUTPUT_NAME).result().path
+print(f"model_path: {model_path}")
