@@ -532,7 +532,8 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
     Args:
         config: Sampling settings and the base model (``BASE_MODEL``) come from it.
         data: Test files in any format the loader knows.
-        checkpoint: A tinkerkit checkpoint or exported adapter directory; None = the base model.
+        checkpoint: A tinkerkit checkpoint, a run directory (its latest checkpoint) or an
+            exported adapter directory; None = the base model.
         output: Where ``evaluation_results.json`` goes.
         num_samples: Samples per problem (pass@k with the unbiased estimator).
         console: Where to print.
@@ -546,6 +547,10 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
     from tinkerkit.render import Renderer, end_of_turn_ids
 
     console = console or Console()
+    if checkpoint is not None and (Path(checkpoint) / "checkpoints.jsonl").is_file():
+        from tinkerkit.train import latest_checkpoint  # a run directory: its latest checkpoint
+
+        checkpoint = latest_checkpoint(Path(checkpoint))["path"]
     settings = settings_from_config(config, num_samples)
     settings.validate()
     loaded = load_conversations(data, format=config.data_format, on_error=config.on_error)
