@@ -38,6 +38,7 @@ from tinkerkit import io
 from tinkerkit.config import LRSchedule, TrainConfig, build_config
 from tinkerkit.data.formats import load_conversations
 from tinkerkit.errors import CheckpointError, ConfigError, DataError
+from tinkerkit.models import load_tokenizer
 from tinkerkit.render import RenderedExample, Renderer, print_render_stats
 
 METRICS_FILE = "metrics.jsonl"
@@ -241,10 +242,14 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
         run_dir, entry = resolve_resume(resume)
         start_step = entry["step"]
     run_dir = Path(run_dir or config.run_dir or default_run_dir())
+    # Data first: a bad file fails in seconds, before the model is loaded.
+    examples = load_examples(config, load_tokenizer(config.base_model), console)
+    if config.batch_size > len(examples):
+        raise ConfigError(f"BATCH_SIZE={config.batch_size} is larger than the {len(examples)} "
+                          "training examples; lower it or add data")
     client = create_training_client(config, run_dir / "checkpoints",
                                     state=entry["path"] if resume else init_from,
                                     with_optimizer=bool(resume))
-    examples = load_examples(config, client.get_tokenizer(), console)
     per_epoch = batches_per_epoch(len(examples), config.batch_size)
     total_steps = min(config.max_steps or per_epoch * config.num_epochs, per_epoch * config.num_epochs)
     if resume:
