@@ -66,12 +66,13 @@ def cmd_stats(args: argparse.Namespace) -> None:
 def _train_fields(args: argparse.Namespace) -> dict:
     return {"data_files": args.data, "base_model": args.model, "lora_rank": args.rank,
             "learning_rate": args.lr, "num_epochs": args.epochs, "batch_size": args.batch_size,
-            "max_steps": args.max_steps, "max_sequence_length": args.max_length}
+            "max_steps": args.max_steps, "max_sequence_length": args.max_length,
+            "strict": args.strict}
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from tinkerkit.config import load_config, parse_overrides
-    from tinkerkit.train import config_for_resume, resolve_resume, train
+    from tinkerkit.train import config_for_resume, dry_run, resolve_resume, train
 
     if args.resume and args.init_from:
         raise ConfigError("--resume and --init-from exclude each other")
@@ -81,6 +82,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         config = config_for_resume(run_dir, {**fields, **parse_overrides(args.set)})
     else:
         config = load_config(args.config, args.set, **_train_fields(args))
+    if args.dry_run:
+        dry_run(config, console=console)
+        return
     train(config, run_dir=args.run_dir, resume=args.resume, init_from=args.init_from,
           console=console)
 
@@ -172,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="BATCH_SIZE")
     p.add_argument("--max-steps", type=int, help="MAX_STEPS")
     p.add_argument("--max-length", type=int, help="MAX_SEQUENCE_LENGTH")
+    p.add_argument("--strict", action="store_true", default=None,
+                   help="STRICT: stop before training when too many examples are too long")
+    p.add_argument("--dry-run", action="store_true",
+                   help="render the data, print statistics, steps and time per step; no training")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="sample answers on a test set and grade them")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from tinkerkit.errors import ConfigError
 
@@ -97,12 +97,29 @@ class TrainConfig(BaseModel):
     stop: list[str] | None = Field(None, description="Extra stop strings (the end-of-turn token always stops).")
     eval_limit: int | None = Field(None, gt=0, description="Evaluate only the first N test examples.")
 
-    @field_validator("data_files", "test_files", mode="before")
+    # Evaluation during training
+    eval_data_files: list[str] = Field(default_factory=list, description="Held-out files for evaluation during training.")
+    eval_split_ratio: float | None = Field(None, gt=0, lt=1, description="Hold out this fraction of DATA_FILES instead (no prompt on both sides, as `tinkerkit split`).")
+    eval_every: int = Field(0, ge=0, description="Held-out loss (eval_loss) every N steps and at the end (0 disables).")
+    sample_eval_every: int = Field(0, ge=0, description="Sample and grade held-out answers (eval_accuracy) every N steps and at the end (0 disables).")
+    sample_eval_limit: int = Field(32, gt=0, description="Held-out examples sampled for eval_accuracy (the first N).")
+
+    # Guards
+    truncation_warn_ratio: float = Field(0.3, ge=0, le=1, description="Warn when more than this fraction of examples exceed MAX_SEQUENCE_LENGTH.")
+    strict: bool = Field(False, description="Stop before training instead of warning about too many long examples (--strict).")
+    loss_plateau_window: int = Field(50, ge=0, description="Warn when the mean loss of the last N steps is not below that of the N before (0 disables).")
+
+    # Export at the end
+    export_after_training: bool = Field(False, description="Export the final checkpoint into RUN_DIR/export, as `tinkerkit export` does.")
+    export_merged: bool = Field(False, description="The export also writes a merged HF model (--merge).")
+    export_dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="dtype of the merged model.")
+
+    @field_validator("data_files", "test_files", "eval_data_files", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, (str, Path)) else value
 
-    @field_validator("data_files", "test_files")
+    @field_validator("data_files", "test_files", "eval_data_files")
     @classmethod
     def _files_exist(cls, paths: list[str]) -> list[str]:
         missing = [p for p in paths if not Path(p).expanduser().exists()]
@@ -115,6 +132,23 @@ class TrainConfig(BaseModel):
     def _top_k(cls, value: int) -> int:
         if value == 0 or value < -1:
             raise ValueError("must be -1 (off) or a positive integer")
+        return value
+
+    @field_validator("eval_split_ratio")
+    @classmethod
+    def _one_held_out_source(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and info.data.get("eval_data_files"):
+            raise ValueError("give EVAL_DATA_FILES or EVAL_SPLIT_RATIO, not both")
+        return value
+
+    @field_validator("eval_every", "sample_eval_every")
+    @classmethod
+    def _needs_held_out(cls, value: int, info: ValidationInfo) -> int:
+        # A source that failed its own validation is missing from info.data: reported already.
+        sources_valid = {"eval_data_files", "eval_split_ratio"} <= info.data.keys()
+        if value and sources_valid and not (info.data["eval_data_files"]
+                                            or info.data["eval_split_ratio"]):
+            raise ValueError("needs held-out data: set EVAL_DATA_FILES or EVAL_SPLIT_RATIO")
         return value
 
     def dump(self) -> dict:

@@ -575,3 +575,20 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
     write_report(result, Path(output).with_suffix(".md"))
     console.print(f"Results: {output}  Report: {Path(output).with_suffix('.md')}")
     return result
+
+
+def training_eval_settings(config, tokenizer, limit: int) -> EvalSettings:
+    """The settings of :func:`run_evaluation` for ``config``, on the first ``limit`` examples.
+
+    Used by evaluation during training (``SAMPLE_EVAL_EVERY``) so that it samples and grades
+    exactly as ``tinkerkit eval`` does: the config's sampling settings, and explicit stop strings
+    extended with the end-of-turn tokens.
+    """
+    from tinkerkit.render import end_of_turn_ids
+
+    settings = settings_from_config(config)
+    settings.limit = limit
+    if settings.stop:  # as run_evaluation: explicit stop strings must keep the end of turn
+        settings.stop = [*settings.stop,
+                         *tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))]
+    return settings

@@ -12,6 +12,15 @@ Exact resume: the data order of an epoch is a permutation drawn from ``(seed, ep
 rate is a function of the step, and the engine restores weights, AdamW moments and its RNG, so a
 resumed run sees the same batches in the same order and ends with the same weights.
 
+Evaluation during training (``EVAL_EVERY``, ``SAMPLE_EVAL_EVERY``) reads the weights and never
+writes them: the held-out loss is a gradient-free ``forward`` queued right after the step's
+``optim_step``, and sampling runs on a snapshot of the adapter, so a run ends with the same adapter
+with evaluation on or off. Its results join the step's line in ``metrics.jsonl``.
+
+Guards: too many over-long examples warn (or stop, with ``STRICT``) before the model is loaded; a
+loss that stops falling warns; a NaN/inf loss or gradient norm stops the run with the last good
+checkpoint still the latest listed.
+
 Example::
 
     config = load_config("config.py")
@@ -24,26 +33,41 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import tinker
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from tinkerkit import io
 from tinkerkit.config import LRSchedule, TrainConfig, build_config
+from tinkerkit.data.conversation import Conversation
 from tinkerkit.data.formats import load_conversations
-from tinkerkit.errors import CheckpointError, ConfigError, DataError
+from tinkerkit.errors import CheckpointError, ConfigError, DataError, EngineError, TinkerkitError
 from tinkerkit.models import load_tokenizer
-from tinkerkit.render import RenderedExample, Renderer, print_render_stats
+from tinkerkit.render import (
+    RenderedExample,
+    Renderer,
+    RenderStats,
+    print_render_stats,
+    render_stats_dict,
+)
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_FILE = "checkpoints.jsonl"
 CONFIG_FILE = "config.json"
+EXPORT_DIR = "export"
+LENGTH_ROUNDING = 64
+"""Suggested ``MAX_SEQUENCE_LENGTH`` values are rounded up to a multiple of this many tokens."""
+
+
+class TrainingDivergedError(TinkerkitError, RuntimeError):
+    """The training loss or gradient norm became NaN or infinite; the run was stopped."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +142,67 @@ def normalize_batch(examples: Sequence[RenderedExample]) -> tuple[list[tinker.ty
     return datums, weighted, sum(e.n_tokens for e in examples)
 
 
+def plan_steps(n_examples: int, config: TrainConfig) -> tuple[int, int]:
+    """Optimizer steps per epoch and in total (``MAX_STEPS`` caps ``NUM_EPOCHS`` epochs).
+
+    Raises:
+        ConfigError: ``BATCH_SIZE`` is larger than the number of examples.
+    """
+    if config.batch_size > n_examples:
+        raise ConfigError(f"BATCH_SIZE={config.batch_size} is larger than the {n_examples} "
+                          "training examples; lower it or add data")
+    per_epoch = batches_per_epoch(n_examples, config.batch_size)
+    all_epochs = per_epoch * config.num_epochs
+    return per_epoch, min(config.max_steps or all_epochs, all_epochs)
+
+
+def is_due(step: int, every: int, total_steps: int) -> bool:
+    """Whether an every-N-steps action runs after step ``step`` (1-based): every N-th step and
+    the last one; never when N is 0."""
+    return every > 0 and (step % every == 0 or step == total_steps)
+
+
+def length_covering(lengths: Sequence[int], fraction: float = 0.95,
+                    multiple: int = LENGTH_ROUNDING) -> int:
+    """The smallest multiple of ``multiple`` that is at least the ``fraction`` quantile of lengths.
+
+    The quantile is the nearest-rank one (the ``ceil(fraction * n)``-th smallest length), so at
+    least ``fraction`` of the examples are no longer than the returned value.
+    """
+    ordered = sorted(lengths)
+    quantile = ordered[max(math.ceil(fraction * len(ordered)), 1) - 1]
+    return max(math.ceil(quantile / multiple), 1) * multiple
+
+
+def truncation_warning(stats: RenderStats, max_length: int, threshold: float) -> str | None:
+    """A message when more than ``threshold`` of the examples exceed ``max_length``, else None.
+
+    The fraction is (examples longer than ``max_length``) / (all examples, failed ones
+    included): the truncated ones, those skipped because truncation cut their whole answer, and,
+    with truncation off, those skipped for their length.
+    """
+    over = render_stats_dict(stats, max_length)["over_max_length"]
+    if not stats.total or over / stats.total <= threshold:
+        return None
+    return (f"{over / stats.total:.1%} of the training examples ({over} of {stats.total}) are "
+            f"longer than MAX_SEQUENCE_LENGTH={max_length} ({stats.truncated} truncated, "
+            f"{over - stats.truncated} skipped); MAX_SEQUENCE_LENGTH="
+            f"{length_covering(stats.lengths)} would keep 95% of them whole")
+
+
+def plateau_warning(losses: Sequence[float], window: int) -> str | None:
+    """A message when the mean of the last ``window`` losses is not below that of the ``window``
+    before; checked once per window (when ``len(losses)`` is a multiple of it), never for 0."""
+    if not window or len(losses) < 2 * window or len(losses) % window:
+        return None
+    before, last = np.mean(losses[-2 * window:-window]), np.mean(losses[-window:])
+    if last < before:
+        return None
+    return (f"the training loss has not fallen over the last {window} steps (mean {last:.4f}, "
+            f"the {window} before {before:.4f}): lower LEARNING_RATE if it jumps around or rises, "
+            f"raise it (or LORA_RANK) if it barely moves")
+
+
 def peak_memory_gib() -> float:
     """Peak resident memory of this process in GiB (``ru_maxrss`` is KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -187,29 +272,124 @@ def truncate_logs(run_dir: Path, step: int) -> None:
         io.rewrite_jsonl(run_dir / name, [r for r in records if r["step"] <= step])
 
 
-# -- the loop -----------------------------------------------------------------------------------
+# -- data ---------------------------------------------------------------------------------------
 
-def load_examples(config: TrainConfig, tokenizer, console: Console) -> list[RenderedExample]:
-    """Load, normalize and render the training data, printing the statistics.
+def split_data(config: TrainConfig
+               ) -> tuple[list[Conversation], list[Conversation], list[tuple[str, str]]]:
+    """Load ``DATA_FILES``; with ``EVAL_SPLIT_RATIO``, hold part of them out.
 
-    Raises:
-        DataError: No example survives rendering (or a record is bad with ``ON_ERROR=raise``).
+    The hold-out follows :func:`tinkerkit.data.split.split_conversations` with ``SEED``: records
+    with the same prompt stay on one side, and the same files and seed give the same split.
+
+    Returns:
+        The training conversations, the held-out ones (empty without ``EVAL_SPLIT_RATIO``), and
+        the records the loader skipped (``(where, reason)``).
     """
+    from tinkerkit.data.split import split_conversations
+
     if not config.data_files:
         raise ConfigError("DATA_FILES is empty: name at least one training file")
     loaded = load_conversations(config.data_files, format=config.data_format,
                                 on_error=config.on_error)
-    renderer = Renderer(tokenizer, config.train_on, config.max_sequence_length,
-                        config.truncate_long_sequences)
-    examples, stats = renderer.render_dataset(loaded.conversations)
-    print_render_stats(stats, console, config.max_sequence_length, skipped_records=loaded.skipped)
+    if config.eval_split_ratio is None:
+        return loaded.conversations, [], loaded.skipped
+    train_set, held_out = split_conversations(loaded.conversations, config.eval_split_ratio,
+                                              None, config.seed)
+    return train_set, held_out, loaded.skipped
+
+
+def make_renderer(config: TrainConfig, tokenizer) -> Renderer:
+    """The training renderer of ``config`` (chat template, TRAIN_ON, length policy)."""
+    return Renderer(tokenizer, config.train_on, config.max_sequence_length,
+                    config.truncate_long_sequences)
+
+
+def load_examples(config: TrainConfig, tokenizer, console: Console) -> list[RenderedExample]:
+    """Load, normalize and render the training data, printing the statistics and the guard.
+
+    Raises:
+        DataError: No example survives rendering (or a record is bad with ``ON_ERROR=raise``).
+        ConfigError: ``STRICT`` and more than ``TRUNCATION_WARN_RATIO`` of the examples exceed
+            ``MAX_SEQUENCE_LENGTH``.
+    """
+    conversations, _, skipped = split_data(config)
+    examples, stats = make_renderer(config, tokenizer).render_dataset(conversations)
+    print_render_stats(stats, console, config.max_sequence_length, skipped_records=skipped)
     if config.on_error == "raise" and stats.failed:
         source, reason = next((s, r) for s, r in stats.reasons if s)
         raise DataError(f"{reason} (set ON_ERROR=skip to skip such records)", path=source)
+    warning = truncation_warning(stats, config.max_sequence_length, config.truncation_warn_ratio)
+    if warning and config.strict:
+        raise ConfigError(f"{warning} (STRICT: stopped before training)")
+    if warning:
+        console.print(f"[yellow]Warning: {warning}[/yellow]")
     if not examples:
         raise DataError("no training example left after rendering (see the statistics above)")
     return examples
 
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out set of evaluation during training.
+
+    Attributes:
+        conversations: In order; the first ``SAMPLE_EVAL_LIMIT`` are sampled for eval_accuracy.
+        batches: The rendered examples as datums whose weights are divided by the weighted tokens
+            of the whole set, in chunks of ``BATCH_SIZE``: the ``loss:sum`` of ``forward`` summed
+            over the chunks is the mean NLL per weighted token of the set.
+        renderer: The training renderer (evaluation prompts are its generation prompts).
+    """
+
+    conversations: list[Conversation]
+    batches: list[list[tinker.types.Datum]]
+    renderer: Renderer
+
+
+def load_held_out(config: TrainConfig, tokenizer, console: Console) -> HeldOut | None:
+    """The held-out set (``EVAL_DATA_FILES`` or ``EVAL_SPLIT_RATIO``); None without evaluation.
+
+    Raises:
+        DataError: ``EVAL_EVERY`` is set and no held-out example renders.
+    """
+    if not (config.eval_every or config.sample_eval_every):
+        return None
+    if config.eval_split_ratio is not None:
+        conversations = split_data(config)[1]
+    else:
+        conversations = load_conversations(config.eval_data_files, format=config.data_format,
+                                           on_error=config.on_error).conversations
+    renderer = make_renderer(config, tokenizer)
+    examples, stats = renderer.render_dataset(conversations)
+    if config.eval_every and not examples:
+        raise DataError("no held-out example left after rendering for EVAL_EVERY "
+                        f"({stats.skipped} skipped, {stats.failed} failed)")
+    console.print(f"Held out for evaluation: {len(conversations)} examples ({stats.truncated} "
+                  f"truncated, {stats.skipped} skipped, {stats.failed} failed in eval_loss)")
+    datums = normalize_batch(examples)[0]
+    batches = [datums[i:i + config.batch_size] for i in range(0, len(datums), config.batch_size)]
+    return HeldOut(conversations, batches, renderer)
+
+
+def sample_accuracy(client, held_out: HeldOut, config: TrainConfig) -> float | None:
+    """Accuracy (mathematical equivalence) on the first ``SAMPLE_EVAL_LIMIT`` held-out examples.
+
+    Samples from a snapshot of the current weights (after the queued steps), with the prompts,
+    sampling settings and grading of ``tinkerkit eval``; None when none has a reference answer.
+    """
+    from tinkerkit.evaluate import evaluate, training_eval_settings
+
+    tokenizer = client.get_tokenizer()
+    settings = training_eval_settings(config, tokenizer, config.sample_eval_limit)
+    sampler = client.save_weights_and_get_sampling_client()
+    try:
+        result = evaluate(held_out.conversations, sampler, held_out.renderer.build_prompt,
+                          tokenizer, settings, progress=False)
+    finally:
+        sampler.close()
+    return result.metrics["accuracy_equivalent"]
+
+
+# -- the loop -----------------------------------------------------------------------------------
 
 def _progress(console: Console) -> Progress:
     return Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
@@ -233,6 +413,8 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
 
     Raises:
         ConfigError, DataError, ModelError, CheckpointError: Bad settings, data or checkpoints.
+        TrainingDivergedError: The loss or gradient norm became NaN/inf (no checkpoint after it).
+        ExportError: ``EXPORT_AFTER_TRAINING`` and the export failed.
     """
     from tinkerkit.engines import create_training_client
 
@@ -242,16 +424,14 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
         run_dir, entry = resolve_resume(resume)
         start_step = entry["step"]
     run_dir = Path(run_dir or config.run_dir or default_run_dir())
-    # Data first: a bad file fails in seconds, before the model is loaded.
-    examples = load_examples(config, load_tokenizer(config.base_model), console)
-    if config.batch_size > len(examples):
-        raise ConfigError(f"BATCH_SIZE={config.batch_size} is larger than the {len(examples)} "
-                          "training examples; lower it or add data")
+    # Data first: a bad file or too many long examples fail in seconds, before the model loads.
+    tokenizer = load_tokenizer(config.base_model)
+    examples = load_examples(config, tokenizer, console)
+    held_out = load_held_out(config, tokenizer, console)
+    per_epoch, total_steps = plan_steps(len(examples), config)
     client = create_training_client(config, run_dir / "checkpoints",
                                     state=entry["path"] if resume else init_from,
                                     with_optimizer=bool(resume))
-    per_epoch = batches_per_epoch(len(examples), config.batch_size)
-    total_steps = min(config.max_steps or per_epoch * config.num_epochs, per_epoch * config.num_epochs)
     if resume:
         truncate_logs(run_dir, start_step)
         console.print(f"Resuming {run_dir} from step {start_step} ({entry['path']})")
@@ -259,36 +439,42 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
     console.print(f"Training {total_steps} steps ({per_epoch} per epoch, batch {config.batch_size}) "
                   f"in {run_dir}")
 
-    losses: list[float] = []
     pending = None
     last_checkpoint = entry["path"] if resume else None
     started = time.perf_counter()
-    timer = StepTimer()
     with _progress(console) as progress:
         task = progress.add_task("train", total=total_steps, completed=start_step, info="")
+        log = StepLog(run_dir, progress, task, config.loss_plateau_window)
         for step in range(start_step, total_steps):
             epoch, indices = batch_indices(step, len(examples), config.batch_size, config.seed)
             datums, weighted, tokens = normalize_batch([examples[i] for i in indices])
             lr = learning_rate_at(step, total_steps, config)
-            # Submit this step before awaiting the previous one (the SDK's pipelining).
-            submitted = (step, epoch, lr, weighted, tokens,
-                         client.forward_backward(datums, "cross_entropy"),
-                         client.optim_step(adam_params(config, lr)))
+            # Submit this step before awaiting the previous one (the SDK's pipelining). The
+            # held-out forward queues behind this step's optim_step and takes no gradient.
+            submitted = PendingStep(step, epoch, lr, weighted, tokens,
+                                    client.forward_backward(datums, "cross_entropy"),
+                                    client.optim_step(adam_params(config, lr)))
+            if is_due(step + 1, config.eval_every, total_steps):
+                submitted.eval_loss = [client.forward(batch, "cross_entropy")
+                                       for batch in held_out.batches]
             if pending is not None:
-                losses.append(_record(pending, run_dir, progress, task, timer))
+                _record(pending, log)
+            if is_due(step + 1, config.sample_eval_every, total_steps):
+                submitted.evaluations["eval_accuracy"] = sample_accuracy(client, held_out, config)
             pending = submitted
             if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
-                losses.append(_record(pending, run_dir, progress, task, timer))
+                _record(pending, log)
                 pending = None
                 last_checkpoint = _save(client, run_dir, step + 1, epoch)
         if pending is not None:
-            losses.append(_record(pending, run_dir, progress, task, timer))
+            _record(pending, log)
     if total_steps > start_step or last_checkpoint is None:
         last_checkpoint = _save(client, run_dir, total_steps, (total_steps - 1) // per_epoch)
     wall = time.perf_counter() - started
+    exported = export_final(last_checkpoint, run_dir, config, console)
     plot_loss_curve(run_dir)
-    _summarize(console, run_dir, losses, total_steps - start_step, wall, last_checkpoint)
-    return TrainResult(run_dir, last_checkpoint, total_steps, losses)
+    _summarize(console, run_dir, total_steps - start_step, wall, last_checkpoint, exported)
+    return TrainResult(run_dir, last_checkpoint, total_steps, log.losses)
 
 
 def adam_params(config: TrainConfig, lr: float) -> tinker.types.AdamParams:
@@ -311,16 +497,93 @@ class StepTimer:
         return seconds
 
 
-def _record(pending: tuple, run_dir: Path, progress: Progress, task, timer: StepTimer) -> float:
-    step, epoch, lr, weighted, tokens, fb_future, optim_future = pending
-    loss = float(fb_future.result().metrics["loss:sum"])
-    optim_future.result()
-    seconds = timer.lap()
-    io.append_jsonl(run_dir / METRICS_FILE, {
-        "step": step + 1, "epoch": epoch + 1, "loss": loss, "lr": lr,
-        "weighted_tokens": weighted, "total_tokens": tokens, "seconds": round(seconds, 4)})
-    progress.update(task, advance=1, info=f"epoch {epoch + 1} loss {loss:.4f} lr {lr:.2e} "
-                                          f"{tokens / max(seconds, 1e-9):.0f} tok/s")
+@dataclass
+class PendingStep:
+    """A submitted optimizer step whose results are not yet recorded.
+
+    Attributes:
+        step: 0-based optimizer step; ``epoch`` 0-based; ``lr`` its learning rate.
+        weighted: Weighted tokens of the batch; ``tokens`` all its tokens.
+        forward_backward: Future of the step's ``ForwardBackwardOutput``.
+        optim_step: Future of its ``OptimStepResponse``.
+        eval_loss: Futures of the held-out ``forward`` calls after this step (empty: none due).
+        evaluations: Results already known (``eval_accuracy``), logged with the step.
+    """
+
+    step: int
+    epoch: int
+    lr: float
+    weighted: int
+    tokens: int
+    forward_backward: Future
+    optim_step: Future
+    eval_loss: list[Future] = field(default_factory=list)
+    evaluations: dict = field(default_factory=dict)
+
+    def results(self) -> dict:
+        """The evaluation results of this step: ``eval_loss`` (summed over the held-out chunks,
+        whose weights make the sum the mean NLL per weighted token) and ``evaluations``."""
+        results = {}
+        if self.eval_loss:
+            results["eval_loss"] = sum(float(f.result().metrics["loss:sum"]) for f in self.eval_loss)
+        return {**results, **self.evaluations}
+
+
+@dataclass
+class StepLog:
+    """Where completed steps go: ``metrics.jsonl``, the progress bar, the loss history."""
+
+    run_dir: Path
+    progress: Progress
+    task: TaskID
+    plateau_window: int
+    timer: StepTimer = field(default_factory=StepTimer)
+    losses: list[float] = field(default_factory=list)
+
+
+def divergence_error(run_dir: Path, step: int, what: str) -> TrainingDivergedError:
+    """The one-line error of a NaN/inf step, naming the last good checkpoint."""
+    saved = io.read_jsonl(run_dir / CHECKPOINTS_FILE)
+    if saved:
+        keep = (f"the last good checkpoint, {saved[-1]['path']} (step {saved[-1]['step']}), is "
+                f"the latest in {run_dir / CHECKPOINTS_FILE}: lower LEARNING_RATE or check the "
+                f"data, then continue with --resume {run_dir}")
+    else:
+        keep = "no checkpoint was saved before it (SAVE_EVERY=0 saves only at the end)"
+    return TrainingDivergedError(f"step {step}: {what}; training stopped, {keep}")
+
+
+def _record(pending: PendingStep, log: StepLog) -> float:
+    """Await a step, check it is finite, log its line (with evaluations) and return its loss.
+
+    Raises:
+        TrainingDivergedError: The loss is NaN/inf, or the engine refused the optimizer step (a
+            NaN/inf gradient norm). Nothing of this step is logged or saved.
+    """
+    step = pending.step + 1
+    loss = float(pending.forward_backward.result().metrics["loss:sum"])
+    if not math.isfinite(loss):
+        raise divergence_error(log.run_dir, step, f"the training loss is {loss}")
+    try:
+        pending.optim_step.result()
+    except EngineError as e:  # the local engine refuses a non-finite gradient norm
+        raise divergence_error(log.run_dir, step, f"the optimizer step was refused ({e})") from e
+    seconds = log.timer.lap()
+    evaluations = pending.results()
+    io.append_jsonl(log.run_dir / METRICS_FILE, {
+        "step": step, "epoch": pending.epoch + 1, "loss": loss, "lr": pending.lr,
+        "weighted_tokens": pending.weighted, "total_tokens": pending.tokens,
+        "seconds": round(seconds, 4), **evaluations})
+    log.losses.append(loss)
+    log.progress.update(log.task, advance=1,
+                        info=f"epoch {pending.epoch + 1} loss {loss:.4f} lr {pending.lr:.2e} "
+                             f"{pending.tokens / max(seconds, 1e-9):.0f} tok/s")
+    if evaluations:
+        log.progress.console.print(f"step {step}: " + "  ".join(
+            f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in evaluations.items()))
+    warning = plateau_warning(log.losses, log.plateau_window)
+    if warning:
+        log.progress.console.print(f"[yellow]Warning (step {step}): {warning}[/yellow]")
     return loss
 
 
@@ -329,6 +592,26 @@ def _save(client, run_dir: Path, step: int, epoch: int) -> str:
     io.append_jsonl(run_dir / CHECKPOINTS_FILE, {"step": step, "epoch": epoch + 1, "path": path,
                                                 "kind": "state"})
     return path
+
+
+def export_final(checkpoint: str, run_dir: Path, config: TrainConfig, console: Console):
+    """With ``EXPORT_AFTER_TRAINING``, export ``checkpoint`` into ``run_dir/export`` exactly as
+    ``tinkerkit export CHECKPOINT --output run_dir/export [--merge] --dtype EXPORT_DTYPE`` would.
+
+    Returns:
+        The :class:`~tinkerkit.export.ExportResult`, or None when export is off.
+    """
+    if not config.export_after_training:
+        return None
+    from tinkerkit.export import export_checkpoint
+
+    console.print(f"Exporting {checkpoint} to {run_dir / EXPORT_DIR}")
+    result = export_checkpoint(checkpoint, run_dir / EXPORT_DIR, merge=config.export_merged,
+                               dtype=config.export_dtype)
+    if result.merged_dir is not None:
+        console.print(f"Merged model ({result.dtype}): max |logit diff| = "
+                      f"{result.max_logit_diff:.3g} (tolerance {result.tolerance:.3g})")
+    return result
 
 
 def plot_loss_curve(run_dir: Path) -> Path | None:
@@ -360,8 +643,8 @@ def plot_loss_curve(run_dir: Path) -> Path | None:
     return path
 
 
-def _summarize(console: Console, run_dir: Path, losses: list[float], steps: int, wall: float,
-               checkpoint: str) -> None:
+def _summarize(console: Console, run_dir: Path, steps: int, wall: float, checkpoint: str,
+               exported) -> None:
     records = io.read_jsonl(run_dir / METRICS_FILE)
     all_losses = [r["loss"] for r in records]
     tokens = sum(r["total_tokens"] for r in records[-steps:]) if steps else 0
@@ -374,7 +657,65 @@ def _summarize(console: Console, run_dir: Path, losses: list[float], steps: int,
         "wall_seconds": round(wall, 1),
         "model_path": checkpoint,
     }
+    for name in ("eval_loss", "eval_accuracy"):  # the last value logged, if any
+        logged = [r for r in records if name in r]
+        if logged:
+            summary[f"final_{name}"] = logged[-1][name]
+    if exported is not None:
+        summary["export_adapter"] = str(exported.adapter_dir)
+        if exported.merged_dir is not None:
+            summary["export_merged"] = str(exported.merged_dir)
     io.atomic_write_json(run_dir / "summary.json", summary)
     console.print("[bold]Training finished[/bold]")
     for key, value in summary.items():
         console.print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+
+
+# -- dry run ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DryRunReport:
+    """What ``tinkerkit train --dry-run`` measured.
+
+    Attributes:
+        examples: Training examples after rendering.
+        steps: Optimizer steps a run would take.
+        seconds_per_step: Wall seconds of one ``forward_backward`` on the first batch (no
+            optimizer step; the first call also pays one-time warm-up costs).
+        first_loss: That batch's loss (mean NLL per weighted token) at the start weights.
+    """
+
+    examples: int
+    steps: int
+    seconds_per_step: float
+    first_loss: float
+
+
+def dry_run(config: TrainConfig, console: Console | None = None) -> DryRunReport:
+    """Render the whole dataset, print the statistics, the steps and a time per step; no training.
+
+    The seed's "test small first": the data and length guards run as in :func:`train`, the model
+    loads, and one ``forward_backward`` on the first batch of ``BATCH_SIZE`` examples is timed
+    and discarded (no ``optim_step``, no checkpoint, nothing written).
+
+    Raises:
+        ConfigError, DataError, ModelError: As :func:`train` before its first step.
+    """
+    from tinkerkit.engines import create_training_client
+
+    console = console or Console()
+    tokenizer = load_tokenizer(config.base_model)
+    examples = load_examples(config, tokenizer, console)
+    load_held_out(config, tokenizer, console)
+    per_epoch, total_steps = plan_steps(len(examples), config)
+    client = create_training_client(config, default_run_dir() / "checkpoints")  # never written
+    _, indices = batch_indices(0, len(examples), config.batch_size, config.seed)
+    datums, _, tokens = normalize_batch([examples[i] for i in indices])
+    started = time.perf_counter()
+    loss = float(client.forward_backward(datums, "cross_entropy").result().metrics["loss:sum"])
+    seconds = time.perf_counter() - started
+    console.print(f"Dry run: {len(examples)} examples, {total_steps} steps ({per_epoch} per epoch, "
+                  f"batch {config.batch_size}); one forward_backward on the first batch "
+                  f"({tokens} tokens) took {seconds:.2f} s, so about {seconds * total_steps:.0f} s "
+                  f"for the run; its loss {loss:.4f}. Nothing was trained or written.")
+    return DryRunReport(len(examples), total_steps, seconds, loss)

@@ -1,0 +1,229 @@
+"""The loop's guards: too many long examples, --strict, NaN/inf, a loss that stops falling, --dry-run."""
+
+import io as _io
+import json
+import math
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+import tinker
+import torch
+from rich.console import Console
+
+from tinkerkit import io
+from tinkerkit.cli import main
+from tinkerkit.config import load_config
+from tinkerkit.data.formats import load_conversations
+from tinkerkit.errors import EngineError, TinkerkitError
+from tinkerkit.render import Renderer
+from tinkerkit.train import (
+    TrainingDivergedError,
+    batch_indices,
+    dry_run,
+    length_covering,
+    load_examples,
+    plateau_warning,
+    train,
+)
+
+
+def write_chat(path, answers):
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                     {"role": "assistant", "content": a}]}) + "\n"
+                            for i, a in enumerate(answers)))
+    return path
+
+
+@pytest.fixture
+def long_data(tmp_path):
+    """20 chats, 8 of them (40%) longer than 64 tokens: answers of 40 to 180 words."""
+    answers = ["a"] * 12 + ["word " * k for k in range(40, 200, 20)]
+    return write_chat(tmp_path / "long.jsonl", answers)
+
+
+def recording_console():
+    return Console(file=_io.StringIO(), width=400, color_system=None)
+
+
+def full_lengths(path, tokenizer):
+    renderer = Renderer(tokenizer)
+    return [len(renderer.render_tokens(c)[0]) for c in load_conversations([path]).conversations]
+
+
+# -- too many long examples --------------------------------------------------------------------
+
+@pytest.mark.parametrize("truncate, fate", [(True, "8 truncated, 0 skipped"),
+                                             (False, "0 truncated, 8 skipped")])
+def test_forty_percent_too_long_warns_with_percentage_and_suggested_length(
+        long_data, smol_tokenizer, truncate, fate):
+    lengths = full_lengths(long_data, smol_tokenizer)
+    assert sum(n > 64 for n in lengths) == 8 and len(lengths) == 20
+    # The 95% nearest rank of 20 lengths is the 19th smallest, rounded up to a multiple of 64.
+    expected = math.ceil(sorted(lengths)[18] / 64) * 64
+    assert expected == 256
+    config = load_config(None, [f"DATA_FILES={long_data}", "MAX_SEQUENCE_LENGTH=64",
+                                f"TRUNCATE_LONG_SEQUENCES={truncate}", "BATCH_SIZE=2"])
+    console = recording_console()
+    examples = load_examples(config, smol_tokenizer, console)
+    assert len(examples) == (20 if truncate else 12)
+    out = " ".join(console.file.getvalue().split())
+    assert (f"Warning: 40.0% of the training examples (8 of 20) are longer than "
+            f"MAX_SEQUENCE_LENGTH=64 ({fate}); MAX_SEQUENCE_LENGTH=256 would keep 95% of "
+            f"them whole") in out
+
+
+def test_no_warning_at_or_below_the_threshold(long_data, smol_tokenizer):
+    config = load_config(None, [f"DATA_FILES={long_data}", "MAX_SEQUENCE_LENGTH=64",
+                                "TRUNCATION_WARN_RATIO=0.4", "STRICT=true"])
+    console = recording_console()
+    assert len(load_examples(config, smol_tokenizer, console)) == 20  # 40% is not above 40%
+    assert "Warning" not in console.file.getvalue()
+
+
+def test_length_covering_uses_the_nearest_rank():
+    assert length_covering([10] * 19 + [1000]) == 64        # 19th of 20 is 10 -> 64
+    assert length_covering([10] * 18 + [100, 1000]) == 128  # 19th of 20 is 100 -> 128
+    assert length_covering([65]) == 128
+
+
+def test_strict_exits_non_zero_before_any_compute(long_data, tmp_path, monkeypatch, capsys):
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the engine must not be created")
+
+    monkeypatch.setattr("tinkerkit.engines.create_training_client", no_engine)
+    run_dir = tmp_path / "run"
+    code = main(["train", "--data", str(long_data), "--max-length", "64", "--batch-size", "2",
+                 "--run-dir", str(run_dir), "--strict"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: 40.0% of the training examples (8 of 20)") and "STRICT" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not run_dir.exists()
+
+
+# -- NaN/inf and plateaus, on a scripted engine -----------------------------------------------
+
+def done(value):
+    future = Future()
+    future.set_result(value)
+    return future
+
+
+def failed(error):
+    future = Future()
+    future.set_exception(error)
+    return future
+
+
+class ScriptedClient:
+    """An engine whose step n (1-based) has loss ``losses[n - 1]``; optim steps in ``refuse`` fail
+    as the local engine fails them on a non-finite gradient norm."""
+
+    def __init__(self, root, losses, refuse=()):
+        self.root, self.losses, self.refuse, self.steps = root, losses, refuse, 0
+
+    def forward_backward(self, data, loss_fn):
+        loss = self.losses[self.steps]
+        return done(tinker.types.ForwardBackwardOutput(
+            loss_fn_output_type="fake", loss_fn_outputs=[], metrics={"loss:sum": loss}))
+
+    def optim_step(self, params):
+        self.steps += 1
+        if self.steps in self.refuse:
+            return failed(EngineError(f"gradient norm is inf at step {self.steps}; step skipped"))
+        return done(None)
+
+    def save_state(self, name):
+        path = self.root / name
+        path.mkdir(parents=True)
+        return done(type("Saved", (), {"path": str(path)})())
+
+
+def scripted_run(tmp_path, monkeypatch, losses, refuse=(), extra=()):
+    monkeypatch.setattr("tinkerkit.engines.create_training_client",
+                        lambda config, root, state=None, with_optimizer=False:
+                        ScriptedClient(root, losses, refuse))
+    data = write_chat(tmp_path / "train.jsonl", [f"answer {i}" for i in range(len(losses))])
+    config = load_config(None, [f"DATA_FILES={data}", "BATCH_SIZE=1", "LR_SCHEDULE=constant",
+                                *extra])
+    console = recording_console()
+    return tmp_path / "run", console, lambda: train(config, run_dir=tmp_path / "run",
+                                                    console=console)
+
+
+@pytest.mark.parametrize("losses, refuse, what", [
+    ([2.0, 1.9, float("nan"), 1.7, 1.6], (), "the training loss is nan"),
+    ([2.0, 1.9, 1.8, 1.7, 1.6], (3,), "the optimizer step was refused (gradient norm is inf at step 3; step skipped)"),
+])
+def test_nan_or_inf_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, losses,
+                                                             refuse, what):
+    run_dir, _, run = scripted_run(tmp_path, monkeypatch, losses, refuse, ["SAVE_EVERY=2"])
+    with pytest.raises(TrainingDivergedError) as caught:
+        run()
+    message = str(caught.value)
+    assert isinstance(caught.value, TinkerkitError) and "\n" not in message
+    good = run_dir / "checkpoints" / "step_000002"
+    assert message.startswith(f"step 3: {what}; training stopped, the last good checkpoint, "
+                              f"{good} (step 2), is the latest in {run_dir / 'checkpoints.jsonl'}")
+    assert [e["step"] for e in io.read_jsonl(run_dir / "checkpoints.jsonl")] == [2]
+    assert [r["step"] for r in io.read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_loss_that_stops_falling_is_reported_once_per_window(tmp_path, monkeypatch):
+    run_dir, console, run = scripted_run(tmp_path, monkeypatch, [4.0, 3.0, 2.0, 1.0, 1.0, 2.0],
+                                         extra=["LOSS_PLATEAU_WINDOW=2"])
+    run()
+    out = " ".join(console.file.getvalue().split())
+    # Step 4: the mean of steps 3-4 (1.5) is below steps 1-2 (3.5): fine. Step 6: 1.5 vs 1.5.
+    assert out.count("has not fallen") == 1
+    assert ("Warning (step 6): the training loss has not fallen over the last 2 steps "
+            "(mean 1.5000, the 2 before 1.5000)") in out
+    assert plateau_warning([4.0, 3.0, 2.0, 1.0], 2) is None
+    assert plateau_warning([1.0, 1.0, 2.0], 2) is None  # not at a window boundary
+    assert plateau_warning([1.0] * 6, 0) is None
+
+
+# -- dry run ------------------------------------------------------------------------------------
+
+def test_dry_run_times_one_batch_and_writes_nothing(tiny_model, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from tinkerkit.data.demo import write_demo_data
+    from tinkerkit.models import load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    data = write_demo_data(tmp_path / "train.jsonl", n=10, seed=0)
+    config = load_config(None, [f"DATA_FILES={data}", f"BASE_MODEL={tiny_model}", "LORA_RANK=4",
+                                "BATCH_SIZE=4", "NUM_EPOCHS=2", "SEED=3", "DEVICE=cpu",
+                                "MAX_SEQUENCE_LENGTH=128"])
+    report = dry_run(config, recording_console())
+    assert (report.examples, report.steps) == (10, 6)  # ceil(10 / 4) = 3 steps per epoch
+    assert report.seconds_per_step > 0
+    # LoRA's B starts at zero, so the first loss is the base model's mean NLL per weighted token
+    # on the first batch of the seeded order.
+    renderer = Renderer(load_tokenizer(tiny_model), max_length=128)
+    examples = [renderer.render(c) for c in load_conversations([data]).conversations]
+    _, indices = batch_indices(0, 10, 4, seed=3)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    nll, weight = 0.0, 0.0
+    with torch.no_grad():
+        for i in indices:
+            inputs = examples[i].datum.loss_fn_inputs
+            tokens = torch.tensor([examples[i].datum.model_input.to_ints()])
+            logprobs = torch.log_softmax(model(tokens).logits[0].float(), -1)
+            targets = torch.as_tensor(inputs["target_tokens"].to_numpy())
+            weights = torch.as_tensor(inputs["weights"].to_numpy())
+            nll -= float((logprobs[torch.arange(len(targets)), targets] * weights).sum())
+            weight += float(weights.sum())
+    assert report.first_loss == pytest.approx(nll / weight, rel=1e-5)
+    assert np.isfinite(report.first_loss) and not (tmp_path / "runs").exists()
+
+
+def test_cli_dry_run_calls_dry_run_instead_of_train(tmp_path, monkeypatch):
+    data = write_chat(tmp_path / "train.jsonl", ["a", "b"])
+    calls = []
+    monkeypatch.setattr("tinkerkit.train.dry_run", lambda config, console: calls.append(config))
+    monkeypatch.setattr("tinkerkit.train.train", lambda *a, **k: pytest.fail("train was called"))
+    assert main(["train", "--data", str(data), "--batch-size", "2", "--dry-run"]) == 0
+    assert [(c.data_files, c.batch_size, c.strict) for c in calls] == [([str(data)], 2, False)]
