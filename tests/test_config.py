@@ -88,3 +88,12 @@ def test_dump_round_trips():
     assert dumped["LORA_RANK"] == 8 and dumped["TRAIN_ON"] == "all_assistant"
     assert load_config(None, [f"{k}={v}" for k, v in dumped.items()
                               if v is not None and not isinstance(v, list)]) == config
+
+
+def test_none_in_overrides_means_none():
+    config = load_config(None, ["MAX_STEPS=100", "MAX_STEPS=None", "RUN_DIR=none"])
+    assert config.max_steps is None and config.run_dir is None
+
+
+def test_test_files_are_not_required_to_exist_for_training():
+    assert load_config(None, ["TEST_FILES=not/yet/there.json"]).test_files == ["not/yet/there.json"]

@@ -246,15 +246,18 @@ def test_json_array_trailing_comma_names_line_and_column(tmp_path):
     assert str(info.value) == f"{path}:3: invalid JSON at column 1: trailing comma before ']'"
 
 
-def test_json_array_records_are_numbered(tmp_path):
+def test_json_array_records_are_located_by_line(tmp_path):
     path = tmp_path / "train.json"
-    path.write_bytes(BOM + json.dumps([{"prompt": "a", "completion": "b"},
-                                       {"prompt": "c", "completion": 3}]).encode())
+    records = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": 3}]
+    path.write_bytes(BOM + json.dumps(records, indent=1).encode())  # record 2 starts on line 6
     with pytest.raises(DataError) as info:
         load_conversations([path])
-    assert str(info.value) == f"{path}:2: field 'completion': expected a string, got number"
+    assert str(info.value) == f"{path}:6: field 'completion': expected a string, got number"
+    path.write_bytes(BOM + json.dumps(records).encode())  # one line: both records on line 1
+    with pytest.raises(DataError, match=r"train.json:1 \(record 2\): field 'completion'"):
+        load_conversations([path])
     result = load_conversations([path], on_error="skip")
-    assert [c.source for c in result.conversations] == [f"{path}:1"]
+    assert [c.source for c in result.conversations] == [f"{path}:1 (record 1)"]
     with pytest.raises(DataError, match=r"no valid records in .*bad.jsonl \(1 skipped; first: "):
         load_conversations([write(tmp_path, "bad.jsonl", [MALFORMED])], on_error="skip")
 
@@ -266,7 +269,8 @@ def test_several_files_merge_in_order(tmp_path):
     result = load_conversations([a, b])
     assert result.counts == {str(a): 1, str(b): 2}
     assert result.formats == {str(a): "question_answer", str(b): "alpaca"}
-    assert [c.source for c in result.conversations] == [f"{a}:1", f"{b}:1", f"{b}:2"]
+    assert [c.source for c in result.conversations] == [f"{a}:1", f"{b}:1 (record 1)",
+                                                         f"{b}:1 (record 2)"]
 
 
 # ------------------------------------------------------------------------------------- real data

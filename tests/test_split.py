@@ -123,3 +123,15 @@ def test_report(tmp_path):
     token_prompt_row = text.split("Lengths (tokens")[1].split("prompt")[1].splitlines()[0]
     assert [c.strip() for c in token_prompt_row.split("│")[1:-1]] == [
         "13", "3", "3.0", "3.0", "3.0", "3"]
+
+
+def test_split_refuses_to_overwrite_its_input(tmp_path):
+    from tinkerkit.data.split import run_split
+    from tinkerkit.errors import ConfigError
+
+    data = tmp_path / "train_set.json"
+    data.write_text('[{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]')
+    before = data.read_bytes()
+    with pytest.raises(ConfigError, match="would overwrite the input file"):
+        run_split([data], tmp_path)
+    assert data.read_bytes() == before

@@ -91,7 +91,8 @@ def test_step_loss_is_normalized_by_weighted_tokens_of_the_whole_step(fake_engin
     assert set(metrics[0]) == {"step", "epoch", "loss", "lr", "weighted_tokens", "total_tokens",
                                "seconds"}
     checkpoints = [json.loads(line) for line in (tmp_path / "run" / "checkpoints.jsonl").open()]
-    assert checkpoints == [{"step": 1, "epoch": 1, "path": result.final_checkpoint, "kind": "state"}]
+    assert checkpoints == [{"step": 1, "epoch": 1, "path": "checkpoints/step_000001", "kind": "state"}]
+    assert result.final_checkpoint == str(tmp_path / "run" / "checkpoints" / "step_000001")
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["BATCH_SIZE"] == 2
@@ -126,3 +127,19 @@ def test_batch_order_is_a_seeded_permutation_per_epoch():
     assert batch_indices(4, 5, 2, seed=3) == batch_indices(4, 5, 2, seed=3)
     assert batch_indices(3, 5, 2, seed=3)[0] == 1
     assert batch_indices(0, 5, 2, seed=3) != batch_indices(0, 5, 2, seed=4)
+
+
+def test_a_fresh_run_refuses_a_used_run_dir_and_a_finished_run_has_nothing_to_do(
+        fake_engine, tmp_path):
+    from tinkerkit.errors import ConfigError
+
+    data = tmp_path / "train.jsonl"
+    write_chat(data, ["a", "b"])
+    config = load_config(None, [f"DATA_FILES={data}", "BATCH_SIZE=2"])
+    train(config, run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match="already holds a run; continue it with --resume"):
+        train(config, run_dir=tmp_path / "run")
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    again = train(config, resume=str(tmp_path / "run"))
+    assert again.losses == [] and again.steps == 1
+    assert (tmp_path / "run" / "summary.json").read_text() == summary  # untouched

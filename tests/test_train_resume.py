@@ -80,3 +80,14 @@ def test_resume_from_a_checkpoint_path_and_init_from(config, tmp_path):
 def test_resume_refuses_a_path_that_is_not_a_checkpoint(config, tmp_path):
     with pytest.raises(CheckpointError, match="not a run directory or a checkpoint"):
         train(config, resume=str(tmp_path))
+
+
+def test_a_moved_run_directory_resumes_from_its_own_checkpoints(config, tmp_path):
+    import shutil
+
+    train(config.model_copy(update={"max_steps": 4}), run_dir=tmp_path / "a")
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    entries = io.read_jsonl(tmp_path / "b" / "checkpoints.jsonl")
+    assert [e["path"] for e in entries] == ["checkpoints/step_000002", "checkpoints/step_000004"]
+    resumed = train(config, resume=str(tmp_path / "b"))  # MAX_STEPS from the config: 6
+    assert resumed.final_checkpoint == str(tmp_path / "b" / "checkpoints" / "step_000006")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tinkerkit import io
 from tinkerkit.errors import CheckpointError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -31,6 +32,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 OPTIMIZER_STATE = "optimizer.safetensors"
 STATE_FILE = "tinkerkit_state.json"
 CHECKPOINT_FORMAT = 1
+CHECKPOINTS_FILE = "checkpoints.jsonl"
 
 
 def read_checkpoint_meta(path: str | Path) -> dict:
@@ -107,3 +109,48 @@ def read_lora_config(path: str | Path):
         return LoraConfig.from_pretrained(str(path))
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path}: {ADAPTER_CONFIG} is not a LoRA config: {e}") from e
+
+
+def checkpoint_path(run_dir: str | Path, entry: dict) -> str:
+    """The checkpoint directory of a ``checkpoints.jsonl`` entry.
+
+    Entries record paths relative to the run directory, so that a run directory can be copied or
+    moved and still resumed; absolute paths (and ``tinker://`` paths) are returned as they are.
+    """
+    path = entry["path"]
+    if "://" in path or Path(path).is_absolute():
+        return path
+    return str(Path(run_dir) / path)
+
+
+def latest_checkpoint(run_dir: str | Path) -> dict:
+    """The newest complete checkpoint listed in ``run_dir/checkpoints.jsonl``.
+
+    Returns:
+        The entry, with ``path`` resolved against ``run_dir``.
+
+    Raises:
+        CheckpointError: None is listed, or none of those listed is complete on disk.
+    """
+    for entry in reversed(io.read_jsonl(Path(run_dir) / CHECKPOINTS_FILE)):
+        resolved = {**entry, "path": checkpoint_path(run_dir, entry)}
+        try:
+            read_checkpoint_meta(resolved["path"])
+            return resolved
+        except CheckpointError:
+            continue
+    raise CheckpointError(f"{run_dir}: no complete checkpoint listed in {CHECKPOINTS_FILE}")
+
+
+def resolve_checkpoint(path: str | Path) -> str:
+    """A checkpoint argument as a checkpoint directory: a run directory means its latest one.
+
+    Raises:
+        CheckpointError: ``path`` does not exist or is not a directory.
+    """
+    path = Path(path)
+    if (path / CHECKPOINTS_FILE).is_file():
+        return latest_checkpoint(path)["path"]
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: not a directory")
+    return str(path)

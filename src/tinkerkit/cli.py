@@ -107,7 +107,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise ConfigError("no test data: pass --data FILE (or set TEST_FILES in the config)")
     run_evaluation(config, data=data if isinstance(data, list) else [data],
                    checkpoint=args.checkpoint, output=args.output, num_samples=args.num_samples,
-                   console=console)
+                   console=console, base_model=args.model)
 
 
 # -- export -------------------------------------------------------------------------------------
@@ -115,7 +115,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from tinkerkit.export import export_checkpoint
 
-    result = export_checkpoint(args.checkpoint, args.output, merge=args.merge, dtype=args.dtype)
+    from tinkerkit.checkpoint import resolve_checkpoint
+
+    result = export_checkpoint(resolve_checkpoint(args.checkpoint), args.output, merge=args.merge,
+                               dtype=args.dtype)
     console.print(f"PEFT adapter: {result.adapter_dir}")
     if result.merged_dir is not None:
         console.print(f"Merged model ({result.dtype}): {result.merged_dir}  "
@@ -138,8 +141,17 @@ def _data_options(p: argparse.ArgumentParser) -> None:
                    help="stop at a malformed record (default) or skip and count it")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tinkerkit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="tinkerkit", description="LoRA fine-tuning for the Tinker workflow: split, stats, "
+        "train, eval, export, demo. Run `tinkerkit COMMAND -h` for a command's options.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("split", help="merge data files and split them into train and test sets")
@@ -155,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="token length statistics and truncation counts of data files")
     p.add_argument("files", nargs="+")
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--max-length", type=int)
+    p.add_argument("--max-length", type=_positive_int, help="MAX_SEQUENCE_LENGTH in tokens")
     p.add_argument("--no-truncate", action="store_true", help="count long examples as skipped")
     p.add_argument("--train-on", choices=["all_assistant", "last_assistant"], default="all_assistant")
     _data_options(p)
@@ -220,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except TinkerkitError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a path that cannot be written or read (exists as a file, no permission)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -119,7 +119,7 @@ class TrainConfig(BaseModel):
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, (str, Path)) else value
 
-    @field_validator("data_files", "test_files", "eval_data_files")
+    @field_validator("data_files", "eval_data_files")  # TEST_FILES are checked when evaluating
     @classmethod
     def _files_exist(cls, paths: list[str]) -> list[str]:
         missing = [p for p in paths if not Path(p).expanduser().exists()]
@@ -232,6 +232,8 @@ def _parse_scalar(text: str) -> Any:
     except yaml.YAMLError:
         return text
     if isinstance(value, str):
+        if value in ("None", "none"):  # as config.py writes it
+            return None
         try:
             return float(value)
         except ValueError:

@@ -521,6 +521,16 @@ def _base_model_of(checkpoint: str | None, default: str) -> str:
     return default
 
 
+def _check_writable(path: Path) -> None:
+    """Fail before hours of sampling, not after, when ``path`` cannot be written."""
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if path.is_dir() or not parent.is_dir():
+        raise ConfigError(f"--output {path}: cannot be written (a directory, or a file stands "
+                          "where a directory should be)")
+
+
 def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
                    output: str | Path = "evaluation_results.json", num_samples: int = 1,
                    console: Console | None = None, base_model: str | None = None) -> EvalResult:
@@ -547,10 +557,11 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
     from tinkerkit.render import Renderer, end_of_turn_ids
 
     console = console or Console()
-    if checkpoint is not None and (Path(checkpoint) / "checkpoints.jsonl").is_file():
-        from tinkerkit.train import latest_checkpoint  # a run directory: its latest checkpoint
+    if checkpoint is not None:
+        from tinkerkit.checkpoint import resolve_checkpoint
 
-        checkpoint = latest_checkpoint(Path(checkpoint))["path"]
+        checkpoint = resolve_checkpoint(checkpoint)
+    _check_writable(Path(output))
     settings = settings_from_config(config, num_samples)
     settings.validate()
     loaded = load_conversations(data, format=config.data_format, on_error=config.on_error)

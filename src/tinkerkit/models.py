@@ -151,11 +151,31 @@ def hub_id_of(name: str) -> str:
     return entry.hub_id if entry and entry.hub_id else name
 
 
+def _hub_reachable(host: str = "huggingface.co", timeout_seconds: float = 3.0) -> bool:
+    """Whether the HF hub answers a TCP connection (so a download can be tried at all)."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout_seconds).close()
+        return True
+    except OSError:
+        return False
+
+
 def _from_pretrained(loader: Callable, name: str, **kwargs):
     source = resolve_model(name)
     try:
+        if isinstance(source, str):  # a hub id: the local HF cache first, then the network
+            try:
+                return loader(source, local_files_only=True, **kwargs)
+            except OSError:
+                if not _hub_reachable():
+                    raise ModelError(f"model '{name}' is not in the local Hugging Face cache and "
+                                     "the hub cannot be reached (offline?); use a local model "
+                                     "directory or a registry name: "
+                                     f"{', '.join(sorted(REGISTRY))}") from None
         return loader(source, **kwargs)
-    except OSError as e:  # missing files, no network for a hub id
+    except OSError as e:  # missing files, a hub id that does not exist
         raise ModelError(f"model '{name}' could not be loaded from {source}: "
                          f"{str(e).splitlines()[0]}") from e
 

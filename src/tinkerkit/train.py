@@ -48,6 +48,12 @@ from tinkerkit import io
 from tinkerkit.config import LRSchedule, TrainConfig, build_config
 from tinkerkit.data.conversation import Conversation
 from tinkerkit.data.formats import load_conversations
+from tinkerkit.checkpoint import (
+    CHECKPOINTS_FILE,
+    checkpoint_path,
+    latest_checkpoint,
+    read_checkpoint_meta,
+)
 from tinkerkit.errors import CheckpointError, ConfigError, DataError, EngineError, TinkerkitError
 from tinkerkit.models import load_tokenizer
 from tinkerkit.render import (
@@ -59,7 +65,6 @@ from tinkerkit.render import (
 )
 
 METRICS_FILE = "metrics.jsonl"
-CHECKPOINTS_FILE = "checkpoints.jsonl"
 CONFIG_FILE = "config.json"
 EXPORT_DIR = "export"
 LENGTH_ROUNDING = 64
@@ -211,25 +216,25 @@ def peak_memory_gib() -> float:
 # -- run directory and resume -------------------------------------------------------------------
 
 def default_run_dir() -> Path:
-    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    """``runs/<YYYYmmdd-HHMMSS>``, with a suffix when that directory exists already."""
+    base = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = base, 1
+    while path.exists():
+        path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return path
 
 
-def latest_checkpoint(run_dir: Path) -> dict:
-    """The newest complete checkpoint listed in ``run_dir/checkpoints.jsonl``.
+def check_new_run_dir(run_dir: Path) -> None:
+    """Refuse to start a fresh run where another run already logged steps or checkpoints.
 
     Raises:
-        CheckpointError: None is listed, or none of those listed is complete on disk.
+        ConfigError: ``run_dir`` is a file, or holds ``metrics.jsonl``/``checkpoints.jsonl``.
     """
-    from tinkerkit.checkpoint import read_checkpoint_meta
-
-    entries = io.read_jsonl(run_dir / CHECKPOINTS_FILE)
-    for entry in reversed(entries):
-        try:
-            read_checkpoint_meta(entry["path"])
-            return entry
-        except CheckpointError:
-            continue
-    raise CheckpointError(f"{run_dir}: no complete checkpoint in {CHECKPOINTS_FILE}")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir}: exists and is not a directory")
+    if (run_dir / METRICS_FILE).exists() or (run_dir / CHECKPOINTS_FILE).exists():
+        raise ConfigError(f"--run-dir {run_dir} already holds a run; continue it with "
+                          f"--resume {run_dir}, or choose another --run-dir")
 
 
 def resolve_resume(path: str | Path) -> tuple[Path, dict]:
@@ -238,18 +243,20 @@ def resolve_resume(path: str | Path) -> tuple[Path, dict]:
     Args:
         path: A run directory (its latest checkpoint) or a checkpoint directory inside one.
 
+    Returns:
+        The run directory and the entry, its ``path`` resolved against the run directory.
+
     Raises:
-        CheckpointError: Not a run directory or a checkpoint listed in one.
+        CheckpointError: Not a run directory or a complete checkpoint listed in one.
     """
     path = Path(path)
     if (path / CHECKPOINTS_FILE).is_file():
         return path, latest_checkpoint(path)
     run_dir = path.parent.parent
     for entry in io.read_jsonl(run_dir / CHECKPOINTS_FILE):
-        if Path(entry["path"]).resolve() == path.resolve():
-            from tinkerkit.checkpoint import read_checkpoint_meta
+        if Path(checkpoint_path(run_dir, entry)).resolve() == path.resolve():
             read_checkpoint_meta(path)
-            return run_dir, entry
+            return run_dir, {**entry, "path": str(path)}
     raise CheckpointError(f"--resume {path}: not a run directory or a checkpoint listed in "
                           f"a run's {CHECKPOINTS_FILE} (use --init-from to start a new stage)")
 
@@ -424,18 +431,25 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
         run_dir, entry = resolve_resume(resume)
         start_step = entry["step"]
     run_dir = Path(run_dir or config.run_dir or default_run_dir())
+    if not resume:
+        check_new_run_dir(run_dir)
     # Data first: a bad file or too many long examples fail in seconds, before the model loads.
     tokenizer = load_tokenizer(config.base_model)
     examples = load_examples(config, tokenizer, console)
     held_out = load_held_out(config, tokenizer, console)
     per_epoch, total_steps = plan_steps(len(examples), config)
+    if start_step >= total_steps:
+        console.print(f"{run_dir} has finished: it is at step {start_step} of {total_steps}; "
+                      "nothing to do (raise MAX_STEPS or NUM_EPOCHS to train further)")
+        return TrainResult(run_dir, entry["path"], start_step, [])
     client = create_training_client(config, run_dir / "checkpoints",
                                     state=entry["path"] if resume else init_from,
                                     with_optimizer=bool(resume))
     if resume:
         truncate_logs(run_dir, start_step)
         console.print(f"Resuming {run_dir} from step {start_step} ({entry['path']})")
-    io.atomic_write_json(run_dir / CONFIG_FILE, config.dump())
+    io.atomic_write_json(run_dir / CONFIG_FILE,
+                         config.model_copy(update={"run_dir": str(run_dir)}).dump())
     console.print(f"Training {total_steps} steps ({per_epoch} per epoch, batch {config.batch_size}) "
                   f"in {run_dir}")
 
@@ -589,8 +603,11 @@ def _record(pending: PendingStep, log: StepLog) -> float:
 
 def _save(client, run_dir: Path, step: int, epoch: int) -> str:
     path = client.save_state(f"step_{step:06d}").result().path
-    io.append_jsonl(run_dir / CHECKPOINTS_FILE, {"step": step, "epoch": epoch + 1, "path": path,
-                                                "kind": "state"})
+    recorded = path
+    if "://" not in path and Path(path).resolve().is_relative_to(run_dir.resolve()):
+        recorded = str(Path(path).resolve().relative_to(run_dir.resolve()))
+    io.append_jsonl(run_dir / CHECKPOINTS_FILE, {"step": step, "epoch": epoch + 1,
+                                                "path": recorded, "kind": "state"})
     return path
 
 

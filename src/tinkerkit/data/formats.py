@@ -21,8 +21,8 @@ s1k                 ``question``, ``thinking_trajectories``,         ``solution`
 alpaca              ``instruction``, ``input?``, ``output``          none
 ==================  ===============================================  ===============================
 
-Locations are written ``path:N``: N is the 1-based line in JSON Lines files and the 1-based record
-number in JSON arrays and Parquet files (a JSON array may hold all records on one line).
+Locations are written ``path:N``: N is the 1-based line on which the record starts (JSON Lines and
+JSON arrays), or the 1-based record number in Parquet files.
 
 Example::
 
@@ -150,10 +150,10 @@ def _read_records(path: Path) -> list[tuple[int, Any]]:
         text = _decode(path)
         if not text.strip():
             raise DataError("file is empty", path=str(path))
-        if path.suffix.lower() == ".jsonl" or not text.lstrip().startswith("["):
-            records = _parse_json_lines(text, str(path))
+        if text.lstrip().startswith("["):  # a JSON array, whatever the file's suffix
+            records = _parse_json_array(text, str(path))
         else:
-            records = list(enumerate(_parse_json_array(text, str(path)), start=1))
+            records = _parse_json_lines(text, str(path))
     if not records:
         raise DataError("file holds no records", path=str(path))
     return records
@@ -192,7 +192,9 @@ def _parse_json_lines(text: str, path: str) -> list[tuple[int, Any]]:
     return records
 
 
-def _parse_json_array(text: str, path: str) -> list[Any]:
+def _parse_json_array(text: str, path: str) -> list[tuple[int | str, Any]]:
+    """``(line, record)`` pairs of a JSON array; ``line`` is where the record starts, with the
+    record number added (``"1 (record 2)"``) when several records start on one line."""
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
@@ -204,7 +206,25 @@ def _parse_json_array(text: str, path: str) -> list[Any]:
                         line=e.lineno) from None
     if not isinstance(records, list):
         raise DataError(f"expected a JSON array of records, got {_kind(records)}", path=path)
-    return records
+    lines = _array_item_lines(text, len(records))
+    shared = {line for line in lines if lines.count(line) > 1} if len(set(lines)) < len(lines) else ()
+    labels = [f"{line} (record {i})" if line in shared else line
+              for i, line in enumerate(lines, start=1)]
+    return list(zip(labels, records))
+
+
+def _array_item_lines(text: str, count: int) -> list[int]:
+    """The 1-based line on which each of the ``count`` items of a valid JSON array starts."""
+    decoder, lines = json.JSONDecoder(), []
+    pos, line, counted = text.index("[") + 1, 1, 0
+    for _ in range(count):
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        line += text.count("\n", counted, pos)
+        counted = pos
+        lines.append(line)
+        _, pos = decoder.raw_decode(text, pos)
+    return lines
 
 
 def _detect_file_format(records: list[tuple[int, Any]]) -> str | None:

@@ -140,10 +140,15 @@ def run_split(paths: Sequence[str | Path], output_dir: str | Path, test_ratio: f
         DataError: Unreadable files, bad records (``on_error="raise"``), fewer than 2 prompts.
     """
     console = console or Console()
-    load = load_conversations(paths, format=format, on_error=on_error)
-    train, test = split_conversations(load.conversations, test_ratio, test_size, seed)
     output_dir = Path(output_dir)
     train_path, test_path = output_dir / TRAIN_FILE, output_dir / TEST_FILE
+    inputs = {Path(p).resolve() for p in paths}
+    for target in (train_path, test_path):
+        if target.resolve() in inputs:
+            raise ConfigError(f"--output-dir {output_dir}: writing {target.name} there would "
+                              f"overwrite the input file {target}; choose another --output-dir")
+    load = load_conversations(paths, format=format, on_error=on_error)
+    train, test = split_conversations(load.conversations, test_ratio, test_size, seed)
     atomic_write_json(train_path, [c.to_record() for c in train], indent=2)
     atomic_write_json(test_path, [c.to_record() for c in test], indent=2)
     result = SplitResult(train=train, test=test, train_path=train_path, test_path=test_path,
