@@ -7,11 +7,14 @@ engine. `tinkerkit train` is the full-featured version of this loop (resume, sch
 Usage: python tinker_finetune.py   (after `make install`; edit the settings below)
 """
 
+import sys
+
 import numpy as np
 import tinker
 
 from tinkerkit.data.formats import load_conversations
 from tinkerkit.engines.local import LocalTrainingClient
+from tinkerkit.errors import TinkerkitError
 from tinkerkit.render import Renderer
 
 # ---- settings -------------------------------------------------------------------------------
@@ -25,9 +28,13 @@ MAX_SEQUENCE_LENGTH = 512
 OUTPUT_NAME = "tinker_finetune_final"
 # -----------------------------------------------------------------------------------------------
 
+try:
+    conversations = load_conversations([DATA_FILE]).conversations
+except TinkerkitError as error:  # a missing or malformed file: one line, no traceback
+    sys.exit(f"error: {error}")
 client = LocalTrainingClient(BASE_MODEL, LORA_RANK, checkpoint_root="runs/tinker_finetune")
 renderer = Renderer(client.get_tokenizer(), max_length=MAX_SEQUENCE_LENGTH)
-examples, stats = renderer.render_dataset(load_conversations([DATA_FILE]).conversations)
+examples, stats = renderer.render_dataset(conversations)
 print(f"{stats.processed} examples ({stats.truncated} truncated, {stats.skipped} skipped)")
 
 order = np.random.default_rng(0).permutation(len(examples))

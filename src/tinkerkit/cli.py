@@ -113,9 +113,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 # -- export -------------------------------------------------------------------------------------
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from tinkerkit.export import export_checkpoint
-
     from tinkerkit.checkpoint import resolve_checkpoint
+    from tinkerkit.export import export_checkpoint
 
     result = export_checkpoint(resolve_checkpoint(args.checkpoint), args.output, merge=args.merge,
                                dtype=args.dtype)

@@ -19,9 +19,10 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import tinker
 from rich.console import Console
@@ -553,10 +554,12 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
         DataError, ModelError, CheckpointError, ConfigError: Bad data, model or checkpoint.
     """
     from tinkerkit.data.formats import load_conversations
+    from tinkerkit.engines import check_device
     from tinkerkit.engines.local_sampling import LocalSamplingClient
     from tinkerkit.render import Renderer, end_of_turn_ids
 
     console = console or Console()
+    check_device(config.device)
     if checkpoint is not None:
         from tinkerkit.checkpoint import resolve_checkpoint
 

@@ -27,8 +27,8 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import tinker
@@ -262,7 +262,7 @@ class Renderer:
             tokens, weights = tokens[: self.max_length], weights[: self.max_length]
             truncated = True
         if not any(w > 0 for w in weights[1:]):
-            reason = ("truncation at {} tokens cut the whole answer".format(self.max_length)
+            reason = (f"truncation at {self.max_length} tokens cut the whole answer"
                       if truncated else "no trained tokens")
             raise RenderSkip("skipped", reason)
         datum = tinker.types.Datum(

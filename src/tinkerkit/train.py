@@ -45,15 +45,15 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from tinkerkit import io
-from tinkerkit.config import LRSchedule, TrainConfig, build_config
-from tinkerkit.data.conversation import Conversation
-from tinkerkit.data.formats import load_conversations
 from tinkerkit.checkpoint import (
     CHECKPOINTS_FILE,
     checkpoint_path,
     latest_checkpoint,
     read_checkpoint_meta,
 )
+from tinkerkit.config import LRSchedule, TrainConfig, build_config
+from tinkerkit.data.conversation import Conversation
+from tinkerkit.data.formats import load_conversations
 from tinkerkit.errors import CheckpointError, ConfigError, DataError, EngineError, TinkerkitError
 from tinkerkit.models import load_tokenizer
 from tinkerkit.render import (

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from tinkerkit.errors import ConfigError
 from tinkerkit.io import atomic_write_text

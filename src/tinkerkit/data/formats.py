@@ -35,9 +35,10 @@ from __future__ import annotations
 import codecs
 import json
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 from tinkerkit.data.conversation import Conversation, Message
 from tinkerkit.errors import ConfigError, DataError

@@ -15,6 +15,23 @@ from tinkerkit.config import TrainConfig
 from tinkerkit.errors import ConfigError
 
 
+def check_device(device: str) -> None:
+    """Refuse a device this torch build cannot use, in one line.
+
+    Raises:
+        ConfigError: ``cuda``/``cuda:N`` without a usable CUDA device, or an unknown device.
+    """
+    import torch
+
+    if device in ("auto", "cpu"):
+        return
+    if not device.startswith("cuda"):
+        raise ConfigError(f"DEVICE={device!r}: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"DEVICE={device!r}: this torch build has no usable CUDA device "
+                          "(install a CUDA build of torch, or use DEVICE=cpu)")
+
+
 def _local_kwargs(config: TrainConfig, checkpoint_root: Path) -> dict:
     targets = config.lora_targets
     if "," in targets:
@@ -38,6 +55,7 @@ def create_training_client(config: TrainConfig, checkpoint_root: Path, state: st
         ConfigError: An unknown backend.
         CheckpointError: ``state`` is missing, corrupted or incompatible.
     """
+    check_device(config.device)
     if config.backend == "local":
         from tinkerkit.engines.local import LocalTrainingClient, create_training_client_from_state
 

@@ -46,10 +46,11 @@ import math
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tinker import types
@@ -639,7 +640,7 @@ class LocalTrainingClient:
                 "target_modules": self.target_modules, "train_unembed": self.train_unembed,
                 "optimizer_step": self._step,
                 "rng_state": {k: _encode_rng(v) for k, v in self._rng.items()},
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
 
     def _save(self, target: Path, kind: str):
         from safetensors.torch import save_file
