@@ -45,6 +45,9 @@ class FakeClient:
     def save_state(self, name):
         path = self.root / name
         path.mkdir(parents=True)
+        for file in ("adapter_config.json", "adapter_model.safetensors"):
+            (path / file).write_text("{}")  # present, as read_checkpoint_meta checks
+        (path / "tinkerkit_state.json").write_text('{"format": 1}')
         return done(type("Saved", (), {"path": str(path)})())
 
 
