@@ -83,6 +83,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         config = load_config(args.config, args.set, **_train_fields(args))
     if args.dry_run:
+        if args.resume or args.init_from:
+            raise ConfigError("--dry-run plans a new run from the base model; it takes no "
+                              "--resume or --init-from")
         dry_run(config, console=console)
         return
     train(config, run_dir=args.run_dir, resume=args.resume, init_from=args.init_from,

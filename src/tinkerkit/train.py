@@ -359,12 +359,19 @@ def load_held_out(config: TrainConfig, tokenizer, console: Console) -> HeldOut |
         DataError: ``EVAL_EVERY`` is set and no held-out example renders.
     """
     if not (config.eval_every or config.sample_eval_every):
+        if config.eval_split_ratio is not None:
+            console.print(f"[yellow]Note:[/yellow] EVAL_SPLIT_RATIO={config.eval_split_ratio} "
+                          "holds data out of training, but EVAL_EVERY and SAMPLE_EVAL_EVERY are 0, "
+                          "so nothing evaluates it")
         return None
     if config.eval_split_ratio is not None:
         conversations = split_data(config)[1]
     else:
-        conversations = load_conversations(config.eval_data_files, format=config.data_format,
-                                           on_error=config.on_error).conversations
+        try:
+            conversations = load_conversations(config.eval_data_files, format=config.data_format,
+                                               on_error=config.on_error).conversations
+        except DataError as e:
+            raise DataError(f"EVAL_DATA_FILES: {e}") from e
     renderer = make_renderer(config, tokenizer)
     examples, stats = renderer.render_dataset(conversations)
     if config.eval_every and not examples:
@@ -435,8 +442,8 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
         check_new_run_dir(run_dir)
     # Data first: a bad file or too many long examples fail in seconds, before the model loads.
     tokenizer = load_tokenizer(config.base_model)
-    examples = load_examples(config, tokenizer, console)
     held_out = load_held_out(config, tokenizer, console)
+    examples = load_examples(config, tokenizer, console)
     per_epoch, total_steps = plan_steps(len(examples), config)
     if start_step >= total_steps:
         console.print(f"{run_dir} has finished: it is at step {start_step} of {total_steps}; "
