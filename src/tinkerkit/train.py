@@ -566,8 +566,9 @@ def divergence_error(run_dir: Path, step: int, what: str) -> TrainingDivergedErr
     """The one-line error of a NaN/inf step, naming the last good checkpoint."""
     saved = io.read_jsonl(run_dir / CHECKPOINTS_FILE)
     if saved:
-        keep = (f"the last good checkpoint, {saved[-1]['path']} (step {saved[-1]['step']}), is "
-                f"the latest in {run_dir / CHECKPOINTS_FILE}: lower LEARNING_RATE or check the "
+        last = checkpoint_path(run_dir, saved[-1])
+        keep = (f"the last good checkpoint, {last} (step {saved[-1]['step']}), is the latest"
+                f" in {run_dir / CHECKPOINTS_FILE}: lower LEARNING_RATE or check the "
                 f"data, then continue with --resume {run_dir}")
     else:
         keep = "no checkpoint was saved before it (SAVE_EVERY=0 saves only at the end)"
