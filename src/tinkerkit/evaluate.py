@@ -556,7 +556,7 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
     from tinkerkit.data.formats import load_conversations
     from tinkerkit.engines import check_device
     from tinkerkit.engines.local_sampling import LocalSamplingClient
-    from tinkerkit.render import Renderer, end_of_turn_ids
+    from tinkerkit.render import Renderer
 
     console = console or Console()
     check_device(config.device)
@@ -572,8 +572,7 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
     client = LocalSamplingClient(base, adapter_path=checkpoint, device=config.device,
                                  dtype=config.dtype, max_batch_size=EVAL_BATCH_SIZE)
     tokenizer = client.get_tokenizer()
-    if settings.stop:  # explicit stop strings replace the defaults: keep the end of turn
-        settings.stop = [*settings.stop, *tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))]
+    settings.stop = with_end_of_turn(settings.stop, tokenizer)
     renderer = Renderer(tokenizer, config.train_on)
     console.print(f"Evaluating {checkpoint or base} on {len(loaded.conversations)} examples "
                   f"from {', '.join(map(str, data))}"
@@ -598,11 +597,17 @@ def training_eval_settings(config, tokenizer, limit: int) -> EvalSettings:
     exactly as ``tinkerkit eval`` does: the config's sampling settings, and explicit stop strings
     extended with the end-of-turn tokens.
     """
-    from tinkerkit.render import end_of_turn_ids
-
     settings = settings_from_config(config)
     settings.limit = limit
-    if settings.stop:  # as run_evaluation: explicit stop strings must keep the end of turn
-        settings.stop = [*settings.stop,
-                         *tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))]
+    settings.stop = with_end_of_turn(settings.stop, tokenizer)
     return settings
+
+
+def with_end_of_turn(stop: list[str] | None, tokenizer) -> list[str] | None:
+    """Explicit stop strings replace the sampler's default stops (Tinker's ``SamplingParams.stop``
+    semantics), so add the end-of-turn tokens back; None keeps the defaults."""
+    from tinkerkit.render import end_of_turn_ids
+
+    if not stop:
+        return stop
+    return [*stop, *tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))]
