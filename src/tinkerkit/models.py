@@ -89,11 +89,6 @@ REGISTRY: dict[str, RegistryEntry] = {
 }
 
 
-def register(entry: RegistryEntry) -> None:
-    """Add a model to the registry (later entries replace earlier ones of the same name)."""
-    REGISTRY[entry.name] = entry
-
-
 def _is_model_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
