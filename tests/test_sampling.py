@@ -144,7 +144,8 @@ def test_training_snapshots_and_saved_adapters_sample_alike(tiny_model, prompts,
     from_path = trainer.create_sampling_client(path).compute_logprobs(prompts[0]).result()
     fresh = LocalSamplingClient(tiny_model, path, device="cpu").compute_logprobs(prompts[0])
     assert from_path[1:] == pytest.approx(before[1:], abs=1e-6)
-    assert fresh.result()[1:] == pytest.approx(before[1:], abs=1e-6)
+    # a fresh client merges the adapter into the weights: the same function up to float32 rounding
+    assert fresh.result()[1:] == pytest.approx(before[1:], abs=1e-5)
     base = LocalSamplingClient(tiny_model, device="cpu").compute_logprobs(prompts[0]).result()
     assert base[1:] != pytest.approx(before[1:], abs=1e-3)  # the adapter changed the model
 

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from tinker import types
 from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from tinkerkit.checkpoint import read_lora_config
 from tinkerkit.engines.local import (
@@ -113,6 +113,57 @@ class _Row:
         return any(s in text for s in strings)
 
 
+class _PreallocatedLayer(DynamicLayer):
+    """One layer's KV cache in a buffer allocated once for the whole generation.
+
+    ``DynamicLayer`` grows by ``torch.cat`` at every step, copying the whole cache each time
+    (``O(steps^2)`` bytes; 72% of a batch-64 decoding step on smollm2-135m, measured). Here keys
+    and values (``[batch, kv_heads, capacity, head_dim]``) are written in place and attention
+    reads a view of the filled part. ``capacity`` = prompt width + most new tokens, known before
+    the prefill.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        shape = (*key_states.shape[:2], self.capacity)
+        self._keys = key_states.new_empty(*shape, key_states.shape[-1])
+        self._values = value_states.new_empty(*shape, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise EngineError(f"KV cache overflow: {end} positions > capacity {self.capacity}")
+        self._keys[:, :, self.length:end] = key_states
+        self._values[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._keys, self._values = self._keys[indices], self._values[indices]
+            self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
+
+
+def _kv_cache(config, capacity: int) -> Cache:
+    """A preallocated KV cache for a model whose layers all use full attention, else Dynamic."""
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    if any(kind != "full_attention" for kind in layer_types):
+        return DynamicCache(config=config)
+    return Cache(layers=[_PreallocatedLayer(capacity) for _ in range(config.num_hidden_layers)])
+
+
 def _row_seed(seed: int, index: int) -> int:
     """A 64-bit seed for sample ``index`` of a request seeded with ``seed`` (NumPy SeedSequence)."""
     state = np.random.SeedSequence([seed % 2**64, index]).generate_state(1, np.uint64)
@@ -157,7 +208,11 @@ class LocalSamplingClient:
         model: An already-loaded model to use instead of loading ``base_model``: a ``PeftModel``
             or a plain causal LM. Used as is without ``adapter_path``; with it, the adapter goes
             onto a copy that shares the given model's weights (the given model is not changed;
-            a ``PeftModel`` must then have the checkpoint's rank and targets).
+            a ``PeftModel`` must then have the checkpoint's rank and targets). Without a given
+            model, the adapter is merged into the freshly loaded weights (PEFT
+            ``merge_and_unload``: ``W + (alpha / r) B A``, computed in the model's dtype), which
+            decodes faster than a separate LoRA path; logprobs then differ from the unmerged
+            computation only by floating-point rounding.
         tokenizer: The tokenizer, or None to load ``base_model``'s.
         device: Where a loaded model goes (``"auto"``: CUDA when available); a given model
             stays where it is.
@@ -177,7 +232,9 @@ class LocalSamplingClient:
         self.base_model, self.max_batch_size = base_model, max_batch_size
         if model is None:
             model = load_model(base_model, check_dtype(dtype)).to(resolve_device(device))
-        if adapter_path is not None:
+            if adapter_path is not None:  # the model is ours: fold the adapter into its weights
+                model = _with_adapter(model, Path(adapter_path)).merge_and_unload()
+        elif adapter_path is not None:
             model = _with_adapter(model, Path(adapter_path))
         check_plain_lm_head(model)
         self._model = model.eval()
@@ -356,14 +413,18 @@ class LocalSamplingClient:
             mask[i, width - len(row.request.prompt):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=causal_lm(self._model).config)
+        capacity = width + max(row.request.max_tokens for row in rows)
+        cache = _kv_cache(causal_lm(self._model).config, capacity)
         out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions,
                           cache=cache, use_cache=True, logits_to_keep=1)
         next_position, active = positions[:, -1:] + 1, list(rows)
         logits = out.logits[:, -1].float()
         while True:
-            chosen = torch.stack([_choose(logits[j], row.request.params, row.generator)
-                                  for j, row in enumerate(active)])
+            if all(row.request.params.temperature == 0 for row in active):
+                chosen = logits.argmax(-1)  # greedy: one call for the batch
+            else:
+                chosen = torch.stack([_choose(logits[j], row.request.params, row.generator)
+                                      for j, row in enumerate(active)])
             chosen_logprobs = logits.log_softmax(-1).gather(-1, chosen[:, None]).squeeze(-1)
             for row, token, logprob in zip(active, chosen.tolist(), chosen_logprobs.tolist()):
                 row.push(token, logprob, self._tokenizer)
