@@ -65,10 +65,14 @@ Example::
     .venv/bin/python benchmarks/train_throughput.py                        # 200 examples, 10 rounds
     .venv/bin/python benchmarks/train_throughput.py --examples 16 --rounds 2   # a quick check
 
-Measured speedups of the local engine (``--examples 16 --rounds 2`` unless noted; a loaded
-2-core machine, so each figure is ours/TRL of one alternating run):
+Speedups of the local engine, each measured on a loaded 2-core machine as CPU seconds of
+``forward_backward`` (one torch thread, so time-slicing by other processes does not count) on the
+first 40 GSM8K examples in batches of 4, the variants interleaved batch by batch:
 
-* (baseline, before the changes below): see the report of issue 7.
+* Micro-batches cut where padding costs more than another pass (``_microbatches``, dynamic
+  programming with 64 tokens per pass) instead of one padded micro-batch per call: 1.20x
+  (58.9 -> 70.9 tokens per CPU-second; one pass per datum, no padding at all: 0.97x). Losses
+  equal within 5e-7.
 """
 
 from __future__ import annotations

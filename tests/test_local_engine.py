@@ -14,7 +14,10 @@ from tinker import types
 
 from helpers import VOCAB
 from tinkerkit.engines.local import (
+    MICROBATCH_OVERHEAD_TOKENS,
     LocalTrainingClient,
+    _Example,
+    _microbatches,
     adapter_parameters,
     create_training_client_from_state,
     token_logprobs,
@@ -128,6 +131,23 @@ def test_padding_and_microbatches_change_nothing(tiny_model, token_lists, tmp_pa
     assert together.metrics["loss:sum"] == pytest.approx(
         sum(r.metrics["loss:sum"] for r in alone), rel=1e-6)
     assert_grads_close(grads(batched), grads(single))
+
+
+def test_microbatches_trade_padding_against_passes():
+    def cut(lengths: list[int], budget: int = 8192) -> list[list[int]]:
+        examples = [_Example(i, torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64),
+                             torch.ones(n)) for i, n in enumerate(lengths)]
+        return [[e.index for e in batch] for batch in _microbatches(examples, budget)]
+
+    assert MICROBATCH_OVERHEAD_TOKENS == 64
+    # A GSM8K batch: 4 * 233 = 932 padded tokens in one pass, 2 * 233 + 2 * 159 = 784 in two.
+    assert cut([109, 233, 159, 215]) == [[1, 3], [2, 0]]
+    assert cut([100] * 5) == [[0, 1, 2, 3, 4]]  # no padding: one pass
+    assert cut([300, 10, 290, 95, 100]) == [[0, 2], [4, 3], [1]]
+    assert cut([50, 30, 30, 30]) == [[0, 1, 2, 3]]  # 60 padded tokens cost less than a pass
+    assert cut([50, 20, 20, 20]) == [[0], [1, 2, 3]]  # 90 padded tokens cost more
+    assert cut([100] * 5, budget=250) == [[0, 1], [2, 3], [4]]  # the budget caps a pass
+    assert cut([400, 300], budget=250) == [[0], [1]]  # a datum over the budget runs alone
 
 
 def test_gradients_accumulate_until_optim_step(tiny_model, token_lists, tmp_path):
