@@ -72,7 +72,10 @@ first 40 GSM8K examples in batches of 4, the variants interleaved batch by batch
 * Micro-batches cut where padding costs more than another pass (``_microbatches``, dynamic
   programming with 64 tokens per pass) instead of one padded micro-batch per call: 1.20x
   (58.9 -> 70.9 tokens per CPU-second; one pass per datum, no padding at all: 0.97x). Losses
-  equal within 5e-7.
+  equal within 5e-7. (Tuning the 64: 32 -> 0.94x, 128 -> 0.98x, 256 -> 0.83x of 64.)
+* LoRA layers with a fused forward and backward pass (``engines/lora_linear.py``: the scaling
+  inside ``addmm``, the LoRA product and the LoRA input gradient added in place) instead of
+  PEFT's autograd path: 1.13x (125.3 -> 141.2 tokens per CPU-second). Losses bitwise equal.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ Memory and speed: datums are sorted by length and run in right-padded micro-batc
 ``microbatch_tokens`` padded tokens, cut where padding would cost more than another pass through
 the model (:func:`_microbatches`). Right padding needs no attention mask under causal attention
 (no real token attends to a later pad), so SDPA keeps its ``is_causal`` path and no ``[T, T]``
-mask is built. The vocabulary projection runs on chunks of :data:`LOGIT_CHUNK` positions under
+mask is built. The LoRA layers are PEFT's with a fused forward and backward pass
+(:class:`~tinkerkit.engines.lora_linear.FusedLoraLinear`). The vocabulary projection runs on chunks of :data:`LOGIT_CHUNK` positions under
 ``torch.utils.checkpoint``, so at most ``[LOGIT_CHUNK, vocab]`` logits are alive at once, in the
 forward and in the backward pass.
 
@@ -428,6 +429,8 @@ class LocalTrainingClient:
                  microbatch_tokens: int = 8192) -> None:
         from peft import LoraConfig
 
+        from tinkerkit.engines.lora_linear import FusedLoraLinear
+
         if rank < 1 or microbatch_tokens < 1 or not 0 <= dropout < 1:
             raise EngineError(f"invalid LoRA settings: rank={rank}, dropout={dropout}, "
                               f"microbatch_tokens={microbatch_tokens}")
@@ -445,6 +448,7 @@ class LocalTrainingClient:
         self.target_modules = [n for n in names if n != "lm_head"]
         config = LoraConfig(r=rank, lora_alpha=self.alpha, lora_dropout=dropout,
                             target_modules=names, bias="none", task_type="CAUSAL_LM")
+        config._register_custom_module({torch.nn.Linear: FusedLoraLinear})  # PEFT's own hook
         self.model = wrap_lora(base, config, seed).to(self.device)
         self._params = adapter_parameters(self.model)
         self._optimizer = self._new_optimizer()

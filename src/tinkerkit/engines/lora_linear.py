@@ -1,0 +1,99 @@
+"""A LoRA linear layer whose forward and backward passes fold the LoRA scaling into matrix products.
+
+PEFT's ``lora.Linear`` computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` through
+autograd: besides the matrix products, every call makes elementwise passes over the ``[tokens,
+out]`` output (the scaling, the sum, and the scaling again in the backward pass) and adds the
+two input gradients (base and LoRA) in one more pass over ``[tokens, in]``. On a CPU these
+memory-bound passes cost about as much as the rank-r products themselves.
+:class:`FusedLoraLinear` is that layer with a forward that computes the same function with the
+scaling inside ``addmm``: the LoRA product is added into the base output in place, and in the
+backward pass the LoRA part of the input gradient is added into the base part in place. Values
+and gradients equal PEFT's up to float rounding (bitwise where the scaling is a power of two).
+
+It is used through PEFT's custom-module hook (``LoraConfig._register_custom_module``), so the
+adapter's parameters, names, saved files, merging and unloading are PEFT's own; only the forward
+pass differs, and it falls back to PEFT's whenever the fused one does not apply (dropout, DoRA or
+another variant, a LoRA bias, several or disabled adapters, merged weights, mixed dtypes,
+autocast, extra arguments).
+
+Example::
+
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+    config._register_custom_module({torch.nn.Linear: FusedLoraLinear})
+    model = get_peft_model(model, config)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """``linear(x, weight, bias) + scaling * (x @ lora_a.T) @ lora_b.T`` for a frozen base layer.
+
+    Inputs: ``x`` ``[..., in]``; ``weight`` ``[out, in]`` and ``bias`` ``[out]`` or None, both
+    frozen (no gradient is returned for them); ``lora_a`` ``[r, in]``; ``lora_b`` ``[out, r]``;
+    ``scaling`` a float (``lora_alpha / r``). All tensors of one dtype and device.
+    Output: ``[..., out]``.
+
+    Backward, with ``g`` the output gradient and ``h = x @ lora_a.T``: ``dx = g @ weight +
+    scaling * (g @ lora_b) @ lora_a``, ``d lora_a = scaling * (g @ lora_b).T @ x``,
+    ``d lora_b = scaling * g.T @ h`` (Hu et al. 2021, "LoRA", eq. 3, differentiated).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        down = flat @ lora_a.t()  # [tokens, r]
+        out = torch.nn.functional.linear(flat, weight, bias)  # [tokens, out], a new tensor
+        out.addmm_(down, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(flat, down, weight, lora_a, lora_b)
+        ctx.scaling, ctx.input_shape = scaling, x.shape
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        flat, down, weight, lora_a, lora_b = ctx.saved_tensors
+        grad = grad_output.reshape(-1, grad_output.shape[-1])  # [tokens, out]
+        grad_down = grad @ lora_b  # [tokens, r]
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight).addmm_(grad_down, lora_a, alpha=ctx.scaling)
+            grad_x = grad_x.view(ctx.input_shape)
+        if ctx.needs_input_grad[3]:
+            grad_a = (grad_down.t() @ flat).mul_(ctx.scaling)
+        if ctx.needs_input_grad[4]:
+            grad_b = (grad.t() @ down).mul_(ctx.scaling)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+class FusedLoraLinear(PeftLoraLinear):
+    """PEFT's ``lora.Linear`` with the forward of :class:`LoraLinearFunction` where it applies."""
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """Whether the fused forward computes exactly what PEFT's would."""
+        if self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+            return False
+        adapter = self.active_adapters[0]
+        if (adapter not in self.lora_A or adapter in self.lora_variant
+                or self.lora_bias[adapter] or self.fan_in_fan_out
+                or not isinstance(self.lora_dropout[adapter], torch.nn.Identity)):
+            return False
+        base = self.get_base_layer()
+        frozen = [p for p in base.parameters() if p.requires_grad] == []
+        dtypes = {x.dtype, base.weight.dtype, self.lora_A[adapter].weight.dtype,
+                  self.lora_B[adapter].weight.dtype}
+        return (type(base) is torch.nn.Linear and frozen and len(dtypes) == 1
+                and not torch.is_autocast_enabled(x.device.type))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs or not self._fusable(x):
+            return super().forward(x, *args, **kwargs)
+        adapter = self.active_adapters[0]
+        base = self.get_base_layer()
+        return LoraLinearFunction.apply(x, base.weight, base.bias, self.lora_A[adapter].weight,
+                                        self.lora_B[adapter].weight, self.scaling[adapter])

@@ -1,0 +1,94 @@
+"""The fused LoRA linear layer against PEFT's own ``lora.Linear``, in values and gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from tinkerkit.engines.lora_linear import FusedLoraLinear, LoraLinearFunction
+
+
+class TwoLayers(torch.nn.Module):
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(6, 10, bias=bias)
+        self.down = torch.nn.Linear(10, 6, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def lora_pair(dropout: float = 0.0, bias: bool = False):
+    """The same LoRA model twice: PEFT's layers and the fused ones, B non-zero."""
+    torch.manual_seed(0)
+    base = TwoLayers(bias)
+    models = []
+    for fused in (False, True):
+        config = LoraConfig(r=3, lora_alpha=5, lora_dropout=dropout, target_modules=["up", "down"])
+        if fused:
+            config._register_custom_module({torch.nn.Linear: FusedLoraLinear})
+        torch.manual_seed(1)
+        model = get_peft_model(copy.deepcopy(base), config)
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_()
+        models.append(model)
+    return models
+
+
+def run(model, x: torch.Tensor, seed: int = 3):
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)  # the same dropout masks for both
+    out = model(x)
+    out.pow(2).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return out.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_layer_equals_peft_in_values_and_gradients(bias):
+    peft_model, fused_model = lora_pair(bias=bias)
+    assert isinstance(fused_model.base_model.model.up, FusedLoraLinear)
+    assert not isinstance(peft_model.base_model.model.up, FusedLoraLinear)
+    x = torch.randn(2, 5, 6)
+    out, grad_x, grads = run(peft_model, x)
+    fused_out, fused_grad_x, fused_grads = run(fused_model, x)
+    torch.testing.assert_close(fused_out, out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused_grad_x, grad_x, rtol=1e-5, atol=1e-5)
+    assert fused_grads.keys() == grads.keys() and len(grads) == 4  # A and B of up and down
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-5)
+    assert peft_model.state_dict().keys() == fused_model.state_dict().keys()
+
+
+def test_function_gradients_are_exact_in_float64():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    weight, bias = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    lora_a = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    lora_b = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    out = LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, 2.5)
+    expected = x @ weight.T + bias + 2.5 * (x @ lora_a.T) @ lora_b.T
+    torch.testing.assert_close(out, expected)
+    assert torch.autograd.gradcheck(
+        lambda x, a, b: LoraLinearFunction.apply(x, weight, bias, a, b, 2.5), (x, lora_a, lora_b))
+
+
+def test_dropout_and_disabled_adapters_fall_back_to_peft():
+    peft_model, fused_model = lora_pair(dropout=0.5)
+    layer = fused_model.base_model.model.up
+    x = torch.randn(2, 5, 6)
+    assert not layer._fusable(x)  # dropout: PEFT's forward, the same dropout masks
+    for a, b in zip(run(peft_model, x)[:2], run(fused_model, x)[:2]):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    _, fused_model = lora_pair()
+    with fused_model.disable_adapter():
+        assert not fused_model.base_model.model.up._fusable(x)
+        base_out = fused_model(x)
+    assert not torch.allclose(base_out, fused_model(x))  # the adapter is back on
+    assert fused_model.base_model.model.up._fusable(x)
