@@ -250,6 +250,11 @@ class LocalSamplingClient:
         """The model's tokenizer."""
         return self._tokenizer
 
+    @property
+    def default_stop_ids(self) -> frozenset[int]:
+        """The token ids that end a sequence when ``SamplingParams.stop`` is None."""
+        return self._default_stop
+
     def get_base_model(self) -> str:
         """The base model argument this client was created with."""
         return self.base_model
