@@ -338,6 +338,10 @@ class Routes:
         return Response(content_type="application/octet-stream", file=path)
 
 
+class _ClientGone(Exception):
+    """The connection broke while a request body was read; there is no one to answer."""
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "tinkerkit-serve"
@@ -355,33 +359,43 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self.close_connection = True  # the unread body would corrupt the next request
             raise RequestError(411, "chunked request bodies are not supported; send Content-Length")
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError as e:
+            self.close_connection = True
             raise RequestError(400, "Content-Length is not an integer") from e
         if length < 0 or length > MAX_BODY_BYTES:
+            self.close_connection = True
             raise RequestError(413, f"request body of {length} bytes is over the "
                                     f"{MAX_BODY_BYTES} byte limit")
-        return self.rfile.read(length)
+        try:
+            return self.rfile.read(length)
+        except OSError as e:  # the client went away or stalled mid-body
+            raise _ClientGone from e
 
     def _dispatch(self) -> None:
         start = time.perf_counter()
         url = urlsplit(self.path)
         address, port = self.server.server_address[:2]
-        host = self.headers.get("Host") or f"{address}:{port}"
         try:
             request = Request(self.command, url.path, parse_qs(url.query), self.headers,
-                              self._read_body(), base_url=f"http://{host}")
+                              self._read_body(),
+                              base_url=f"http://{self.headers.get('Host') or f'{address}:{port}'}")
             response = self.server.routes.handle(request)
+        except _ClientGone:
+            self.close_connection = True
+            return
         except RequestError as e:
-            if e.status in (411, 413):
-                self.close_connection = True  # the unread body would corrupt the next request
             response = json_response({"detail": str(e)}, e.status)
         except Exception as e:  # a bug: answer 500, keep serving
             log.exception("unexpected error in %s %s", self.command, url.path)
             response = json_response({"detail": f"internal error: {type(e).__name__}: {e}"}, 500)
-        self._send(response)
+        try:
+            self._send(response)
+        except OSError:  # the client stopped waiting (a cancelled long poll): nothing to do
+            self.close_connection = True
         level = logging.DEBUG if response.status < 400 else logging.INFO
         log.log(level, "%s %s -> %d (%.1f ms)", self.command, url.path, response.status,
                 1000 * (time.perf_counter() - start))

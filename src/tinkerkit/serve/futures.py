@@ -48,19 +48,22 @@ class ServerFuture:
     sample_sequence_ids: list[str] | None = None
     finished_at: float | None = None
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def set_result(self, result: Any) -> None:
         """Finish with ``result`` (the first outcome wins)."""
-        if not self._done.is_set():
-            self.result, self.finished_at = result, time.monotonic()
-            self._done.set()
+        with self._lock:
+            if not self._done.is_set():
+                self.result, self.finished_at = result, time.monotonic()
+                self._done.set()
 
     def set_error(self, message: str,
                   category: types.RequestErrorCategory = types.RequestErrorCategory.User) -> None:
         """Fail with ``message`` (the first outcome wins)."""
-        if not self._done.is_set():
-            self.error, self.finished_at = (message, category), time.monotonic()
-            self._done.set()
+        with self._lock:
+            if not self._done.is_set():
+                self.error, self.finished_at = (message, category), time.monotonic()
+                self._done.set()
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds; True when finished."""

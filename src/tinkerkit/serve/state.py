@@ -57,7 +57,7 @@ SESSION_TIMEOUT_SECONDS = 600.0
 DOWNLOAD_URL_SECONDS = 3600
 """Lifetime of an external-weights download URL."""
 _SEEN_SEQ_IDS = 1024
-"""How many past seq ids of a model are remembered to answer retries."""
+"""How many past seq ids of a model (or sampler) are remembered to answer retries."""
 
 
 def _target_modules(lora: types.LoraConfig) -> str:
@@ -254,10 +254,14 @@ class ServerState:
             runners = list(session.models.values())
             for runner in runners:
                 self._runners.pop(runner.model_id, None)
-            for sampler_id in session.samplers.values():
-                self._samplers.pop(sampler_id, None)
+            samplers = [self._samplers.pop(i) for i in session.samplers.values()
+                        if i in self._samplers]
         for runner in runners:
             runner.fail(f"model {runner.model_id} was released: its session {why}")
+        for sampler in samplers:  # finish queued samples, then stop the worker thread
+            sampler.client.add_done_callback(
+                lambda done: done.exception() is None and threading.Thread(
+                    target=done.result().close, name="tinkerkit-release", daemon=True).start())
         log.info("session %s %s; released %d model(s)", session.session_id, why, len(runners))
 
     def release_idle_sessions(self) -> None:
@@ -695,6 +699,8 @@ class ServerState:
                                           for i in range(request.num_samples)]
             if request.seq_id is not None:
                 sampler.seen[request.seq_id] = future
+                if len(sampler.seen) > _SEEN_SEQ_IDS:  # forget the oldest
+                    del sampler.seen[next(iter(sampler.seen))]
 
         def start(done: Future) -> None:
             try:
