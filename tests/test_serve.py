@@ -28,6 +28,7 @@ from tinker.proto.response_conv import deserialize_proto_response
 from tinkerkit.engines.local import LocalTrainingClient
 from tinkerkit.engines.local_sampling import LocalSamplingClient
 from tinkerkit.errors import ConfigError
+from tinkerkit.export import export_adapter
 from tinkerkit.serve import make_server, protobuf
 from tinkerkit.serve.futures import ServerFuture
 from tinkerkit.serve.registry import read_models_file
@@ -120,6 +121,7 @@ def test_save_state_and_resume_with_and_without_optimizer(server, tiny_model):
         training = client.create_lora_training_client(tiny_model, **LORA).result()
         training.forward_backward(datums(), "cross_entropy")
         training.optim_step(ADAM).result()
+        first_loss = training.forward(datums(), "cross_entropy").result().metrics["loss:sum"]
         path = training.save_state("step1").result().path
         assert path == f"tinker://{training.model_id}/weights/step1"
         training.forward_backward(datums(), "cross_entropy")
@@ -138,6 +140,11 @@ def test_save_state_and_resume_with_and_without_optimizer(server, tiny_model):
         fresh = client.create_training_client_from_state(path).result()  # weights only
         fresh.forward_backward(datums(), "cross_entropy")
         assert fresh.optim_step(ADAM).result().metrics["step"] == 1.0
+        with warnings.catch_warnings():  # the SDK's older way, into a live model, still works
+            warnings.simplefilter("ignore", FutureWarning)
+            fresh.load_state_with_optimizer(path).result()
+        assert fresh.forward(datums(), "cross_entropy").result().metrics["loss:sum"] == \
+            pytest.approx(first_loss, rel=1e-6)
         with pytest.raises(tinker.RequestFailedError, match="exists"):
             training.save_state("step1").result()
 
@@ -157,6 +164,7 @@ def test_sampling_equals_the_local_sampling_client(server, tiny_model, tmp_path)
         from_snapshot = snapshot.sample(prompt, 1, greedy).result()
         base = client.create_sampling_client(base_model=tiny_model).result()
         from_base = base.sample(prompt, 1, greedy).result()
+        scored = sampler.compute_logprobs(prompt).result()
         assert sampler.get_base_model() == tiny_model
     directory = checkpoint_dir(server.root, saved.path)
     local = LocalSamplingClient(tiny_model, str(directory)).sample(
@@ -171,8 +179,9 @@ def test_sampling_equals_the_local_sampling_client(server, tiny_model, tmp_path)
     assert len(set(ids)) == 3 and all(ids)
     np.testing.assert_allclose(response.sequences[0].logprobs, local.sequences[0].logprobs,
                                rtol=1e-5, atol=1e-5)
-    assert response.prompt_logprobs[0] is None
+    assert response.prompt_logprobs[0] is None and scored[0] is None
     np.testing.assert_allclose(response.prompt_logprobs[1:], local.prompt_logprobs[1:], rtol=1e-5)
+    np.testing.assert_allclose(scored[1:], local.prompt_logprobs[1:], rtol=1e-5)
 
 
 def checkpoint_dir(root, tinker_path):
@@ -225,6 +234,9 @@ def test_external_weights_download_as_a_peft_adapter(server, tiny_model, tmp_pat
     assert downloaded.keys() == reference.keys() and len(downloaded) > 0
     assert all(torch.equal(downloaded[k], reference[k]) for k in downloaded)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 4
+    exported = export_adapter(checkpoint_dir(server.root, external), tmp_path / "exported")
+    assert all(torch.equal(t, downloaded[k]) for k, t in
+               load_file(exported / "adapter_model.safetensors").items())
     tampered = urls.urls["adapter_config.json"].replace("signature=", "signature=0")
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(tampered)
