@@ -1,11 +1,12 @@
 """Overhead of ``tinkerkit serve``: a training step through the tinker SDK vs the engine in process.
 
 Runs the same steps (``forward_backward`` + ``optim_step`` on a batch of random token sequences,
-the next step submitted only after the previous result is read) twice: on
-``LocalTrainingClient`` in this process, and through the real ``tinker`` SDK against a
-``tinkerkit serve`` started in a thread on a loopback port. Prints the median time per step,
-tokens per second and the difference, plus the round trip of a step that computes almost
-nothing (one 8-token datum), which is the HTTP/protobuf/future cost alone.
+the next step submitted only after the previous result is read) on ``LocalTrainingClient`` in
+this process and through the real ``tinker`` SDK against a ``tinkerkit serve`` started in a
+thread on a loopback port, alternating one step of each so that both see the same machine load.
+Prints the median time per step, tokens per second and the difference, plus the same for a step
+that computes almost nothing (one 8-token datum), whose difference is the cost of the HTTP,
+protobuf and future round trips alone.
 
 Usage::
 
@@ -46,16 +47,23 @@ def batch(size: int, length: int, vocab: int, seed: int) -> list[types.Datum]:
     return data
 
 
-def time_steps(client, data: list[types.Datum], steps: int, warmup: int = 2) -> list[float]:
-    """Seconds per step (forward_backward + optim_step, result read), after warm-up steps."""
-    times = []
+def step_seconds(client, data: list[types.Datum]) -> float:
+    """Seconds of one step: forward_backward + optim_step submitted, both results read."""
+    start = time.perf_counter()
+    fwd_bwd = client.forward_backward(data, "cross_entropy")
+    optim = client.optim_step(ADAM)
+    fwd_bwd.result(), optim.result()
+    return time.perf_counter() - start
+
+
+def alternate(clients: dict, data: list[types.Datum], steps: int, warmup: int = 2) -> dict:
+    """Seconds per step of each client, one step of each in turn, after warm-up steps."""
+    times = {name: [] for name in clients}
     for step in range(warmup + steps):
-        start = time.perf_counter()
-        fwd_bwd = client.forward_backward(data, "cross_entropy")
-        optim = client.optim_step(ADAM)
-        fwd_bwd.result(), optim.result()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
+        for name, client in clients.items():
+            seconds = step_seconds(client, data)
+            if step >= warmup:
+                times[name].append(seconds)
     return times
 
 
@@ -87,14 +95,10 @@ def main() -> None:
     local = LocalTrainingClient(model, args.rank, seed=0, checkpoint_root=work / "local")
     vocab = local.model.get_output_embeddings().out_features
     data = batch(args.batch, args.length, vocab, seed=0)
-    tiny = batch(1, 8, vocab, seed=1)
+    near_empty = batch(1, 8, vocab, seed=1)
     tokens = args.batch * args.length
     print(f"model {args.model}, batch {args.batch} x {args.length} tokens, LoRA rank "
-          f"{args.rank}, {args.steps} steps (median)")
-    in_process = report("in process", time_steps(local, data, args.steps), tokens)
-    in_process_tiny = report("in process, 8 tokens", time_steps(local, tiny, args.steps), 8)
-    local.close()
-
+          f"{args.rank}, {args.steps} steps each (median)")
     server = make_server("127.0.0.1", 0, root=work / "root")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -103,17 +107,22 @@ def main() -> None:
             with tinker.ServiceClient(base_url=f"http://127.0.0.1:{server.server_port}",
                                       api_key="tml-benchmark") as service:
                 remote = service.create_lora_training_client(model, **lora).result()
-                through = report("through SDK + server", time_steps(remote, data, args.steps),
-                                 tokens)
-                through_tiny = report("through SDK, 8 tokens", time_steps(remote, tiny, args.steps),
-                                      8)
+                clients = {"in process": local, "through SDK + server": remote}
+                full = alternate(clients, data, args.steps)
+                small = alternate(clients, near_empty, args.steps)
     finally:
         server.shutdown()
         server.server_close()
-    print(f"overhead per step: {1000 * (through - in_process):.1f} ms "
-          f"({100 * (through / in_process - 1):.1f}%); "
-          f"round trip of a near-empty step: {1000 * (through_tiny - in_process_tiny):.1f} ms")
-
+        local.close()
+    medians = {}
+    for label, times, count in (("", full, tokens), (", 8 tokens", small, 8)):
+        for name, values in times.items():
+            medians[name + label] = report(name + label, values, count)
+    overhead = medians["through SDK + server"] - medians["in process"]
+    print(f"overhead per step: {1000 * overhead:.1f} ms "
+          f"({100 * overhead / medians['in process']:.1f}%); near-empty step: "
+          f"{1000 * (medians['through SDK + server, 8 tokens'] - medians['in process, 8 tokens']):.1f}"
+          " ms")
 
 if __name__ == "__main__":
     main()

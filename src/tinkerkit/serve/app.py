@@ -346,6 +346,9 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "tinkerkit-serve"
     timeout = 120  # seconds an idle keep-alive connection is kept
+    # Headers and body leave in separate writes; with Nagle's algorithm the body would wait for
+    # the client's delayed ACK (40 ms on Linux) on every response.
+    disable_nagle_algorithm = True
     server: TinkerHTTPServer
 
     def do_GET(self) -> None:  # noqa: N802 - the http.server naming
