@@ -46,7 +46,8 @@ def running_server(root, **kwargs):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield SimpleNamespace(url=f"http://127.0.0.1:{server.server_port}", root=Path(root))
+        yield SimpleNamespace(url=f"http://127.0.0.1:{server.server_port}", root=Path(root),
+                              state=server.state)
     finally:
         server.shutdown()
         server.server_close()
@@ -343,6 +344,21 @@ def test_finished_session_stops_heartbeats(server, tiny_model):
     answer = httpx.post(f"{server.url}/api/v1/session_heartbeat", headers={"X-API-Key": KEY},
                         json={"session_id": session_id})
     assert answer.status_code == 410
+
+
+def test_silent_sessions_are_released(server, tiny_model):
+    with service(server.url) as client:
+        training = client.create_lora_training_client(tiny_model, **LORA).result()
+        server.state.session_timeout_seconds = 0.0
+        try:
+            server.state.release_idle_sessions()
+        finally:
+            server.state.session_timeout_seconds = 600.0
+        with pytest.raises(tinker.NotFoundError, match="not loaded"):
+            training.forward(datums(), "cross_entropy").result()
+        answer = httpx.post(f"{server.url}/api/v1/session_heartbeat", headers={"X-API-Key": KEY},
+                            json={"session_id": client.holder.get_session_id()})
+        assert answer.status_code == 410
 
 
 # -- units -------------------------------------------------------------------------------------

@@ -69,6 +69,11 @@ def _target_modules(lora: types.LoraConfig) -> str:
                             "needs train_attn or train_mlp")
 
 
+def _metadata(values: dict | None) -> dict[str, str] | None:
+    """A run's user metadata as the listings carry it (string values)."""
+    return None if values is None else {str(k): str(v) for k, v in values.items()}
+
+
 def _check_adam(config: types.OptimizerConfig | None) -> None:
     if config is not None and config.type != "adamw":
         raise RequestError(400, f"optimizer '{config.type}' is not supported by tinkerkit serve "
@@ -106,7 +111,7 @@ class ModelRunner:
         with self._lock:
             self.last_request = time.time()
             if seq_id is None:  # a client that does not number its requests: after the rest
-                seq_id = max([self._next_seq, *self._waiting, *(s + 1 for s in self._seen)])
+                seq_id = max([self._next_seq, *(s + 1 for s in self._seen)])
             if seq_id in self._seen:
                 return self._seen[seq_id]
             self._seen[seq_id] = future
@@ -136,10 +141,13 @@ class ModelRunner:
                 future.set_error(*describe_error(e))
 
     def ready(self, client: LocalTrainingClient) -> None:
-        """The client exists: start the waiting requests."""
+        """The client exists: start the waiting requests (or close it if the model is gone)."""
         with self._lock:
-            self.client = client
-            self._drain()
+            if self._failure is None:
+                self.client = client
+                self._drain()
+                return
+        client.close()
 
     def fail(self, message: str) -> None:
         """The model is gone (failed to load, or released): fail waiting and later requests."""
@@ -174,6 +182,13 @@ class Session:
     finished: bool = False
     models: dict[int, ModelRunner] = field(default_factory=dict)
     samplers: dict[int, str] = field(default_factory=dict)  # sampling_session_seq_id -> id
+
+
+def _close_in_background(client_future: Future) -> None:
+    """Close a released sampling client once its queued samples finished (not in this thread)."""
+    if not client_future.cancelled() and client_future.exception() is None:
+        threading.Thread(target=client_future.result().close, name="tinkerkit-release",
+                         daemon=True).start()
 
 
 def _mask_prompt_logprobs(response: types.SampleResponse, last_n: int | None):
@@ -258,10 +273,8 @@ class ServerState:
                         if i in self._samplers]
         for runner in runners:
             runner.fail(f"model {runner.model_id} was released: its session {why}")
-        for sampler in samplers:  # finish queued samples, then stop the worker thread
-            sampler.client.add_done_callback(
-                lambda done: done.exception() is None and threading.Thread(
-                    target=done.result().close, name="tinkerkit-release", daemon=True).start())
+        for sampler in samplers:
+            sampler.client.add_done_callback(_close_in_background)
         log.info("session %s %s; released %d model(s)", session.session_id, why, len(runners))
 
     def release_idle_sessions(self) -> None:
@@ -310,12 +323,7 @@ class ServerState:
                 runner.fail(f"model {record.model_id} failed to load: {message}")
                 future.set_error(message, category)
                 return
-            if session.finished:  # released while loading
-                runner.fail(f"model {record.model_id} was released: its session finished")
-                client.close()
-                future.set_error(f"session {session.session_id} finished")
-                return
-            runner.ready(client)
+            runner.ready(client)  # closes the client if the session was released meanwhile
             future.set_result(response())
             log.info("model %s ready (%s, rank %d)", record.model_id, served.name, record.rank)
 
@@ -340,7 +348,7 @@ class ServerState:
         seed = lora.seed if lora.seed is not None else secrets.randbelow(2**31)
         record = RunRecord(model_id, served.name, owner, lora.rank, seed, lora.train_mlp,
                            lora.train_attn, lora.train_unembed,
-                           user_metadata=request.user_metadata)
+                           user_metadata=_metadata(request.user_metadata))
 
         def build() -> LocalTrainingClient:
             run_dir = self.store.create_run(record)
@@ -483,7 +491,7 @@ class ServerState:
         model_id = f"{session.session_id}:train:{request.model_seq_id}"
         record = RunRecord(model_id, served.name, owner, source.rank, source.seed,
                            source.train_mlp, source.train_attn, source.train_unembed,
-                           user_metadata=request.user_metadata)
+                           user_metadata=_metadata(request.user_metadata))
 
         def build() -> LocalTrainingClient:
             run_dir = self.store.create_run(record)
@@ -602,9 +610,18 @@ class ServerState:
         key = (served.source, served.dtype)
         with self._lock:
             if key not in self._bases:
-                self._bases[key] = self._loader.submit(
+                future = self._loader.submit(
                     lambda: load_model(served.source, served.dtype).to(resolve_device(self.device)))
+                future.add_done_callback(lambda done: self._forget_failed_base(key, done))
+                self._bases[key] = future
             return self._bases[key]
+
+    def _forget_failed_base(self, key: tuple[str, str], future: Future) -> None:
+        """Drop a base model that failed to load, so that a later sampler tries again."""
+        if future.cancelled() or future.exception() is not None:
+            with self._lock:
+                if self._bases.get(key) is future:
+                    del self._bases[key]
 
     def _tokenizer(self, source: str):
         from tinkerkit.models import load_tokenizer
