@@ -68,7 +68,7 @@ class Request:
         """
         try:
             data = json.loads(self.body or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, huge numbers, deep nesting
             raise RequestError(400, f"body is not JSON: {e}") from e
         if not isinstance(data, dict):
             raise RequestError(400, f"body must be a JSON object, got {type(data).__name__}")
@@ -92,6 +92,13 @@ class Request:
             raise RequestError(400, f"query parameter {name}={values[0]!r} must be an integer "
                                     f"in [0, {maximum}]")
         return value
+
+
+class _WeightsInfoRequest(pydantic.BaseModel):
+    """The body of ``/weights_info`` (the SDK sends a bare dict)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    tinker_path: str
 
 
 @dataclass
@@ -311,11 +318,8 @@ class Routes:
         return json_response({})
 
     def weights_info(self, request: Request) -> Response:
-        try:
-            path = json.loads(request.body)["tinker_path"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise RequestError(400, "weights_info takes {\"tinker_path\": ...}") from e
-        return json_response(self.state.weights_info(request.owner, path))
+        body = request.json(_WeightsInfoRequest)
+        return json_response(self.state.weights_info(request.owner, body.tinker_path))
 
     def external_weights_urls(self, request: Request) -> Response:
         params = request.params
@@ -369,7 +373,10 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError as e:
             self.close_connection = True
             raise RequestError(400, "Content-Length is not an integer") from e
-        if length < 0 or length > MAX_BODY_BYTES:
+        if length < 0:
+            self.close_connection = True
+            raise RequestError(400, "Content-Length is negative")
+        if length > MAX_BODY_BYTES:
             self.close_connection = True
             raise RequestError(413, f"request body of {length} bytes is over the "
                                     f"{MAX_BODY_BYTES} byte limit")

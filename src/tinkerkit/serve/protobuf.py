@@ -62,8 +62,8 @@ def decompress(body: bytes, encoding: str | None) -> bytes:
 def _chunk(datum_index: int, chunk: public_pb.Chunk) -> types.EncodedTextChunk:
     kind = chunk.WhichOneof("chunk")
     if kind != "encoded_text":
-        raise RequestError(400, f"datum {datum_index}: model_input chunk '{kind}' is not "
-                                "supported by tinkerkit serve (token chunks only)")
+        raise RequestError(400, f"datum {datum_index}: model_input chunk '{kind or 'empty'}' is "
+                                "not supported by tinkerkit serve (token chunks only)")
     raw = chunk.encoded_text.tokens
     if len(raw) % 4:
         raise RequestError(400, f"datum {datum_index}: encoded_text.tokens is not int32 bytes")
