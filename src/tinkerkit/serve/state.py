@@ -17,8 +17,9 @@ problem (a bad datum, an unknown checkpoint) fails its future instead of the HTT
 ``seq_id`` is consumed and the requests behind it still run.
 
 Sessions. A session belongs to the API key that created it. The SDK heartbeats every 10 s; a
-session finished by the client (``ServiceClient.close``) or silent for
-``session_timeout_seconds`` releases its models and samplers (their checkpoints stay on disk).
+session finished by the client (``ServiceClient.close``) or silent (no heartbeat, no request of
+its models or samplers) for ``session_timeout_seconds`` releases its models and samplers (their
+checkpoints stay on disk).
 
 Sampling. Base weights for sampling are loaded once per served model and shared by every
 sampler of that model (each adds its adapter on a copy that shares the base weights); a
@@ -54,6 +55,8 @@ log = logging.getLogger("tinkerkit.serve")
 
 SESSION_TIMEOUT_SECONDS = 600.0
 """A session without heartbeat or request for this long is released (the SDK beats every 10 s)."""
+FINISHED_SESSION_SECONDS = 3600.0
+"""How long a finished session is remembered (its heartbeats answer 410, then 404)."""
 DOWNLOAD_URL_SECONDS = 3600
 """Lifetime of an external-weights download URL."""
 _SEEN_SEQ_IDS = 1024
@@ -180,6 +183,7 @@ class Session:
     owner: str
     last_seen: float = field(default_factory=time.monotonic)
     finished: bool = False
+    finished_at: float = 0.0
     models: dict[int, ModelRunner] = field(default_factory=dict)
     samplers: dict[int, str] = field(default_factory=dict)  # sampling_session_seq_id -> id
 
@@ -252,6 +256,13 @@ class ServerState:
         session.last_seen = time.monotonic()
         return session
 
+    def _touch(self, session_id: str) -> None:
+        """A request of one of the session's models or samplers keeps the session alive."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is not None:
+            session.last_seen = time.monotonic()
+
     def heartbeat(self, owner: str, session_id: str) -> types.SessionHeartbeatResponse:
         """Keep a session alive (410 once it finished)."""
         self._session(session_id, owner)
@@ -265,7 +276,7 @@ class ServerState:
         with self._lock:
             if session.finished:
                 return
-            session.finished = True
+            session.finished, session.finished_at = True, time.monotonic()
             runners = list(session.models.values())
             for runner in runners:
                 self._runners.pop(runner.model_id, None)
@@ -278,11 +289,15 @@ class ServerState:
         log.info("session %s %s; released %d model(s)", session.session_id, why, len(runners))
 
     def release_idle_sessions(self) -> None:
-        """Release sessions silent for longer than ``session_timeout_seconds``."""
+        """Release sessions silent for longer than ``session_timeout_seconds``, and forget
+        sessions finished more than :data:`FINISHED_SESSION_SECONDS` ago."""
         now = time.monotonic()
         with self._lock:
             idle = [s for s in self._sessions.values()
                     if not s.finished and now - s.last_seen > self.session_timeout_seconds]
+            for old in [s for s in self._sessions.values()
+                        if s.finished and now - s.finished_at > FINISHED_SESSION_SECONDS]:
+                del self._sessions[old.session_id]
         for session in idle:
             self._release(session, f"sent no heartbeat for {self.session_timeout_seconds:.0f} s")
 
@@ -298,6 +313,7 @@ class ServerState:
                 hint = (" (not loaded: its session ended or the server restarted; create a "
                         "training client from one of its checkpoints)")
             raise RequestError(404, f"model '{model_id}' not found{hint}")
+        self._touch(model_id.split(":train:")[0])
         return runner
 
     def _register(self, session: Session, model_seq_id: int, record: RunRecord,
@@ -680,6 +696,7 @@ class ServerState:
             sampler = self._samplers.get(sampler_id)
         if sampler is None or sampler.owner != owner:
             raise RequestError(404, f"sampling session '{sampler_id}' not found")
+        self._touch(sampler_id.split(":sample:")[0])
         return sampler
 
     def get_sampler(self, owner: str, sampler_id: str) -> types.GetSamplerResponse:
