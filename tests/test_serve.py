@@ -348,6 +348,27 @@ def test_finished_session_stops_heartbeats(server, tiny_model):
     assert answer.status_code == 410
 
 
+def test_pending_futures_answer_try_again(tmp_path, tiny_model):
+    with running_server(tmp_path / "root", long_poll_seconds=0.2) as running, \
+            service(running.url) as client:
+        training = client.create_lora_training_client(tiny_model, **LORA).result()
+        request = types.ForwardBackwardRequest(  # seq ids 1-4 never come: it waits
+            forward_backward_input=types.ForwardBackwardInput(data=datums(),
+                                                              loss_fn="cross_entropy"),
+            model_id=training.model_id, seq_id=5)
+        headers = {"X-API-Key": KEY}
+        submitted = httpx.post(
+            f"{running.url}/api/v1/forward_backward",
+            headers={**headers, "Content-Type": protobuf.PROTO_CONTENT_TYPE},
+            content=forward_backward_request_to_proto(request).SerializeToString()).json()
+        polled = httpx.post(f"{running.url}/api/v1/retrieve_future", headers=headers,
+                            json={"request_id": submitted["request_id"]})
+        assert polled.json() == {"type": "try_again", "request_id": submitted["request_id"],
+                                 "queue_state": "active"}
+        # the SDK's own requests (seq 1, 2) still run, polling through try_again answers
+        assert training.forward(datums(), "cross_entropy").result().metrics["loss:sum"] > 0
+
+
 def test_silent_sessions_are_released(server, tiny_model):
     with service(server.url) as client:
         training = client.create_lora_training_client(tiny_model, **LORA).result()

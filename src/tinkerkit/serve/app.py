@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pydantic
 from tinker import types
+from tinker.types.try_again_response import TryAgainResponse
 
 from tinkerkit.errors import ConfigError, RequestError
 from tinkerkit.serve import protobuf
@@ -279,8 +280,8 @@ class Routes:
             raise RequestError(404, f"future '{body.request_id}' not found (unknown, expired or "
                                     "another key's)")
         if not future.wait(self.long_poll_seconds):
-            return json_response(types.TryAgainResponse(request_id=future.request_id,
-                                                        queue_state="active"))
+            return json_response(TryAgainResponse(request_id=future.request_id,
+                                                  queue_state="active"))
         if future.error is not None:
             message, category = future.error
             return json_response(types.RequestFailedResponse(error=message, category=category))

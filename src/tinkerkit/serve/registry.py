@@ -31,7 +31,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tinkerkit.errors import ConfigError, RequestError
-from tinkerkit.models import REGISTRY, hub_id_of
+from tinkerkit.models import REGISTRY, hub_id_of, resolve_model
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ class ServedModel:
             registry name.
         dtype: Base-model dtype (``float32``, ``bfloat16``, ``float16``).
         tokenizer_id: The tokenizer that ``get_info`` reports (the SDK's ``get_tokenizer``
-            loads it with ``AutoTokenizer.from_pretrained``).
+            loads it with ``AutoTokenizer.from_pretrained``); None: see
+            :meth:`ModelRegistry.tokenizer_id`.
     """
 
     name: str
@@ -137,7 +138,7 @@ class ModelRegistry:
         if name in self._served:
             return self._served[name]
         if name in REGISTRY:
-            return ServedModel(name, name, tokenizer_id=hub_id_of(name))
+            return ServedModel(name, name)
         if self._allow_paths and name.startswith(("/", "~", ".")):
             path = Path(name).expanduser()
             if _is_model_dir(path):
@@ -145,3 +146,16 @@ class ModelRegistry:
         paths = " or a HF model directory on the server" if self._allow_paths else ""
         raise RequestError(400, f"base model '{name}' is not served here; served models: "
                                 f"{', '.join(self.names())}{paths}")
+
+    def tokenizer_id(self, served: ServedModel) -> str:
+        """The tokenizer ``get_info`` reports for a served model.
+
+        The models file's ``tokenizer_id`` (default: the name); for a tinkerkit registry name,
+        its local directory on a loopback bind (clients share this machine, so the SDK's
+        ``get_tokenizer()`` works offline), else its hub id.
+        """
+        if served.tokenizer_id is not None:
+            return served.tokenizer_id
+        if self._allow_paths:
+            return str(resolve_model(served.source))
+        return hub_id_of(served.source)

@@ -383,7 +383,7 @@ class ServerState:
         served = runner.served
         return types.GetInfoResponse(
             model_data=types.ModelData(arch=arch, model_name=served.name,
-                                       tokenizer_id=served.tokenizer_id),
+                                       tokenizer_id=self.registry.tokenizer_id(served)),
             model_id=runner.model_id, is_lora=True, lora_rank=runner.record.rank,
             model_name=served.name)
 
@@ -755,10 +755,8 @@ class ServerState:
 
     def capabilities(self) -> types.GetServerCapabilitiesResponse:
         """The served base models."""
-        from tinker.types.get_server_capabilities_response import SupportedModel
-
         return types.GetServerCapabilitiesResponse(supported_models=[
-            SupportedModel(model_name=name, trainable=True, sampleable=True)
+            types.SupportedModel(model_name=name, trainable=True, sampleable=True)
             for name in self.registry.names()])
 
     def close(self) -> None:
