@@ -150,8 +150,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (exit code 2), like every other tinkerkit error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="tinkerkit", description="LoRA fine-tuning for the Tinker workflow: split, stats, "
         "train, eval, export, demo. Run `tinkerkit COMMAND -h` for a command's options.")
     sub = parser.add_subparsers(dest="command", required=True)
