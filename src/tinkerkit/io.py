@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tinkerkit.errors import DataError
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -88,14 +90,29 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read the complete lines of a JSON Lines file written by :func:`append_jsonl`.
 
     A last line without a trailing newline (a torn append) is ignored; missing file -> ``[]``.
+
+    Raises:
+        DataError: A complete line is not UTF-8 JSON (the file was edited or damaged); the
+            message names the file and the line.
     """
     path = Path(path)
     if not path.exists():
         return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    complete = lines[:-1]  # the part after the last "\n" is either "" or a torn line
-    return [json.loads(line) for line in complete if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"invalid UTF-8 at byte offset {e.start}", path=str(path)) from None
+    complete = text.split("\n")[:-1]  # the part after the last "\n" is either "" or a torn line
+    records = []
+    for n, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", path=str(path),
+                            line=n) from None
+    return records
 
 
 def read_json(path: str | os.PathLike) -> Any:
