@@ -155,7 +155,8 @@ def plan_steps(n_examples: int, config: TrainConfig) -> tuple[int, int]:
     """
     if config.batch_size > n_examples:
         raise ConfigError(f"BATCH_SIZE={config.batch_size} is larger than the {n_examples} "
-                          "training examples; lower it or add data")
+                          f"training examples of {', '.join(config.data_files)}; lower it or "
+                          "add data")
     per_epoch = batches_per_epoch(n_examples, config.batch_size)
     all_epochs = per_epoch * config.num_epochs
     return per_epoch, min(config.max_steps or all_epochs, all_epochs)
@@ -323,15 +324,21 @@ def load_examples(config: TrainConfig, tokenizer, console: Console) -> list[Rend
     examples, stats = make_renderer(config, tokenizer).render_dataset(conversations)
     print_render_stats(stats, console, config.max_sequence_length, skipped_records=skipped)
     if config.on_error == "raise" and stats.failed:
-        source, reason = next((s, r) for s, r in stats.reasons if s)
-        raise DataError(f"{reason} (set ON_ERROR=skip to skip such records)", path=source)
+        source, reason = stats.failures[0]
+        raise DataError(f"{reason} (set ON_ERROR=skip to skip such records)", path=source,
+                        field="messages")
     warning = truncation_warning(stats, config.max_sequence_length, config.truncation_warn_ratio)
     if warning and config.strict:
         raise ConfigError(f"{warning} (STRICT: stopped before training)")
     if warning:
         console.print(f"[yellow]Warning: {warning}[/yellow]")
     if not examples:
-        raise DataError("no training example left after rendering (see the statistics above)")
+        where, reason = stats.reasons[0]
+        over = render_stats_dict(stats, config.max_sequence_length)["over_max_length"]
+        raise DataError(f"no training example left after rendering: {stats.skipped} skipped and "
+                        f"{stats.failed} failed of {stats.total}, {over} longer than "
+                        f"MAX_SEQUENCE_LENGTH={config.max_sequence_length} (first: {where}: "
+                        f"{reason})", path=", ".join(config.data_files))
     return examples
 
 
