@@ -269,8 +269,10 @@ def config_for_resume(run_dir: Path, overrides: dict | None = None) -> TrainConf
     except (OSError, ValueError) as e:
         raise ConfigError(f"{run_dir / CONFIG_FILE}: cannot read the run's config: {e}") from e
     values = {k.lower(): v for k, v in saved.items()}
+    origins = dict.fromkeys(values, str(run_dir / CONFIG_FILE))
     values.update(overrides or {})
-    return build_config(values)
+    origins.update(dict.fromkeys(overrides or {}, "the command line"))
+    return build_config(values, origins)
 
 
 def truncate_logs(run_dir: Path, step: int) -> None:
