@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir")
     p.add_argument("--resume", metavar="PATH", help="a run directory or checkpoint to continue")
     p.add_argument("--init-from", metavar="CHECKPOINT",
-                   help="start a new stage from a checkpoint's weights (fresh optimizer)")
+                   help="start a new stage from a checkpoint's weights (fresh optimizer); a run "
+                   "directory means its latest checkpoint")
     p.add_argument("--data", nargs="+", help="DATA_FILES")
     p.add_argument("--model", help="BASE_MODEL")
     p.add_argument("--rank", type=int, help="LORA_RANK")

@@ -50,6 +50,7 @@ from tinkerkit.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     read_checkpoint_meta,
+    resolve_checkpoint,
 )
 from tinkerkit.config import LRSchedule, TrainConfig, build_config
 from tinkerkit.data.conversation import Conversation
@@ -428,7 +429,8 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
         config: The validated settings.
         run_dir: Where logs and checkpoints go (default ``config.run_dir`` or ``runs/<time>``).
         resume: A run directory or checkpoint to continue exactly (weights, optimizer, data order).
-        init_from: A checkpoint whose weights start a new stage with a fresh optimizer and schedule.
+        init_from: A checkpoint (or a run directory: its latest one) whose weights start a new
+            stage with a fresh optimizer and schedule.
         console: Where to print (default: a new rich console).
 
     Returns:
@@ -449,6 +451,8 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
     run_dir = Path(run_dir or config.run_dir or default_run_dir())
     if not resume:
         check_new_run_dir(run_dir)
+    if init_from:  # a run directory means its latest checkpoint, as for eval and export
+        init_from = resolve_checkpoint(init_from)
     # Data first: a bad file or too many long examples fail in seconds, before the model loads.
     tokenizer = load_tokenizer(config.base_model)
     held_out = load_held_out(config, tokenizer, console)
