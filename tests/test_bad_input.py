@@ -29,7 +29,7 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -57,6 +57,10 @@ class World:
     def checkpoint(self) -> Path:
         return self.run / "checkpoints" / "step_000002"
 
+    def inputs(self) -> list[Path]:
+        """Every directory of shared inputs (models, data, run), for the before/after hashes."""
+        return [Path(self.model), self.data.parent]
+
 
 @dataclass(frozen=True)
 class Case:
@@ -67,7 +71,7 @@ class Case:
     outcome: str
     expect: tuple[str, ...] = ()
     comment: str = ""
-    writes: tuple[str, ...] = field(default=())  # names a SKIP case may create in its directory
+    writes: tuple[str, ...] = ()  # what a SKIP case may create in its directory (its outputs)
 
 
 # -- input builders ------------------------------------------------------------------------------
@@ -162,9 +166,15 @@ def export(d: Path, checkpoint: str) -> list[str]:
     return ["export", checkpoint, "--output", str(d / "exported")]
 
 
-def evaluate(d: Path, w: World, *extra: str) -> list[str]:
-    return ["eval", "--data", str(w.data), "--limit", "1", "--max-tokens", "4",
-            "--output", str(d / "results.json"), "--set", "DEVICE=cpu", *extra]
+def evaluate(d: Path, w: World, *extra: str, data: str | None = None,
+             output: str | None = None) -> list[str]:
+    return ["eval", "--data", data or str(w.data), "--limit", "1", "--max-tokens", "4",
+            "--output", output or str(d / "results.json"), "--set", "DEVICE=cpu", *extra]
+
+
+def evaluate_into_the_test_file(d: Path, w: World) -> list[str]:
+    test_file = write(d, "test.json", json.dumps(GOOD))
+    return evaluate(d, w, "--model", w.model, data=test_file, output=test_file)
 
 
 def long_record(chars: int) -> dict:
@@ -183,7 +193,8 @@ def damaged_model(d: Path, w: World, file: str) -> list[str]:
 
 
 # -- the table -------------------------------------------------------------------------------------
-# Each row: id, setup -> argv, outcome, strings the error line (or the report) must contain.
+# Each row: id, setup -> argv, the expected outcome (ERROR: one line, exit 1 or 2; SKIP: exit 0 and
+# a count), the strings that line (or the report) must contain, and why, where it is not plain.
 
 CASES = [
     # ---- data files ----
@@ -285,6 +296,19 @@ CASES = [
     Case("every_record_longer_than_max_length_no_truncation",
          lambda d, w: train(d, w, "--max-length", "16", "--set", "TRUNCATE_LONG_SEQUENCES=false"),
          ERROR, ("train.jsonl", "no training example left", "MAX_SEQUENCE_LENGTH=16")),
+    Case("thinking_not_text",
+         lambda d, w: split(d, with_bad({"messages": [
+             {"role": "user", "content": "q"},
+             {"role": "assistant", "content": "a", "thinking": 7}]})),
+         ERROR, ("data.jsonl:2", "messages[1].thinking", "got number")),
+    Case("s1k_trajectories_not_a_list",
+         lambda d, w: split(d, jsonl([{"question": "q", "thinking_trajectories": "t",
+                                       "attempt": "a"}] * 2)),
+         ERROR, ("data.jsonl:1", "thinking_trajectories", "got string")),
+    Case("parquet_file_unreadable", lambda d, w: split(d, os.urandom(300), "data.parquet"),
+         ERROR, ("data.parquet", "Parquet")),
+    Case("train_data_path_is_a_directory", lambda d, w: train(d, w, data=str(d)), ERROR,
+         ("case", "is a directory")),
     # ---- config files ----
     Case("config_mistyped_key", lambda d, w: config(d, w, "cfg.py", "LERNING_RATE = 1e-4\n"),
          ERROR, ("cfg.py", "LERNING_RATE", "did you mean LEARNING_RATE")),
@@ -353,11 +377,31 @@ CASES = [
                                                         "--num-samples", "0"),
          ERROR, ("num_samples", "0")),
     Case("eval_output_is_a_directory",
-         lambda d, w: [*evaluate(d, w, "--model", w.model), "--output", str(d)], ERROR,
+         lambda d, w: evaluate(d, w, "--model", w.model, output=str(d)), ERROR,
          ("--output", "cannot be written")),
+    Case("eval_output_is_the_test_file", evaluate_into_the_test_file, ERROR,
+         ("--output", "test.json", "overwrite the input"),
+         "the results would replace the data being evaluated"),
+    Case("eval_output_inside_the_checkpoint",
+         lambda d, w: evaluate(d, w, "--checkpoint", copy_checkpoint(d, w, lambda c: None),
+                               output=str(d / "ckpt" / "tinkerkit_state.json")),
+         ERROR, ("--output", "overwrite the input", "ckpt")),
     Case("eval_compare_missing_file",
          lambda d, w: ["eval", "--compare", str(d / "a.json"), str(d / "b.json")], ERROR,
          ("a.json",)),
+    Case("run_dir_holds_another_run", lambda d, w: train(d, w)[:-4] + [
+        "--run-dir", copy_run(d, w), "--set", "DEVICE=cpu"], ERROR,
+         ("--run-dir", "already holds a run", "--resume")),
+    Case("run_dir_is_a_file", lambda d, w: train(d, w)[:-4] + [
+        "--run-dir", write(d, "file", "x"), "--set", "DEVICE=cpu"], ERROR,
+         ("--run-dir", "file", "not a directory")),
+    Case("stats_max_length_zero", lambda d, w: ["stats", str(w.data), "--max-length", "0"],
+         ERROR, ("--max-length", "positive integer")),
+    Case("export_unknown_dtype",
+         lambda d, w: ["export", str(w.checkpoint), "--output", str(d / "e"), "--dtype", "int8"],
+         ERROR, ("--dtype", "'int8'")),
+    Case("set_data_files_empty", lambda d, w: train(d, w, "--set", "DATA_FILES="), ERROR,
+         ("DATA_FILES",)),
     # ---- model names ----
     Case("model_name_resolving_to_nothing",
          lambda d, w: ["stats", str(w.data), "--model", "no-such-model"], ERROR,
@@ -433,6 +477,12 @@ CASES = [
          lambda d, w: ["train", "--resume", copy_run(
              d, w, lambda r: truncate_file(r / "config.json", 30))],
          ERROR, ("run/config.json", "cannot read the run's config")),
+    Case("init_from_a_missing_path",
+         lambda d, w: train(d, w, "--init-from", str(d / "gone")), ERROR,
+         ("checkpoint", "gone", "not a directory"), "refused before the data is read"),
+    Case("eval_checkpoint_is_an_empty_directory",
+         lambda d, w: evaluate(d, w, "--checkpoint", str(Path(write(d, "c/x", "")).parent)),
+         ERROR, ("c", "adapter_config.json is missing")),
     Case("resume_a_directory_that_is_no_run", lambda d, w: ["train", "--resume", str(d)], ERROR,
          ("not a run directory",)),
 ]
@@ -485,7 +535,7 @@ def check_case(case: Case, world: World, tmp_path: Path, runner) -> str:
     case_dir = tmp_path / "case"
     case_dir.mkdir()
     argv = case.setup(case_dir, world)
-    inputs = snapshot(case_dir, Path(world.model), Path(world.other_model), world.data.parent)
+    inputs = snapshot(case_dir, *world.inputs())
     before = set(case_dir.rglob("*"))
     code, out, err = runner(argv)
     lines = [line for line in err.splitlines() if line.strip()]
@@ -509,7 +559,7 @@ def check_case(case: Case, world: World, tmp_path: Path, runner) -> str:
                if p not in before}
         assert new <= set(case.writes), new
         outcome = "ok, " + "; ".join(case.expect)
-    after = snapshot(case_dir, Path(world.model), Path(world.other_model), world.data.parent)
+    after = snapshot(case_dir, *world.inputs())
     assert {path: after.get(path) for path in inputs} == inputs, "an input file changed"
     return outcome
 
@@ -525,7 +575,8 @@ def test_the_table_has_every_case_the_issue_lists():
               "batch_size_larger_than_dataset", "test_ratio_zero", "test_ratio_one",
               "model_name_resolving_to_nothing", "checkpoint_missing_weights_file",
               "checkpoint_truncated_weights_file", "eval_checkpoint_on_a_different_base_model",
-              "init_from_a_different_rank", "data_path_is_a_directory"}
+              "init_from_a_different_rank", "resume_with_a_different_base_model",
+              "data_path_is_a_directory"}
     assert listed <= ids, listed - ids
 
 
