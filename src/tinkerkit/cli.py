@@ -170,8 +170,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (exit code 2), like every other tinkerkit error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="tinkerkit", description="LoRA fine-tuning for the Tinker workflow: split, stats, "
         "train, eval, export, demo. Run `tinkerkit COMMAND -h` for a command's options.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir")
     p.add_argument("--resume", metavar="PATH", help="a run directory or checkpoint to continue")
     p.add_argument("--init-from", metavar="CHECKPOINT",
-                   help="start a new stage from a checkpoint's weights (fresh optimizer)")
+                   help="start a new stage from a checkpoint's weights (fresh optimizer); a run "
+                   "directory means its latest checkpoint")
     p.add_argument("--data", nargs="+", help="DATA_FILES")
     p.add_argument("--model", help="BASE_MODEL")
     p.add_argument("--rank", type=int, help="LORA_RANK")

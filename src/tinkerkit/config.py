@@ -241,7 +241,8 @@ def _parse_scalar(text: str) -> Any:
     return value
 
 
-def _format_validation(error: ValidationError, values: dict[str, Any]) -> str:
+def _format_validation(error: ValidationError, values: dict[str, Any],
+                       origins: dict[str, str]) -> str:
     problems = []
     for item in error.errors():
         name = str(item["loc"][0]) if item["loc"] else "?"
@@ -250,20 +251,25 @@ def _format_validation(error: ValidationError, values: dict[str, Any]) -> str:
             continue
         value = values.get(name, item.get("input"))
         message = item["msg"].removeprefix("Value error, ")
-        problems.append(f"{name.upper()}={value!r}: {message}")
+        where = f"{origins[name]}: " if name in origins else ""
+        problems.append(f"{where}{name.upper()}={value!r}: {message}")
     return "invalid config: " + "; ".join(problems)
 
 
-def build_config(values: dict[str, Any]) -> TrainConfig:
+def build_config(values: dict[str, Any], origins: dict[str, str] | None = None) -> TrainConfig:
     """Validate lower-case field values into a :class:`TrainConfig`.
 
+    Args:
+        values: Lower-case field values.
+        origins: Where each value came from (a config file, ``--set``, ...), named in errors.
+
     Raises:
-        ConfigError: Listing every invalid key and value.
+        ConfigError: Listing every invalid key and value, and where each came from.
     """
     try:
         return TrainConfig(**values)
     except ValidationError as e:
-        raise ConfigError(_format_validation(e, values)) from None
+        raise ConfigError(_format_validation(e, values, origins or {})) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -278,10 +284,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     Raises:
         ConfigError: Unreadable file, unknown key (with a suggestion), or invalid value.
     """
-    values: dict[str, Any] = {}
+    layers = []
     if path is not None:
-        path = Path(path)
-        values.update(_normalize_keys(_read_file(path), str(path)))
-    values.update({k: v for k, v in fields.items() if v is not None})
-    values.update(parse_overrides(overrides or []))
-    return build_config(values)
+        layers.append((str(path), _normalize_keys(_read_file(Path(path)), str(path))))
+    layers.append(("the command line", {k: v for k, v in fields.items() if v is not None}))
+    layers.append(("--set", parse_overrides(overrides or [])))
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for origin, layer in layers:
+        values.update(layer)
+        origins.update(dict.fromkeys(layer, origin))
+    return build_config(values, origins)

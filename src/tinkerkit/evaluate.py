@@ -522,14 +522,20 @@ def _base_model_of(checkpoint: str | None, default: str) -> str:
     return default
 
 
-def _check_writable(path: Path) -> None:
-    """Fail before hours of sampling, not after, when ``path`` cannot be written."""
+def _check_writable(path: Path, inputs: Sequence[str | Path] = ()) -> None:
+    """Fail before hours of sampling, not after, when ``path`` (or its ``.md`` report beside it)
+    cannot be written, or would overwrite one of ``inputs`` or a file inside one of them."""
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
     if path.is_dir() or not parent.is_dir():
         raise ConfigError(f"--output {path}: cannot be written (a directory, or a file stands "
                           "where a directory should be)")
+    for target in (path.resolve(), path.with_suffix(".md").resolve()):
+        for given in map(Path, inputs):
+            if target == given.resolve() or target.is_relative_to(given.resolve()):
+                raise ConfigError(f"--output {path}: writing {target.name} would overwrite the "
+                                  f"input {given}; choose another --output")
 
 
 def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
@@ -564,7 +570,7 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
         from tinkerkit.checkpoint import resolve_checkpoint
 
         checkpoint = resolve_checkpoint(checkpoint)
-    _check_writable(Path(output))
+    _check_writable(Path(output), [*data, *([checkpoint] if checkpoint else [])])
     settings = settings_from_config(config, num_samples)
     settings.validate()
     loaded = load_conversations(data, format=config.data_format, on_error=config.on_error)

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from tinkerkit.errors import ModelError
 
 
@@ -170,9 +172,33 @@ def _from_pretrained(loader: Callable, name: str, **kwargs):
                                      "directory or a registry name: "
                                      f"{', '.join(sorted(REGISTRY))}") from None
         return loader(source, **kwargs)
-    except OSError as e:  # missing files, a hub id that does not exist
-        raise ModelError(f"model '{name}' could not be loaded from {source}: "
-                         f"{str(e).splitlines()[0]}") from e
+    except ModelError:
+        raise
+    except (OSError, ValueError, SafetensorError) as e:  # missing or damaged files, unknown ids
+        damaged = _damaged_file(source) if isinstance(source, Path) else None
+        reason = f"{damaged} is damaged: " if damaged else ""
+        raise ModelError(f"model '{name}' could not be loaded from {source}: {reason}"
+                         f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def _damaged_file(directory: Path) -> str | None:
+    """The first JSON or safetensors file of a model directory that does not parse, if any."""
+    import json
+
+    from safetensors import safe_open
+
+    for path in sorted(directory.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return path.name
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt") as f:  # reads the header only
+                f.keys()
+        except (SafetensorError, OSError):
+            return path.name
+    return None
 
 
 def load_tokenizer(name: str):

@@ -109,6 +109,7 @@ class RenderStats:
         failed: Examples that could not be rendered (no assistant turn, template error, ...).
         lost_end_of_turn: Truncated examples whose end-of-turn token was cut.
         reasons: ``(source, reason)`` of skipped and failed examples, in order.
+        failures: ``(source, reason)`` of the failed examples only, in order.
     """
 
     lengths: list[int] = field(default_factory=list)
@@ -118,6 +119,7 @@ class RenderStats:
     failed: int = 0
     lost_end_of_turn: int = 0
     reasons: list[tuple[str, str]] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -225,10 +227,15 @@ class Renderer:
             end-of-turn token, 0.0 elsewhere), both of length N.
 
         Raises:
-            RenderSkip: (failed) No assistant message, or the template cannot be split.
+            RenderSkip: (failed) No assistant message, a last message that is not the
+                assistant's, or the template cannot be split.
         """
         if not any(m.role == "assistant" for m in conversation.messages):
             raise RenderSkip("failed", "no assistant message to learn from")
+        if conversation.messages[-1].role != "assistant":  # a cut conversation, most likely
+            raise RenderSkip("failed", f"the conversation ends with a "
+                             f"{conversation.messages[-1].role} turn, after its last assistant "
+                             "message (a cut conversation?)")
         tokens: list[int] = []
         weights: list[float] = []
         for text, trained in self.segments(conversation):
@@ -286,10 +293,13 @@ class Renderer:
                 stats.reasons.append((conversation.source or "?", skip.reason))
                 if skip.kind == "skipped":
                     stats.lengths.append(self._safe_length(conversation))
+                else:
+                    stats.failures.append(stats.reasons[-1])
                 continue
             except Exception as e:  # a template that raises on this record (TemplateError, ...)
                 stats.failed += 1
                 stats.reasons.append((conversation.source or "?", f"{type(e).__name__}: {e}"))
+                stats.failures.append(stats.reasons[-1])
                 continue
             examples.append(example)
             stats.processed += 1

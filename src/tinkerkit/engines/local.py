@@ -714,9 +714,7 @@ class LocalTrainingClient:
         return self._submit(self._load, Path(path), True)
 
     def _check_compatible(self, meta: dict, path: Path) -> None:
-        if _model_key(meta.get("base_model")) != _model_key(self.base_model):
-            raise CheckpointError(f"checkpoint {path}: base model '{meta.get('base_model')}' "
-                                  f"differs from this client's '{self.base_model}'")
+        check_base_model(meta, path, self.base_model)
         ours = {"rank": self.rank, "alpha": self.alpha, "target_modules": self.target_modules,
                 "train_unembed": self.train_unembed}
         for field, value in ours.items():
@@ -818,6 +816,17 @@ def _model_key(name: str | None) -> str | None:
     except ModelError:  # an unresolvable name compares as written
         return name
     return str(resolved.resolve()) if isinstance(resolved, Path) else resolved
+
+
+def check_base_model(meta: dict, path: str | Path, base_model: str) -> None:
+    """Refuse a checkpoint (its ``tinkerkit_state.json`` ``meta``) trained on another base model.
+
+    Raises:
+        CheckpointError: ``meta["base_model"]`` and ``base_model`` resolve to different models.
+    """
+    if _model_key(meta.get("base_model")) != _model_key(base_model):
+        raise CheckpointError(f"checkpoint {path}: trained on base model "
+                              f"'{meta.get('base_model')}', not on '{base_model}'")
 
 
 def create_training_client_from_state(path: str | Path, *, with_optimizer: bool,
