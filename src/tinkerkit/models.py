@@ -89,6 +89,40 @@ REGISTRY: dict[str, RegistryEntry] = {
 }
 
 
+# Tinker base model names (hub ids) -> the registry entry that holds the same tokenizer, so that
+# these names tokenize offline. An entry counts only once its registry name exists; until then the
+# name falls through to the hub. Hub ids of registry models map to their entry without a line here.
+# Left out on purpose: the Qwen3 "-2507" Instruct models (their chat template has no thinking
+# switch) and the vision models; they load from the hub (or the Tinker SDK's tokenizer lookup).
+TOKENIZER_ALIASES: dict[str, str] = {
+    "Qwen/Qwen3-8B": "qwen3-tokenizer",
+    "Qwen/Qwen3-8B-Base": "qwen3-tokenizer",
+    "Qwen/Qwen3-32B": "qwen3-tokenizer",
+    "Qwen/Qwen3-30B-A3B": "qwen3-tokenizer",
+    "Qwen/Qwen3-30B-A3B-Base": "qwen3-tokenizer",
+}
+
+
+def registry_name_of(name: str) -> str | None:
+    """The registry name for ``name``: itself if it is one, or the entry whose hub id it is."""
+    if name in REGISTRY:
+        return name
+    return next((entry.name for entry in REGISTRY.values() if entry.hub_id == name), None)
+
+
+def offline_tokenizer(name: str) -> str | None:
+    """The registry name whose tokenizer serves model ``name`` offline, or None.
+
+    A registry name or a registry model's hub id gives that entry; a name in
+    :data:`TOKENIZER_ALIASES` gives its entry when the registry has it.
+    """
+    known = registry_name_of(name)
+    if known is not None:
+        return known
+    alias = TOKENIZER_ALIASES.get(name)
+    return alias if alias in REGISTRY else None
+
+
 def _is_model_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
@@ -178,12 +212,16 @@ def _from_pretrained(loader: Callable, name: str, **kwargs):
 def load_tokenizer(name: str):
     """Load the tokenizer (with its chat template) of a model argument.
 
+    A hub id that tinkerkit knows offline (:func:`offline_tokenizer`) loads the registry's copy,
+    without a hub call.
+
     Raises:
         ModelError: The model cannot be resolved or its tokenizer cannot be loaded.
     """
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer.from_pretrained, name)
+    local = None if _is_model_dir(Path(name).expanduser()) else offline_tokenizer(name)
+    return _from_pretrained(AutoTokenizer.from_pretrained, local or name)
 
 
 def load_model(name: str, dtype: str = "float32"):
