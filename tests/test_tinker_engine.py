@@ -9,7 +9,7 @@ import tinker
 from tinkerkit import models
 from tinkerkit.config import load_config
 from tinkerkit.engines import tinker as engine
-from tinkerkit.errors import ConfigError, EngineError
+from tinkerkit.errors import ConfigError, EngineError, ModelError
 
 CANARY = "tml-canary-7f3a9c2e51d84b6f"
 
@@ -99,7 +99,7 @@ def test_known_base_models_tokenize_offline(monkeypatch):
     def no_hub(*args, **kwargs):
         raise AssertionError("the hub (or the SDK's lookup) was asked")
 
-    monkeypatch.setattr(models, "_hub_reachable", no_hub)
+    monkeypatch.setattr(models, "hub_reachable", no_hub)
     monkeypatch.setattr(tinker.lib.public_interfaces.sampling_client,
                         "_load_tokenizer_from_model_info", no_hub)
     hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -123,5 +123,11 @@ def test_unknown_base_models_fall_back_to_the_sdk_lookup(monkeypatch):
 
     monkeypatch.setattr(tinker.lib.public_interfaces.sampling_client,
                         "_load_tokenizer_from_model_info", sdk_lookup)
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)
     assert engine.load_tinker_tokenizer("meta-llama/Llama-3.1-8B", "hint") == "the SDK's tokenizer"
     assert asked == [("meta-llama/Llama-3.1-8B", "hint")]
+    # Offline, the local HF cache answers at once instead of the hub client's retries.
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache and the hub cannot"):
+        engine.load_tinker_tokenizer("Nobody/NoModel-1B")
+    assert len(asked) == 1

@@ -180,7 +180,7 @@ def hub_id_of(name: str) -> str:
     return entry.hub_id if entry and entry.hub_id else name
 
 
-def _hub_reachable(host: str = "huggingface.co", timeout_seconds: float = 3.0) -> bool:
+def hub_reachable(host: str = "huggingface.co", timeout_seconds: float = 3.0) -> bool:
     """Whether the HF hub answers a TCP connection (so a download can be tried at all)."""
     import socket
 
@@ -198,7 +198,7 @@ def _from_pretrained(loader: Callable, name: str, **kwargs):
             try:
                 return loader(source, local_files_only=True, **kwargs)
             except OSError:
-                if not _hub_reachable():
+                if not hub_reachable():
                     raise ModelError(f"model '{name}' is not in the local Hugging Face cache and "
                                      "the hub cannot be reached (offline?); use a local model "
                                      "directory or a registry name: "

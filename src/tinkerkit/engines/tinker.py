@@ -239,17 +239,20 @@ def load_tinker_tokenizer(base_model: str, tokenizer_id: str | None = None):
 
     Order: a local model directory or a name the registry knows offline
     (:func:`tinkerkit.models.offline_tokenizer`: registry names, their hub ids and
-    :data:`tinkerkit.models.TOKENIZER_ALIASES`); else the SDK's own lookup, the one
-    ``TrainingClient.get_tokenizer`` runs (the hub, with the SDK's substitutions for gated
-    models; ``tokenizer_id`` is the server's hint from ``get_info``).
+    :data:`tinkerkit.models.TOKENIZER_ALIASES`); else, when the Hugging Face hub answers, the
+    SDK's own lookup, the one ``TrainingClient.get_tokenizer`` runs (with the SDK's substitutions
+    for gated models; ``tokenizer_id`` is the server's hint from ``get_info``); else the local
+    Hugging Face cache (in seconds, rather than the hub client's retries).
 
     Raises:
-        ModelError: Neither finds a tokenizer.
+        ModelError: None of these has the tokenizer.
     """
-    from tinkerkit.models import load_tokenizer, offline_tokenizer
+    from tinkerkit import models
 
-    if offline_tokenizer(base_model) or Path(base_model).expanduser().is_dir():
-        return load_tokenizer(base_model)
+    if models.offline_tokenizer(base_model) or Path(base_model).expanduser().is_dir():
+        return models.load_tokenizer(base_model)
+    if not models.hub_reachable():
+        return models.load_tokenizer(base_model)  # the HF cache, or a one-line offline error
     from tinker.lib.public_interfaces.sampling_client import _load_tokenizer_from_model_info
 
     try:
