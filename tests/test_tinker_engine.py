@@ -131,3 +131,17 @@ def test_unknown_base_models_fall_back_to_the_sdk_lookup(monkeypatch):
     with pytest.raises(ModelError, match="not in the local Hugging Face cache and the hub cannot"):
         engine.load_tinker_tokenizer("Nobody/NoModel-1B")
     assert len(asked) == 1
+
+
+@pytest.mark.skipif("qwen3-tokenizer" not in models.REGISTRY,
+                    reason="the registry's Qwen3 tokenizer comes with the long-sequence work")
+def test_qwen3_base_models_use_the_offline_qwen_tokenizer(monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub (or the SDK's lookup) was asked")
+
+    monkeypatch.setattr(models, "hub_reachable", no_hub)
+    monkeypatch.setattr(tinker.lib.public_interfaces.sampling_client,
+                        "_load_tokenizer_from_model_info", no_hub)
+    tokenizer = engine.load_tinker_tokenizer("Qwen/Qwen3-8B")
+    assert tokenizer.encode("<|im_start|>user\nHello<|im_end|>") == [151644, 872, 198, 9707,
+                                                                      151645]
