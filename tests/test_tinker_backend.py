@@ -26,6 +26,7 @@ from tinkerkit import train as train_module
 from tinkerkit.cli import main
 from tinkerkit.config import load_config
 from tinkerkit.data.demo import write_demo_data
+from tinkerkit.engines.tinker import TinkerTrainingClient
 from tinkerkit.evaluate import run_evaluation
 from tinkerkit.train import train
 
@@ -88,14 +89,23 @@ def runs(server, tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("backend-runs")
     data = write_demo_data(root / "train.jsonl", n=10, seed=0)
     common = [f"DATA_FILES={data}", f"BASE_MODEL={tiny_model}", *SETTINGS]
+    submitted, previous_done = [], []
+    forward_backward = TinkerTrainingClient.forward_backward
+
+    def recording(self, *args, **kwargs):  # was the previous step still running on the server?
+        previous_done.append(submitted[-1].done() if submitted else None)
+        submitted.append(forward_backward(self, *args, **kwargs))
+        return submitted[-1]
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TINKER_API_KEY", CANARY)
         local = train(load_config(None, [*common, "BACKEND=local", "DEVICE=cpu"]),
                       run_dir=root / "local", console=quiet())
         config = load_config(None, [*common, "BACKEND=tinker", f"TINKER_BASE_URL={server.url}"])
+        patch.setattr(TinkerTrainingClient, "forward_backward", recording)
         tinker = train(config, run_dir=root / "tinker", console=quiet())
     return {"root": root, "local": local, "tinker": tinker, "config": config, "data": data,
-            "common": common}
+            "common": common, "previous_done": previous_done}
 
 
 def test_the_loop_on_tinker_gives_the_local_losses_and_adapter(runs):
@@ -110,6 +120,9 @@ def test_the_loop_on_tinker_gives_the_local_losses_and_adapter(runs):
     assert all(e["path"].startswith("tinker://") and e["path"].endswith(f"/weights/step_{e['step']:06d}")
                for e in entries)
     assert tinker.final_checkpoint == entries[-1]["path"]
+    # Pipelining: each step was submitted before the previous result was awaited, and at least
+    # once while the previous forward_backward was still running on the server.
+    assert len(runs["previous_done"]) == 4 and False in runs["previous_done"][1:]
     # The export of the tinker:// checkpoint (downloaded through the SDK) equals the local export.
     local_export, tinker_export = local.run_dir / "export/adapter", tinker.run_dir / "export/adapter"
     assert_same_adapter(tinker_export, local_export)
