@@ -1,4 +1,4 @@
-"""The ``tinkerkit`` command: split, stats, train, eval, export, demo.
+"""The ``tinkerkit`` command: split, stats, train, eval, export, demo, serve.
 
 Every error a user can cause ends in one line on stderr and a non-zero exit code (1), never a
 traceback; set ``TINKERKIT_DEBUG=1`` to see the traceback of an unexpected error.
@@ -134,6 +134,26 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.output_dir), console=console, quick=args.quick)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import logging
+
+    from tinkerkit.serve import make_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    server = make_server(args.host, args.port, root=args.root, models_file=args.models,
+                         api_keys_file=args.api_keys, device=args.device)
+    url = f"http://{args.host}:{server.server_port}"
+    keys = "keys from " + args.api_keys if args.api_keys else "any tml- key (loopback only)"
+    console.print(f"tinkerkit serve on {url}  (root {server.state.store.root}; {keys})\n"
+                  f"served models: {', '.join(server.state.registry.names())}\n"
+                  f"point the tinker SDK at it: export TINKER_BASE_URL={url}", soft_wrap=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
 # -- parser -------------------------------------------------------------------------------------
 
 def _data_options(p: argparse.ArgumentParser) -> None:
@@ -222,6 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="demo_output")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="serve the local engine over Tinker's HTTP API "
+                       "(set TINKER_BASE_URL to its URL)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; any other needs --api-keys)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--root", help="directory of runs and checkpoints "
+                   "(default ~/.cache/tinkerkit/serve)")
+    p.add_argument("--models", metavar="FILE",
+                   help="JSON/TOML file mapping Tinker base model names to local models")
+    p.add_argument("--api-keys", metavar="FILE", help="accepted API keys (tml-...), one per line")
+    p.add_argument("--device", default="auto", help="engine device: auto, cpu, cuda, cuda:1, ...")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

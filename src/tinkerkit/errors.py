@@ -55,3 +55,16 @@ class CheckpointError(EngineError):
 
 class ExportError(TinkerkitError, RuntimeError):
     """An export or merge that cannot be completed (including non-finite weights)."""
+
+
+class RequestError(TinkerkitError, ValueError):
+    """A request that ``tinkerkit serve`` refuses; ``status`` is the HTTP status it answers with.
+
+    400 malformed or invalid request, 401 missing or unknown API key, 404 unknown session,
+    model, checkpoint or future (or one that belongs to another API key), 410 finished session,
+    413 body too large.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status

@@ -634,6 +634,28 @@ class LocalTrainingClient:
         target = self._target(name, "sampler_weights")
         return self._submit(self._save, target, "sampler")
 
+    def save_checkpoint(self, directory: str | Path, kind: str) -> Future:
+        """Save to an explicit directory, in order with the other calls.
+
+        :meth:`save_state` and :meth:`save_weights_for_sampler` name checkpoints under
+        ``checkpoint_root``; a caller with its own layout (``tinkerkit serve``) passes the
+        directory itself.
+
+        Args:
+            directory: The checkpoint directory (replaced atomically if it exists).
+            kind: ``"state"`` (weights, AdamW moments, step, RNG) or ``"sampler"`` (weights).
+
+        Returns:
+            Future of ``SaveWeightsResponse`` (state) or ``SaveWeightsForSamplerResponse``
+            (sampler); ``.path`` is the absolute directory.
+
+        Raises:
+            EngineError: ``kind`` is neither (at once).
+        """
+        if kind not in ("state", "sampler"):
+            raise EngineError(f"checkpoint kind '{kind}' is not 'state' or 'sampler'")
+        return self._submit(self._save, Path(directory).resolve(), kind)
+
     def _meta(self, kind: str) -> dict:
         return {"format": CHECKPOINT_FORMAT, "kind": kind, "base_model": self.base_model,
                 "rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
@@ -746,8 +768,15 @@ class LocalTrainingClient:
         """
         if name is not None:
             self.save_weights_for_sampler(name)
-        snapshot = self._submit(share_base_copy, self.model).result()
-        return self._sampling_client(snapshot)
+        return self.sampling_snapshot().result()
+
+    def sampling_snapshot(self) -> Future:
+        """Future of a sampling client on the weights as they are after the calls queued so far.
+
+        Does not wait: later calls (the next ``forward_backward``) may be queued at once and do
+        not change what the snapshot samples. The snapshot shares the frozen base weights.
+        """
+        return self._submit(lambda: self._sampling_client(share_base_copy(self.model)))
 
     def create_sampling_client(self, model_path: str) -> LocalSamplingClient:
         """A sampling client on the LoRA weights saved at ``model_path``.
