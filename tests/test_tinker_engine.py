@@ -1,5 +1,6 @@
 """The Tinker engine's pieces that need no server: key handling, LoRA options, tokenizers."""
 
+import logging
 import socket
 
 import httpx
@@ -145,3 +146,15 @@ def test_qwen3_base_models_use_the_offline_qwen_tokenizer(monkeypatch):
     tokenizer = engine.load_tinker_tokenizer("Qwen/Qwen3-8B")
     assert tokenizer.encode("<|im_start|>user\nHello<|im_end|>") == [151644, 872, 198, 9707,
                                                                       151645]
+
+
+def test_the_sdks_long_poll_notices_are_dropped_and_its_other_warnings_kept(caplog):
+    engine.quiet_long_polls()
+    engine.quiet_long_polls()  # installed once
+    sdk_logger = logging.getLogger("tinker.lib.api_future_impl")
+    assert sum(isinstance(f, engine._LongPollNotice) for f in sdk_logger.filters) == 1
+    with caplog.at_level(logging.WARNING):
+        sdk_logger.warning("Retrying request self.request_id='abc' because of try_again")
+        sdk_logger.warning("Sampling is paused for sampler s1. Reason: capacity")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Sampling is paused for sampler s1. Reason: capacity"]

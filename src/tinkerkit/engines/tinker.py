@@ -31,6 +31,7 @@ engine and do not apply.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -146,6 +147,26 @@ def _call(action: str, fn, *args: Any, **kwargs: Any) -> Any:
 
 # -- connection -------------------------------------------------------------------------------
 
+class _LongPollNotice(logging.Filter):
+    """Drop the SDK's warning for each long poll that ends before its result is ready.
+
+    ``tinker.lib.api_future_impl`` logs "Retrying request ... because of try_again" at WARNING
+    every time a server answers a future's long poll with ``try_again`` (a step or a sample
+    that takes longer than one poll); with no logging configured, Python prints each one. It
+    is the protocol working, not a problem; the SDK's other warnings pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "because of try_again" not in record.getMessage()
+
+
+def quiet_long_polls() -> None:
+    """Install :class:`_LongPollNotice` on the SDK's future logger (once)."""
+    sdk_logger = logging.getLogger("tinker.lib.api_future_impl")
+    if not any(isinstance(f, _LongPollNotice) for f in sdk_logger.filters):
+        sdk_logger.addFilter(_LongPollNotice())
+
+
 def resolved_base_url(base_url: str | None) -> str:
     """The server the SDK talks to: ``base_url``, else ``$TINKER_BASE_URL``, else the hosted
     service (the SDK's own resolution)."""
@@ -187,6 +208,7 @@ def connect(base_url: str | None):
     key = api_key()
     url = resolved_base_url(base_url)
     check_reachable(url)
+    quiet_long_polls()
     return tinker.ServiceClient(base_url=url, api_key=key)
 
 
