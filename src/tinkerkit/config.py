@@ -17,11 +17,13 @@ Example::
 from __future__ import annotations
 
 import difflib
+import os
 import runpy
 import tomllib
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -57,7 +59,8 @@ class TrainConfig(BaseModel):
 
     # Model and LoRA
     base_model: str = Field("smollm2-135m-instruct", description="HF model directory, hub id, or registry name.")
-    backend: Literal["local"] = Field("local", description="Training engine: the in-process PyTorch/PEFT engine.")
+    backend: Literal["local", "tinker"] = Field("local", description="Training engine: local (in-process PyTorch/PEFT) or tinker (the official SDK: the hosted service, or `tinkerkit serve`).")
+    tinker_base_url: str | None = Field(default_factory=lambda: os.environ.get("TINKER_BASE_URL") or None, description="Tinker server for BACKEND=tinker and tinker:// checkpoints (default: $TINKER_BASE_URL, else the hosted service); the API key comes only from $TINKER_API_KEY.")
     lora_rank: int = Field(32, gt=0, description="LoRA rank r.")
     lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; None means alpha = rank (scale 1).")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
@@ -126,6 +129,18 @@ class TrainConfig(BaseModel):
         if missing:
             raise ValueError(f"file not found: {', '.join(missing)}")
         return [str(p) for p in paths]
+
+    @field_validator("tinker_base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parsed = urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        if parsed.username is not None or parsed.password is not None:
+            raise ValueError("must not hold credentials; the API key goes in $TINKER_API_KEY")
+        return value
 
     @field_validator("top_k")
     @classmethod
@@ -241,6 +256,14 @@ def _parse_scalar(text: str) -> Any:
     return value
 
 
+def _without_userinfo(url: str) -> str:
+    """``url`` with any ``user:password@`` part replaced by ``***@`` (for error messages)."""
+    parsed = urlsplit(url)
+    if parsed.username is None and parsed.password is None:
+        return url
+    return parsed._replace(netloc="***@" + parsed.netloc.rpartition("@")[2]).geturl()
+
+
 def _format_validation(error: ValidationError, values: dict[str, Any],
                        origins: dict[str, str]) -> str:
     problems = []
@@ -250,6 +273,8 @@ def _format_validation(error: ValidationError, values: dict[str, Any],
             problems.append(f"unknown key {name.upper()}{_suggest(name)}")
             continue
         value = values.get(name, item.get("input"))
+        if name == "tinker_base_url" and isinstance(value, str):
+            value = _without_userinfo(value)
         message = item["msg"].removeprefix("Value error, ")
         where = f"{origins[name]}: " if name in origins else ""
         problems.append(f"{where}{name.upper()}={value!r}: {message}")

@@ -549,8 +549,9 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
     Args:
         config: Sampling settings and the base model (``BASE_MODEL``) come from it.
         data: Test files in any format the loader knows.
-        checkpoint: A tinkerkit checkpoint, a run directory (its latest checkpoint) or an
-            exported adapter directory; None = the base model.
+        checkpoint: A tinkerkit checkpoint, a run directory (its latest checkpoint), an
+            exported adapter directory, or a ``tinker://`` checkpoint (sampled on the server
+            at ``TINKER_BASE_URL`` through the SDK); None = the base model.
         output: Where ``evaluation_results.json`` goes.
         num_samples: Samples per problem (pass@k with the unbiased estimator).
         console: Where to print.
@@ -559,6 +560,7 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
     Raises:
         DataError, ModelError, CheckpointError, ConfigError: Bad data, model or checkpoint.
     """
+    from tinkerkit.checkpoint import is_tinker_path
     from tinkerkit.data.formats import load_conversations
     from tinkerkit.engines import check_device
     from tinkerkit.engines.local_sampling import LocalSamplingClient
@@ -574,9 +576,15 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
     settings = settings_from_config(config, num_samples)
     settings.validate()
     loaded = load_conversations(data, format=config.data_format, on_error=config.on_error)
-    base = base_model or _base_model_of(checkpoint, config.base_model)
-    client = LocalSamplingClient(base, adapter_path=checkpoint, device=config.device,
-                                 dtype=config.dtype, max_batch_size=EVAL_BATCH_SIZE)
+    if is_tinker_path(checkpoint):  # sampled on its Tinker server, through the SDK
+        from tinkerkit.engines.tinker import create_sampling_client
+
+        client = create_sampling_client(checkpoint, config.tinker_base_url)
+        base = base_model or client.base_model
+    else:
+        base = base_model or _base_model_of(checkpoint, config.base_model)
+        client = LocalSamplingClient(base, adapter_path=checkpoint, device=config.device,
+                                     dtype=config.dtype, max_batch_size=EVAL_BATCH_SIZE)
     tokenizer = client.get_tokenizer()
     settings.stop = with_end_of_turn(settings.stop, tokenizer)
     renderer = Renderer(tokenizer, config.train_on)

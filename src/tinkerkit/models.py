@@ -91,6 +91,40 @@ REGISTRY: dict[str, RegistryEntry] = {
 }
 
 
+# Tinker base model names (hub ids) -> the registry entry that holds the same tokenizer, so that
+# these names tokenize offline. An entry counts only once its registry name exists; until then the
+# name falls through to the hub. Hub ids of registry models map to their entry without a line here.
+# Left out on purpose: the Qwen3 "-2507" Instruct models (their chat template has no thinking
+# switch) and the vision models; they load from the hub (or the Tinker SDK's tokenizer lookup).
+TOKENIZER_ALIASES: dict[str, str] = {
+    "Qwen/Qwen3-8B": "qwen3-tokenizer",
+    "Qwen/Qwen3-8B-Base": "qwen3-tokenizer",
+    "Qwen/Qwen3-32B": "qwen3-tokenizer",
+    "Qwen/Qwen3-30B-A3B": "qwen3-tokenizer",
+    "Qwen/Qwen3-30B-A3B-Base": "qwen3-tokenizer",
+}
+
+
+def registry_name_of(name: str) -> str | None:
+    """The registry name for ``name``: itself if it is one, or the entry whose hub id it is."""
+    if name in REGISTRY:
+        return name
+    return next((entry.name for entry in REGISTRY.values() if entry.hub_id == name), None)
+
+
+def offline_tokenizer(name: str) -> str | None:
+    """The registry name whose tokenizer serves model ``name`` offline, or None.
+
+    A registry name or a registry model's hub id gives that entry; a name in
+    :data:`TOKENIZER_ALIASES` gives its entry when the registry has it.
+    """
+    known = registry_name_of(name)
+    if known is not None:
+        return known
+    alias = TOKENIZER_ALIASES.get(name)
+    return alias if alias in REGISTRY else None
+
+
 def _is_model_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
@@ -148,7 +182,7 @@ def hub_id_of(name: str) -> str:
     return entry.hub_id if entry and entry.hub_id else name
 
 
-def _hub_reachable(host: str = "huggingface.co", timeout_seconds: float = 3.0) -> bool:
+def hub_reachable(host: str = "huggingface.co", timeout_seconds: float = 3.0) -> bool:
     """Whether the HF hub answers a TCP connection (so a download can be tried at all)."""
     import socket
 
@@ -166,7 +200,7 @@ def _from_pretrained(loader: Callable, name: str, **kwargs):
             try:
                 return loader(source, local_files_only=True, **kwargs)
             except OSError:
-                if not _hub_reachable():
+                if not hub_reachable():
                     raise ModelError(f"model '{name}' is not in the local Hugging Face cache and "
                                      "the hub cannot be reached (offline?); use a local model "
                                      "directory or a registry name: "
@@ -204,12 +238,16 @@ def _damaged_file(directory: Path) -> str | None:
 def load_tokenizer(name: str):
     """Load the tokenizer (with its chat template) of a model argument.
 
+    A hub id that tinkerkit knows offline (:func:`offline_tokenizer`) loads the registry's copy,
+    without a hub call.
+
     Raises:
         ModelError: The model cannot be resolved or its tokenizer cannot be loaded.
     """
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer.from_pretrained, name)
+    local = None if _is_model_dir(Path(name).expanduser()) else offline_tokenizer(name)
+    return _from_pretrained(AutoTokenizer.from_pretrained, local or name)
 
 
 def load_model(name: str, dtype: str = "float32"):

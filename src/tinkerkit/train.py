@@ -48,6 +48,7 @@ from tinkerkit import io
 from tinkerkit.checkpoint import (
     CHECKPOINTS_FILE,
     checkpoint_path,
+    is_tinker_path,
     latest_checkpoint,
     read_checkpoint_meta,
     resolve_checkpoint,
@@ -56,7 +57,6 @@ from tinkerkit.config import LRSchedule, TrainConfig, build_config
 from tinkerkit.data.conversation import Conversation
 from tinkerkit.data.formats import load_conversations
 from tinkerkit.errors import CheckpointError, ConfigError, DataError, EngineError, TinkerkitError
-from tinkerkit.models import load_tokenizer
 from tinkerkit.render import (
     RenderedExample,
     Renderer,
@@ -249,8 +249,13 @@ def resolve_resume(path: str | Path) -> tuple[Path, dict]:
         The run directory and the entry, its ``path`` resolved against the run directory.
 
     Raises:
-        CheckpointError: Not a run directory or a complete checkpoint listed in one.
+        CheckpointError: Not a run directory or a complete checkpoint listed in one (a
+            ``tinker://`` checkpoint is resumed through the run directory that lists it).
     """
+    if is_tinker_path(path):
+        raise CheckpointError(f"--resume {path}: resume the run directory whose "
+                              f"{CHECKPOINTS_FILE} lists it (it knows the step and data order), "
+                              f"or start a new stage from it with --init-from")
     path = Path(path)
     if (path / CHECKPOINTS_FILE).is_file():
         return path, latest_checkpoint(path)
@@ -441,7 +446,7 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
         TrainingDivergedError: The loss or gradient norm became NaN/inf (no checkpoint after it).
         ExportError: ``EXPORT_AFTER_TRAINING`` and the export failed.
     """
-    from tinkerkit.engines import create_training_client
+    from tinkerkit.engines import create_training_client, load_engine_tokenizer
 
     console = console or Console()
     start_step = 0
@@ -454,7 +459,7 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
     if init_from:  # a run directory means its latest checkpoint, as for eval and export
         init_from = resolve_checkpoint(init_from)
     # Data first: a bad file or too many long examples fail in seconds, before the model loads.
-    tokenizer = load_tokenizer(config.base_model)
+    tokenizer = load_engine_tokenizer(config)
     held_out = load_held_out(config, tokenizer, console)
     examples = load_examples(config, tokenizer, console)
     per_epoch, total_steps = plan_steps(len(examples), config)
@@ -645,7 +650,7 @@ def export_final(checkpoint: str, run_dir: Path, config: TrainConfig, console: C
 
     console.print(f"Exporting {checkpoint} to {run_dir / EXPORT_DIR}")
     result = export_checkpoint(checkpoint, run_dir / EXPORT_DIR, merge=config.export_merged,
-                               dtype=config.export_dtype)
+                               dtype=config.export_dtype, base_url=config.tinker_base_url)
     if result.merged_dir is not None:
         console.print(f"Merged model ({result.dtype}): max |logit diff| = "
                       f"{result.max_logit_diff:.3g} (tolerance {result.tolerance:.3g})")
@@ -739,10 +744,10 @@ def dry_run(config: TrainConfig, console: Console | None = None) -> DryRunReport
     Raises:
         ConfigError, DataError, ModelError: As :func:`train` before its first step.
     """
-    from tinkerkit.engines import create_training_client
+    from tinkerkit.engines import create_training_client, load_engine_tokenizer
 
     console = console or Console()
-    tokenizer = load_tokenizer(config.base_model)
+    tokenizer = load_engine_tokenizer(config)
     examples = load_examples(config, tokenizer, console)
     load_held_out(config, tokenizer, console)
     per_epoch, total_steps = plan_steps(len(examples), config)
