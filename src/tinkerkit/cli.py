@@ -228,11 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="BASE_MODEL")
     p.add_argument("--checkpoint", help="a checkpoint or adapter directory (default: base model)")
     p.add_argument("--data", nargs="+", help="test file(s)")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--output", default="evaluation_results.json")
+    p.add_argument("--limit", type=int, help="evaluate only the first N examples (EVAL_LIMIT)")
+    p.add_argument("--output", default="evaluation_results.json",
+                   help="results JSON (default: %(default)s); the Markdown report goes beside it "
+                        "with the suffix .md")
     p.add_argument("--num-samples", type=int, default=1, help="samples per problem (pass@k)")
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--temperature", type=float)
+    p.add_argument("--max-tokens", type=int, help="most generated tokens per answer (MAX_TOKENS)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (TEMPERATURE)")
     p.add_argument("--config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),

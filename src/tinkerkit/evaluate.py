@@ -88,7 +88,7 @@ class EvalSettings:
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("top_k", self.top_k == -1 or self.top_k >= 1, "-1 or at least 1"),
             ("num_samples", self.num_samples >= 1, "at least 1"),
-            ("limit", self.limit is None or self.limit >= 0, "None or at least 0"),
+            ("limit", self.limit is None or self.limit >= 1, "None or at least 1"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -531,6 +531,9 @@ def _check_writable(path: Path, inputs: Sequence[str | Path] = ()) -> None:
     if path.is_dir() or not parent.is_dir():
         raise ConfigError(f"--output {path}: cannot be written (a directory, or a file stands "
                           "where a directory should be)")
+    if path.suffix == ".md":
+        raise ConfigError(f"--output {path}: the Markdown report goes beside the results as "
+                          f"{path.name}; give the results a .json name")
     for target in (path.resolve(), path.with_suffix(".md").resolve()):
         for given in map(Path, inputs):
             if target == given.resolve() or target.is_relative_to(given.resolve()):

@@ -111,6 +111,10 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, merge: boo
     _check_dtype(dtype)
     output_dir = Path(output_dir)
     if not is_tinker_path(str(checkpoint)):
+        source = Path(checkpoint).resolve()
+        if output_dir.resolve() == source or output_dir.resolve().is_relative_to(source):
+            raise ExportError(f"--output {output_dir}: inside the checkpoint {checkpoint}; "
+                              "export next to it, not into it")
         return _export(Path(checkpoint), output_dir, merge, dtype)
     from tinkerkit.engines.tinker import download_adapter
 
