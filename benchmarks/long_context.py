@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="qwen3-tiny-random")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per case")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",

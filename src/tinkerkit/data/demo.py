@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tinkerkit.errors import ConfigError
@@ -141,14 +141,17 @@ def generate_demo_problems(n: int, seed: int) -> list[dict]:
     Raises:
         ConfigError: ``n < 1``.
     """
+    return [{"question": question, "answer": "\n".join(steps) + f"\n#### {answer}"}
+            for (question, steps, answer), _ in _draw(n, seed)]
+
+
+def _draw(n: int, seed: int) -> Iterator[tuple[Problem, random.Random]]:
+    """``n`` problems from :data:`TEMPLATES`, each with the generator (to draw more from)."""
     if n < 1:
         raise ConfigError(f"the number of demo problems must be at least 1, got {n}")
     rng = random.Random(seed)
-    records = []
     for _ in range(n):
-        question, steps, answer = rng.choice(TEMPLATES)(rng)
-        records.append({"question": question, "answer": "\n".join(steps) + f"\n#### {answer}"})
-    return records
+        yield rng.choice(TEMPLATES)(rng), rng
 
 
 def write_demo_data(path: str | Path, n: int, seed: int) -> Path:
@@ -160,8 +163,11 @@ def write_demo_data(path: str | Path, n: int, seed: int) -> Path:
     Raises:
         ConfigError: ``n < 1``.
     """
-    lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in generate_demo_problems(n, seed))
-    atomic_write_text(path, "".join(lines))
+    return _write_jsonl(path, generate_demo_problems(n, seed))
+
+
+def _write_jsonl(path: str | Path, records: list[dict]) -> Path:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return Path(path)
 
 
@@ -185,12 +191,8 @@ def generate_long_reasoning_records(n: int, seed: int, min_chars: int) -> list[d
     Raises:
         ConfigError: ``n < 1``.
     """
-    if n < 1:
-        raise ConfigError(f"the number of demo problems must be at least 1, got {n}")
-    rng = random.Random(seed)
     records = []
-    for _ in range(n):
-        question, steps, answer = rng.choice(TEMPLATES)(rng)
+    for (question, steps, answer), rng in _draw(n, seed):
         thinking = [f"Let me solve this step by step.\n{' '.join(steps)}\nSo the answer should "
                     f"be {answer}. Let me check the method on similar problems."]
         size = len(thinking[0])
@@ -213,11 +215,9 @@ def write_long_demo_data(path: str | Path, n: int, seed: int, min_chars: int) ->
 
     Example::
 
-        write_long_demo_data("data/long.jsonl", n=16, seed=0, min_chars=43000)  # ~16k Qwen tokens each
+        write_long_demo_data("data/long.jsonl", n=8, seed=0, min_chars=43000)  # ~16,200 Qwen tokens
 
     Returns:
         The path written.
     """
-    records = generate_long_reasoning_records(n, seed, min_chars)
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return Path(path)
+    return _write_jsonl(path, generate_long_reasoning_records(n, seed, min_chars))

@@ -26,10 +26,12 @@ Memory (long sequences; figures in ``benchmarks/long_context.py`` and
   ``is_causal=True`` and no mask, whose flash/memory-efficient kernels never build the
   ``[T, T]`` score matrix.
 * Loss: the decoder's last hidden states are projected to the vocabulary in chunks of at most
-  :data:`LOGIT_CHUNK_ELEMENTS` logits (:func:`token_logprobs`); only positions with non-zero
-  weight are projected under autograd, one chunk at a time inside ``torch.utils.checkpoint``, so
-  neither the forward nor the backward pass holds more than a chunk of ``[positions, vocab]``
-  logits. The other positions (weight 0) get their log-probabilities without autograd.
+  :data:`LOGIT_CHUNK_ELEMENTS` logits (:func:`token_logprobs`), so neither the forward nor the
+  backward pass holds more than one ``[positions, vocab]`` block. Only positions with non-zero
+  weight are projected under autograd; the others (weight 0: prompts, padding aside) get their
+  log-probabilities without it. A frozen output projection computes each position's gradient
+  row while the chunk's logits are at hand (:class:`_FrozenHeadLogprobs`); a trainable one
+  (``train_unembed``) recomputes each chunk in the backward pass (``torch.utils.checkpoint``).
 * Activation checkpointing (``activation_checkpointing``): each decoder layer keeps only its input
   and recomputes the rest in the backward pass; ``"auto"`` turns it on for micro-batches of at
   least :data:`ACTIVATION_CHECKPOINTING_MIN_TOKENS` tokens.
@@ -188,11 +190,15 @@ class _FrozenHeadLogprobs(torch.autograd.Function):
         for start in range(0, len(hidden), chunk):
             rows = slice(start, start + chunk)
             logits = torch.nn.functional.linear(hidden[rows], weight, bias).float()
-            lse = logits.logsumexp(-1)
-            logprobs[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1) - lse
+            picked = logits.gather(-1, targets[rows, None]).squeeze(-1)
+            # logsumexp and softmax from one exp, in place of the logits (one [chunk, vocab] block)
+            peak = logits.amax(-1, keepdim=True)
+            exp = logits.sub_(peak).exp_()
+            total = exp.sum(-1, keepdim=True)
+            logprobs[rows] = picked - (peak + total.log()).squeeze(-1)
             if jacobian is not None:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                jacobian[rows] = weight[targets[rows]].float() - (probs.to(weight.dtype) @ weight).float()
+                probs = exp.div_(total).to(weight.dtype)
+                jacobian[rows] = weight[targets[rows]].float() - (probs @ weight).float()
         ctx.save_for_backward(jacobian)
         ctx.hidden_dtype = hidden.dtype
         return logprobs
