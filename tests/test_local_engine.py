@@ -15,6 +15,8 @@ from tinker import types
 from helpers import VOCAB
 from tinkerkit.engines.local import (
     LocalTrainingClient,
+    _Example,
+    _microbatches,
     adapter_parameters,
     create_training_client_from_state,
     token_logprobs,
@@ -388,3 +390,17 @@ def test_bf16_mixed_precision_is_close_to_float32(tiny_qwen3, qwen_datums, tmp_p
     assert all(p.grad.dtype == torch.float32 for p in adapter_parameters(half.model).values())
     with pytest.raises(EngineError, match="mixed_precision 'fp8'"):
         make_client(tiny_qwen3, tmp_path, mixed_precision="fp8")
+
+
+def test_microbatches_bound_padded_tokens_and_padding():
+    examples = [_Example(i, torch.zeros(n, dtype=torch.int64), None, None)
+                for i, n in enumerate([60, 100, 10, 91, 58, 95])]
+
+    def lengths(budget):
+        return [[len(e.tokens) for e in batch] for batch in _microbatches(examples, budget)]
+
+    # Longest first; 60 would pad [100, 95, 91] by 54 of 400 tokens (> 10%), 10 pads [60, 58]
+    # by 50 of 180.
+    assert lengths(1000) == [[100, 95, 91], [60, 58], [10]]
+    assert lengths(250) == [[100, 95], [91], [60, 58], [10]]  # at most 250 padded tokens
+    assert lengths(50) == [[100], [95], [91], [60], [58], [10]]  # one datum at least
