@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -187,12 +188,15 @@ def run_case(args, path: str, length: int, data_file: Path) -> dict:
                "--checkpointing", args.checkpointing, "--mixed-precision", args.mixed_precision,
                "--threads", str(args.threads)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while process.poll() is None:
-        if available_gib() < MIN_AVAILABLE_GIB:
+    try:
+        while process.poll() is None:
+            if available_gib() < MIN_AVAILABLE_GIB:
+                return {"status": f"stopped: the machine had < {MIN_AVAILABLE_GIB} GiB available"}
+            time.sleep(0.2)
+    finally:  # also on Ctrl-C or SIGTERM (timeout): never leave a worker behind
+        if process.poll() is None:
             process.kill()
             process.wait()
-            return {"status": f"stopped: the machine had < {MIN_AVAILABLE_GIB} GiB available"}
-        time.sleep(0.2)
     out, err = process.communicate()
     if process.returncode != 0:
         last = (err.strip().splitlines() or ["?"])[-1]
@@ -231,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         args.path = args.worker
         return worker(args)
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the workers' cleanup
     lengths = [int(n) for n in args.lengths.split(",")]
     paths = [p.strip() for p in args.paths.split(",")]
     if not set(paths) <= {"naive", "ours"}:
