@@ -68,6 +68,8 @@ class TrainConfig(BaseModel):
     train_unembed: bool = Field(False, description="Also put LoRA on the unembedding (lm_head).")
     device: str = Field("auto", description="Local engine device: auto, cpu, cuda, cuda:N.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Local engine parameter dtype.")
+    activation_checkpointing: bool | Literal["auto"] = Field("auto", description="Gradient (activation) checkpointing: decoder layers recompute their activations in the backward pass instead of keeping them (less memory, more compute); auto: on for micro-batches of at least 2,048 tokens.")
+    mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="bf16 autocast in the local engine (LoRA weights, loss and optimizer stay float32); auto: bf16 on CUDA GPUs that support it, none on the CPU.")
 
     # Rendering
     max_sequence_length: int = Field(4096, gt=1, description="Longest rendered example in tokens.")

