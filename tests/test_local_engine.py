@@ -354,6 +354,7 @@ def test_activation_checkpointing_changes_nothing_but_recomputes(tiny_qwen3, qwe
             layer.self_attn.register_forward_pre_hook(lambda module, args, seen=calls:
                                                       seen.append(module))
         monkeypatch.setattr(local, "ACTIVATION_CHECKPOINTING_MIN_TOKENS", 300)
+        monkeypatch.setattr(local, "MAX_PADDING_FRACTION", 1.0)  # both datums in one micro-batch
         out = client.forward_backward(qwen_datums).result()  # micro-batch of 2 x 300 tokens
         results[setting] = (out.metrics["loss:sum"], grads(client), len(calls))
         client.forward_backward(qwen_datums[1:]).result()  # 171 tokens: auto turns it off
@@ -375,7 +376,10 @@ def test_attention_is_sdpa_causal_without_a_mask(tiny_qwen3, qwen_datums, tmp_pa
         return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                     is_causal=is_causal, **kwargs)
 
+    import tinkerkit.engines.local as local
+
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(local, "MAX_PADDING_FRACTION", 1.0)  # both datums in one micro-batch
     make_client(tiny_qwen3, tmp_path).forward_backward(qwen_datums).result()  # padded rows
     assert seen == [(True, True, 300)] * 2  # 2 layers, no [T, T] mask, the causal kernel
 

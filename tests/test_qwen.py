@@ -18,7 +18,7 @@ from tinkerkit.models import (
     save_random_model,
 )
 
-MATH500 = Path(__file__).resolve().parents[1] / ".." / ".." / "shared" / "data" / "math500"
+MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500"
 CHATML_PREFIX = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                  "Hello<|im_end|>\n<|im_start|>assistant\n")
 CHATML_PREFIX_IDS = [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872,

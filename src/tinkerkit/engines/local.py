@@ -489,13 +489,14 @@ def _to_example(index: int, datum: types.Datum, vocab_size: int) -> _Example:
 
 
 def _microbatches(examples: list[_Example], budget: int,
-                  max_padding: float = MAX_PADDING_FRACTION) -> list[list[_Example]]:
+                  max_padding: float | None = None) -> list[list[_Example]]:
     """Group datums into right-padded micro-batches, longest first.
 
     A micro-batch holds at most ``budget`` padded tokens (one datum at least), and at most a
     ``max_padding`` fraction of its padded tokens are padding: an example that would push it past
     either limit starts the next micro-batch.
     """
+    max_padding = MAX_PADDING_FRACTION if max_padding is None else max_padding
     batches: list[list[_Example]] = []
     padding = 0
     for example in sorted(examples, key=lambda e: -len(e.tokens)):
@@ -716,7 +717,7 @@ class LocalTrainingClient:
                     batch_logprobs = token_logprobs(self.model, tokens, targets,
                                                     grad_mask=weights != 0, valid_mask=valid)
                 loss = -(batch_logprobs * weights).sum()
-                if backward:
+                if backward and loss.requires_grad:  # a micro-batch without weights has no graph
                     loss.backward()
                 loss_sum += loss.item()
                 for row, example in enumerate(batch):
