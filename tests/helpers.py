@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -29,3 +30,8 @@ def save_tiny_llama(path: str | Path, *, tied: bool = True, width: int = 64,
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     load_tokenizer("smollm2-135m-instruct").save_pretrained(path)
     return str(path)
+
+
+SHARED_DATA = Path(os.environ.get("TINKERKIT_SHARED_DATA",
+                                  Path(__file__).resolve().parents[2] / "shared" / "data"))
+"""The project's real data (GSM8K, MATH-500, ...): ``../shared/data`` beside the checkout."""
