@@ -611,10 +611,7 @@ class ServerState:
         """The file behind a download URL (the signature was checked by the caller)."""
         if file not in EXTERNAL_FILES:
             raise RequestError(404, f"no downloadable file '{file}'")
-        path = self.store.checkpoint_dir(model_id, "external_weights", name) / file
-        if not path.is_file():
-            raise RequestError(404, f"external weights '{name}' of {model_id} not found")
-        return path
+        return self.store.file(self.store.checkpoint_dir(model_id, "external_weights", name), file)
 
     # -- sampling
 

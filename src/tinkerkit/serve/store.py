@@ -15,8 +15,10 @@ Every checkpoint directory is a tinkerkit checkpoint (:mod:`tinkerkit.checkpoint
 adapter directory. Model ids are ``<session id>:train:<n>`` and checkpoint paths
 ``tinker://<model id>/{weights|sampler_weights|external_weights}/<name>``, as on the hosted
 service. Every id and name in a request is checked against a strict pattern before it becomes a
-path, and the resulting path is checked to lie under the root, so no request reaches a file
-outside it. Everything written goes through :mod:`tinkerkit.io` (atomic), so a restarted server
+path, and the resulting path is checked to lie under the root without passing through a symbolic
+link (the server makes none; one placed in the root by hand is treated as absent, so it can
+neither lead outside the root nor into another key's run), so no request reaches a file outside
+it. Everything written goes through :mod:`tinkerkit.io` (atomic), so a restarted server
 finds complete runs and checkpoints only.
 """
 
@@ -106,16 +108,36 @@ class CheckpointStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
-        self.runs = self.root / "runs"
-        self.runs.mkdir(parents=True, exist_ok=True)
+        (self.root / "runs").mkdir(parents=True, exist_ok=True)
+        self.runs = (self.root / "runs").resolve()
 
     # -- paths
 
+    def _linked(self, path: Path) -> bool:
+        """Whether ``path`` (built under ``<root>/runs`` from checked ids and names) leaves the
+        root or passes through a symbolic link below it.
+
+        The server never makes links; one placed in the root could point outside it or at
+        another key's run, so it is treated as absent.
+        """
+        return path.resolve() != path or not path.is_relative_to(self.runs)
+
     def _inside(self, path: Path) -> Path:
-        resolved = path.resolve()
-        if not resolved.is_relative_to(self.runs):
-            raise RequestError(400, "path escapes the server root")
-        return resolved
+        if self._linked(path):
+            raise RequestError(400, "path escapes the server root or passes through a "
+                                    "symbolic link")
+        return path
+
+    def file(self, directory: Path, name: str) -> Path:
+        """The regular file ``name`` of a checkpoint directory, symbolic links refused.
+
+        Raises:
+            RequestError: 404 when it is missing, not a regular file, or a symbolic link.
+        """
+        path = directory / name
+        if self._linked(path) or not path.is_file():
+            raise RequestError(404, f"file '{name}' of checkpoint {directory.name} not found")
+        return path
 
     def run_dir(self, model_id: str) -> Path:
         """The directory of a run (exists or not).
@@ -181,7 +203,7 @@ class CheckpointStore:
         """The owner's runs, newest first (damaged run files are skipped)."""
         records = []
         for directory in self.runs.iterdir():
-            if not MODEL_ID.fullmatch(directory.name):
+            if not MODEL_ID.fullmatch(directory.name) or self._linked(directory):
                 continue
             try:
                 record = RunRecord.from_json(read_json(directory / RUN_FILE))
@@ -214,7 +236,9 @@ class CheckpointStore:
 
         An expired checkpoint is deleted here.
         """
-        if not NAME.fullmatch(directory.name) or not (directory / STATE_FILE).is_file():
+        if (not NAME.fullmatch(directory.name) or self._linked(directory)
+                or any(f.is_symlink() for f in directory.iterdir())
+                or not (directory / STATE_FILE).is_file()):
             return None
         try:
             meta = read_json(directory / CHECKPOINT_META)
