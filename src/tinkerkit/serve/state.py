@@ -49,7 +49,13 @@ from tinkerkit.engines.local_sampling import LocalSamplingClient
 from tinkerkit.errors import RequestError
 from tinkerkit.serve.futures import FutureStore, ServerFuture, describe_error
 from tinkerkit.serve.registry import ModelRegistry, ServedModel
-from tinkerkit.serve.store import EXTERNAL_FILES, CheckpointStore, RunRecord, check_name
+from tinkerkit.serve.store import (
+    EXTERNAL_FILES,
+    CheckpointStore,
+    RunRecord,
+    check_name,
+    check_ttl,
+)
 
 log = logging.getLogger("tinkerkit.serve")
 
@@ -59,6 +65,16 @@ FINISHED_SESSION_SECONDS = 3600.0
 """How long a finished session is remembered (its heartbeats answer 410, then 404)."""
 DOWNLOAD_URL_SECONDS = 3600
 """Lifetime of an external-weights download URL."""
+MAX_LORA_RANK = 1024
+"""Largest LoRA rank of a training model."""
+MAX_MODEL_SEQ_ID = 10**9 - 1
+"""Largest ``model_seq_id`` (model ids are ``<session id>:train:<n>`` with n of up to 9 digits)."""
+MAX_NUM_SAMPLES = 1024
+"""Most samples of one ``asample`` request (they are generated in batches of 32)."""
+MAX_SAMPLE_TOKENS = 131072
+"""Largest ``max_tokens`` of a sample (the KV cache is allocated for prompt + max_tokens)."""
+MAX_TOPK = 1024
+"""Largest ``topk_prompt_logprobs``."""
 _SEEN_SEQ_IDS = 1024
 """How many past seq ids of a model (or sampler) are remembered to answer retries."""
 
@@ -75,6 +91,18 @@ def _target_modules(lora: types.LoraConfig) -> str:
 def _metadata(values: dict | None) -> dict[str, str] | None:
     """A run's user metadata as the listings carry it (string values)."""
     return None if values is None else {str(k): str(v) for k, v in values.items()}
+
+
+def _check_range(name: str, value: int, low: int, high: int) -> int:
+    """``value`` when ``low <= value <= high``.
+
+    Raises:
+        RequestError: 400 naming the field otherwise (sizes, seeds and ids from a request never
+            reach the engine unbounded).
+    """
+    if not low <= value <= high:
+        raise RequestError(400, f"{name}={value} must be in [{low}, {high}]")
+    return value
 
 
 def _check_adam(config: types.OptimizerConfig | None) -> None:
@@ -358,6 +386,10 @@ class ServerState:
         lora = request.lora_config
         if lora is None:
             raise RequestError(400, "full fine-tuning is not supported; pass a LoraConfig")
+        _check_range("model_seq_id", request.model_seq_id, 0, MAX_MODEL_SEQ_ID)
+        _check_range("lora_config.rank", lora.rank, 1, MAX_LORA_RANK)
+        if lora.seed is not None:  # torch.manual_seed's range
+            _check_range("lora_config.seed", lora.seed, -(2**63), 2**64 - 1)
         _check_adam(request.optimizer_config)
         targets = _target_modules(lora)
         model_id = f"{session.session_id}:train:{request.model_seq_id}"
@@ -419,8 +451,7 @@ class ServerState:
               kind: str = "sampler", overwrite: bool = True,
               user_metadata: dict | None = None, ttl_seconds: int | None = None) -> None:
         directory = self.store.checkpoint_dir(runner.model_id, segment, check_name(name))
-        if ttl_seconds is not None and ttl_seconds <= 0:
-            raise RequestError(400, f"ttl_seconds={ttl_seconds} must be positive")
+        check_ttl(ttl_seconds)
         if not overwrite and directory.exists():
             raise RequestError(400, f"checkpoint '{segment}/{name}' of {runner.model_id} exists; "
                                     "pass overwrite=True to replace it")
@@ -497,6 +528,7 @@ class ServerState:
         if request.session_id is None or request.model_seq_id is None:
             raise RequestError(400, "load_weights needs model_id, or session_id and model_seq_id")
         session = self._session(request.session_id, owner)
+        _check_range("model_seq_id", request.model_seq_id, 0, MAX_MODEL_SEQ_ID)
         source, directory = self.store.checkpoint(request.path, owner)
         served = self.registry.resolve(source.base_model)
         if request.base_model is not None and (
@@ -705,7 +737,19 @@ class ServerState:
 
     def sample(self, owner: str, request: types.SampleRequest) -> ServerFuture:
         """``asample`` (future of ``SampleResponse``; the future lists one sequence id per
-        sample)."""
+        sample).
+
+        Raises:
+            RequestError: 404 unknown sampler; 400 an unsupported option, ``num_samples``,
+                ``max_tokens`` or ``topk_prompt_logprobs`` out of the server's bounds, or
+                (when the sampler is loaded, so the request starts at once) a prompt or
+                parameters the engine refuses.
+        """
+        _check_range("num_samples", request.num_samples, 1, MAX_NUM_SAMPLES)
+        if request.sampling_params.max_tokens is not None:
+            _check_range("sampling_params.max_tokens", request.sampling_params.max_tokens, 1,
+                         MAX_SAMPLE_TOKENS)
+        _check_range("topk_prompt_logprobs", request.topk_prompt_logprobs, 0, MAX_TOPK)
         if request.sampling_session_id is None:
             raise RequestError(400, "tinkerkit serve samples through sampling sessions "
                                     "(sampling_session_id)")

@@ -39,6 +39,8 @@ from tinkerkit.io import atomic_write_json, read_json
 RUN_FILE = "run.json"
 CHECKPOINT_META = "tinker_checkpoint.json"
 RUN_FORMAT = 1
+MAX_TTL_SECONDS = 100 * 365 * 24 * 3600
+"""Longest ``ttl_seconds`` of a checkpoint (100 years; the expiry must be a valid date)."""
 SEGMENTS = {"weights": "training", "sampler_weights": "sampler",
             "external_weights": "external"}
 """Path segment -> ``Checkpoint.checkpoint_type`` (as ``types.ParsedCheckpointTinkerPath``)."""
@@ -54,6 +56,19 @@ TINKER_PATH = re.compile(r"tinker://(?P<model>[^/]+)/(?P<segment>[a-z_]+)/(?P<na
 def now_utc() -> _dt.datetime:
     """The current time, timezone-aware UTC."""
     return _dt.datetime.now(_dt.UTC)
+
+
+def check_ttl(ttl_seconds: int | None) -> int | None:
+    """A checkpoint's ``ttl_seconds``: None (kept until deleted) or 1 to
+    :data:`MAX_TTL_SECONDS`.
+
+    Raises:
+        RequestError: 400 otherwise.
+    """
+    if ttl_seconds is not None and not 0 < ttl_seconds <= MAX_TTL_SECONDS:
+        raise RequestError(400, f"ttl_seconds={ttl_seconds} must be in [1, {MAX_TTL_SECONDS}] "
+                                "(100 years)")
+    return ttl_seconds
 
 
 def check_name(name: str | None, what: str = "checkpoint name") -> str:
@@ -220,10 +235,9 @@ class CheckpointStore:
         """Record user metadata and expiry of a saved checkpoint (nothing when both are None).
 
         Raises:
-            RequestError: 400 when ``ttl_seconds`` is not positive.
+            RequestError: 400 for a ``ttl_seconds`` that :func:`check_ttl` refuses.
         """
-        if ttl_seconds is not None and ttl_seconds <= 0:
-            raise RequestError(400, f"ttl_seconds={ttl_seconds} must be positive")
+        check_ttl(ttl_seconds)
         if user_metadata is None and ttl_seconds is None:
             return
         expires = None if ttl_seconds is None else (
