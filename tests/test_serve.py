@@ -146,7 +146,7 @@ def test_save_state_and_resume_with_and_without_optimizer(server, tiny_model):
             fresh.load_state_with_optimizer(path).result()
         assert fresh.forward(datums(), "cross_entropy").result().metrics["loss:sum"] == \
             pytest.approx(first_loss, rel=1e-6)
-        with pytest.raises(tinker.RequestFailedError, match="exists"):
+        with pytest.raises(tinker.BadRequestError, match="exists"):
             training.save_state("step1").result()
 
 
@@ -407,9 +407,10 @@ def test_protobuf_round_trips_through_the_sdk_decoders():
     request = types.ForwardBackwardRequest(
         forward_backward_input=types.ForwardBackwardInput(data=datums(), loss_fn="cross_entropy"),
         model_id="m", seq_id=5)
-    decoded, forward_only = protobuf.decode_forward_backward(
+    msg = protobuf.parse_forward_backward(
         forward_backward_request_to_proto(request).SerializeToString())
-    assert (decoded.model_id, decoded.seq_id, forward_only) == ("m", 5, False)
+    decoded = protobuf.forward_backward_request(msg)
+    assert (decoded.model_id, decoded.seq_id, msg.forward_only) == ("m", 5, False)
     for got, sent in zip(decoded.forward_backward_input.data, datums()):
         assert got.model_input.to_ints() == sent.model_input.to_ints()
         assert got.loss_fn_inputs["weights"].tolist() == sent.loss_fn_inputs["weights"].tolist()

@@ -76,9 +76,7 @@ class Request:
         try:
             return model.model_validate(data)
         except pydantic.ValidationError as e:
-            error = e.errors()[0]
-            where = ".".join(str(part) for part in error["loc"]) or "body"
-            raise RequestError(400, f"{model.__name__}: {where}: {error['msg']}") from e
+            raise RequestError.invalid(model.__name__, e) from e
 
     def int_query(self, name: str, default: int, maximum: int = 1000) -> int:
         """A non-negative integer query parameter (400 otherwise)."""
@@ -235,28 +233,52 @@ class Routes:
             raise RequestError(400, f"forward_backward takes a protobuf body "
                                     f"({protobuf.PROTO_CONTENT_TYPE}), got '{content_type}'")
         body = protobuf.decompress(request.body, request.headers.get("Content-Encoding"))
-        fwd_bwd, forward_only = protobuf.decode_forward_backward(body)
-        return future_response(self.state.forward_backward(request.owner, fwd_bwd, forward_only))
+        msg = protobuf.parse_forward_backward(body)
+        try:
+            fwd_bwd = protobuf.forward_backward_request(msg)
+        except RequestError as e:
+            self.state.refuse(request.owner, msg.model_id, msg.seq_id, e)
+            raise
+        return future_response(self.state.forward_backward(request.owner, fwd_bwd,
+                                                           msg.forward_only))
+
+    def ordered_json(self, request: Request, model: type[pydantic.BaseModel]) -> Any:
+        """The body of a model's request numbered by ``seq_id``, validated as ``model``.
+
+        Raises:
+            RequestError: 400 as :meth:`Request.json`; the request's ``seq_id`` is consumed
+                when its ``model_id`` and ``seq_id`` are readable (:meth:`ServerState.refuse`).
+        """
+        try:
+            return request.json(model)
+        except RequestError as e:
+            try:
+                data = json.loads(request.body)
+            except (ValueError, RecursionError):
+                data = None
+            if isinstance(data, dict):
+                self.state.refuse(request.owner, data.get("model_id"), data.get("seq_id"), e)
+            raise
 
     def optim_step(self, request: Request) -> Response:
-        return future_response(self.state.optim_step(request.owner,
-                                                     request.json(types.OptimStepRequest)))
+        body = self.ordered_json(request, types.OptimStepRequest)
+        return future_response(self.state.optim_step(request.owner, body))
 
     def save_weights(self, request: Request) -> Response:
-        return future_response(self.state.save_weights(request.owner,
-                                                       request.json(types.SaveWeightsRequest)))
+        body = self.ordered_json(request, types.SaveWeightsRequest)
+        return future_response(self.state.save_weights(request.owner, body))
 
     def save_weights_for_sampler(self, request: Request) -> Response:
-        body = request.json(types.SaveWeightsForSamplerRequest)
+        body = self.ordered_json(request, types.SaveWeightsForSamplerRequest)
         return future_response(self.state.save_weights_for_sampler(request.owner, body))
 
     def save_weights_external(self, request: Request) -> Response:
-        body = request.json(types.SaveWeightsExternalRequest)
+        body = self.ordered_json(request, types.SaveWeightsExternalRequest)
         return future_response(self.state.save_weights_external(request.owner, body))
 
     def load_weights(self, request: Request) -> Response:
-        return future_response(self.state.load_weights(request.owner,
-                                                       request.json(types.LoadWeightsRequest)))
+        body = self.ordered_json(request, types.LoadWeightsRequest)
+        return future_response(self.state.load_weights(request.owner, body))
 
     # -- sampling
 

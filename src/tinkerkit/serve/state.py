@@ -149,7 +149,8 @@ class ModelRunner:
             for old in [s for s in self._seen if s < seq_id - _SEEN_SEQ_IDS]:
                 del self._seen[old]
             if seq_id < self._next_seq:
-                future.set_error(f"seq_id {seq_id} of model {self.model_id} was already used")
+                future.fail(RequestError(400, f"seq_id {seq_id} of model {self.model_id} was "
+                                              "already used"))
                 return future
             self._waiting[seq_id] = (future, action)
             self._drain()
@@ -168,8 +169,8 @@ class ModelRunner:
             self._next_seq += 1
             try:
                 action(self.client, future)
-            except Exception as e:  # the request fails; the model goes on
-                future.set_error(*describe_error(e))
+            except Exception as e:  # the request is refused or fails; the model goes on
+                future.fail(e)
 
     def ready(self, client: LocalTrainingClient) -> None:
         """The client exists: start the waiting requests (or close it if the model is gone)."""
@@ -419,6 +420,37 @@ class ServerState:
             model_id=runner.model_id, is_lora=True, lora_rank=runner.record.rank,
             model_name=served.name)
 
+    def _ordered(self, runner: ModelRunner, seq_id: int | None, owner: str,
+                 start: Callable[[LocalTrainingClient, ServerFuture], None]) -> ServerFuture:
+        """Submit a model's request in ``seq_id`` order (see :meth:`ModelRunner.submit`).
+
+        Raises:
+            RequestError: The request started at once and was refused (its 4xx); its
+                ``seq_id`` is consumed all the same.
+        """
+        future = runner.submit(seq_id, self.futures.create(owner), start)
+        future.raise_if_rejected()
+        return future
+
+    def refuse(self, owner: str, model_id: object, seq_id: object, error: RequestError) -> None:
+        """Consume the ``seq_id`` of a request refused before it could be read (4xx).
+
+        The SDK goes on with the next ``seq_id`` after an error, so the refused one must not
+        hold back the model's later requests. Nothing happens when the model is not the
+        caller's or the ids are not readable.
+        """
+        if not isinstance(model_id, str) or type(seq_id) is not int or seq_id < 1:
+            return
+        try:
+            runner = self._runner(model_id, owner)
+        except RequestError:
+            return
+
+        def start(client: LocalTrainingClient, future: ServerFuture) -> None:
+            raise error
+
+        runner.submit(seq_id, self.futures.create(owner), start)
+
     def forward_backward(self, owner: str, request: types.ForwardBackwardRequest,
                          forward_only: bool) -> ServerFuture:
         """``forward_backward`` / ``forward`` (future of ``ForwardBackwardOutput``)."""
@@ -430,7 +462,7 @@ class ServerState:
             future.follow(call(list(given.data), given.loss_fn,
                                dict(given.loss_fn_config) if given.loss_fn_config else None))
 
-        return runner.submit(request.seq_id, self.futures.create(owner), start)
+        return self._ordered(runner, request.seq_id, owner, start)
 
     def optim_step(self, owner: str, request: types.OptimStepRequest) -> ServerFuture:
         """``optim_step`` (future of ``OptimStepResponse``)."""
@@ -442,7 +474,7 @@ class ServerState:
                                         "supported by tinkerkit serve (AdamW only)")
             future.follow(client.optim_step(request.optim_params))
 
-        return runner.submit(request.seq_id, self.futures.create(owner), start)
+        return self._ordered(runner, request.seq_id, owner, start)
 
     # -- checkpoints
 
@@ -473,7 +505,7 @@ class ServerState:
                        overwrite=request.overwrite, user_metadata=request.user_metadata,
                        ttl_seconds=request.ttl_seconds)
 
-        return runner.submit(request.seq_id, self.futures.create(owner), start)
+        return self._ordered(runner, request.seq_id, owner, start)
 
     def save_weights_for_sampler(self, owner: str,
                                  request: types.SaveWeightsForSamplerRequest) -> ServerFuture:
@@ -500,7 +532,7 @@ class ServerState:
             future.follow(snapshot, lambda _: types.SaveWeightsForSamplerResponseInternal(
                 sampling_session_id=sampler_id))
 
-        return runner.submit(request.seq_id, self.futures.create(owner), start)
+        return self._ordered(runner, request.seq_id, owner, start)
 
     def save_weights_external(self, owner: str,
                               request: types.SaveWeightsExternalRequest) -> ServerFuture:
@@ -518,7 +550,7 @@ class ServerState:
             self._save(runner, client, future, "external_weights", request.path, respond,
                        ttl_seconds=request.ttl_seconds)
 
-        return runner.submit(request.seq_id, self.futures.create(owner), start)
+        return self._ordered(runner, request.seq_id, owner, start)
 
     def load_weights(self, owner: str, request: types.LoadWeightsRequest) -> ServerFuture:
         """``load_weights``: into a live model (``model_id`` + ``seq_id``), or into a new model
@@ -560,7 +592,7 @@ class ServerState:
             future.follow(load(str(directory)), lambda _: types.LoadWeightsResponse(
                 path=request.path, model_id=runner.model_id))
 
-        return runner.submit(request.seq_id, self.futures.create(owner), start)
+        return self._ordered(runner, request.seq_id, owner, start)
 
     # -- listings
 
@@ -767,8 +799,10 @@ class ServerState:
             raise RequestError(400, f"prompt_logprobs_last_n={last_n} needs prompt_logprobs and "
                                     f"1 <= N < {request.prompt.length} (the prompt length)")
         with sampler.lock:
-            if request.seq_id is not None and request.seq_id in sampler.seen:
-                return sampler.seen[request.seq_id]
+            earlier = sampler.seen.get(request.seq_id) if request.seq_id is not None else None
+            if earlier is not None:  # a retry: the first answer
+                earlier.raise_if_rejected()
+                return earlier
             future = self.futures.create(owner)
             future.sample_sequence_ids = [f"{future.request_id}:{i}"
                                           for i in range(request.num_samples)]
@@ -784,12 +818,13 @@ class ServerState:
                                         request.sampling_params,
                                         include_prompt_logprobs=bool(request.prompt_logprobs),
                                         topk_prompt_logprobs=request.topk_prompt_logprobs)
-            except Exception as e:
-                future.set_error(*describe_error(e))
+            except Exception as e:  # refused (at once when the sampler is loaded) or failed
+                future.fail(e)
                 return
             future.follow(pending, lambda response: _mask_prompt_logprobs(response, last_n))
 
         sampler.client.add_done_callback(start)
+        future.raise_if_rejected()
         return future
 
     # -- server
