@@ -43,8 +43,9 @@ from tinkerkit.serve.store import CheckpointStore
 
 log = logging.getLogger("tinkerkit.serve")
 
-MAX_BODY_BYTES = 512 * 1024 * 1024
-"""Largest request body accepted (512 MiB)."""
+MAX_JSON_BODY_BYTES = 16 * 1024 * 1024
+"""Largest JSON request body accepted (16 MiB: a prompt of millions of tokens; every JSON body
+is parsed whole into Python objects, several times its size)."""
 REAPER_INTERVAL_SECONDS = 30.0
 
 
@@ -387,6 +388,26 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:  # noqa: N802
         self._dispatch()
 
+    # Methods no route takes: 405 on a known path, 404 elsewhere (http.server would say 501).
+    do_PUT = do_PATCH = do_OPTIONS = do_HEAD = do_DELETE  # noqa: N815
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line, too long or too many
+        headers, ...) as the JSON ``{"detail": ...}`` every other error has."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # an unreadable request line: answer with headers
+            self.request_version = "HTTP/1.0"
+        reason = self.responses.get(code, ("Error",))[0]
+        body = json.dumps({"detail": message or reason}).encode("utf-8")
+        self.send_response(code, reason)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             self.close_connection = True  # the unread body would corrupt the next request
@@ -399,10 +420,12 @@ class _Handler(BaseHTTPRequestHandler):
         if length < 0:
             self.close_connection = True
             raise RequestError(400, "Content-Length is negative")
-        if length > MAX_BODY_BYTES:
+        proto = protobuf.PROTO_CONTENT_TYPE in self.headers.get("Content-Type", "")
+        limit = protobuf.MAX_MESSAGE_BYTES if proto else MAX_JSON_BODY_BYTES
+        if length > limit:
             self.close_connection = True
-            raise RequestError(413, f"request body of {length} bytes is over the "
-                                    f"{MAX_BODY_BYTES} byte limit")
+            raise RequestError(413, f"request body of {length} bytes is over the {limit} byte "
+                                    f"limit of {'protobuf' if proto else 'JSON'} bodies")
         try:
             return self.rfile.read(length)
         except OSError as e:  # the client went away or stalled mid-body
@@ -441,12 +464,14 @@ class _Handler(BaseHTTPRequestHandler):
         if response.file is not None:
             self.send_header("Content-Length", str(response.file.stat().st_size))
             self.end_headers()
-            with open(response.file, "rb") as f:
-                shutil.copyfileobj(f, self.wfile)
+            if self.command != "HEAD":
+                with open(response.file, "rb") as f:
+                    shutil.copyfileobj(f, self.wfile)
             return
         self.send_header("Content-Length", str(len(response.body)))
         self.end_headers()
-        self.wfile.write(response.body)
+        if self.command != "HEAD":
+            self.wfile.write(response.body)
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silence http.server's own access log (see ``_dispatch`` for ours)."""
