@@ -6,13 +6,9 @@ hosted service. Results are compared with the local engine run in process on the
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
 import urllib.request
 import warnings
-from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -25,6 +21,7 @@ from tinker.proto import tinker_public_pb2 as public_pb
 from tinker.proto.request_conv import forward_backward_request_to_proto
 from tinker.proto.response_conv import deserialize_proto_response
 
+from helpers import KEY, checkpoint_dir, running_server, service
 from tinkerkit.engines.local import LocalTrainingClient
 from tinkerkit.engines.local_sampling import LocalSamplingClient
 from tinkerkit.errors import ConfigError
@@ -34,32 +31,9 @@ from tinkerkit.serve.futures import ServerFuture
 from tinkerkit.serve.registry import read_models_file
 from tinkerkit.serve.state import ModelRunner
 
-KEY, OTHER_KEY = "tml-serve-test", "tml-someone-else"
+OTHER_KEY = "tml-someone-else"
 ADAM = types.AdamParams(learning_rate=1e-2)
 LORA = {"rank": 4, "seed": 7, "train_unembed": False}
-
-
-@contextlib.contextmanager
-def running_server(root, **kwargs):
-    """A server on a free loopback port, in a thread; yields its base URL and root."""
-    server = make_server("127.0.0.1", 0, root=root, **kwargs)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield SimpleNamespace(url=f"http://127.0.0.1:{server.server_port}", root=Path(root),
-                              state=server.state)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
-@contextlib.contextmanager
-def service(url, key=KEY):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # the SDK's own deprecation notices
-        with tinker.ServiceClient(base_url=url, api_key=key) as client:
-            yield client
 
 
 def datums() -> list[types.Datum]:
@@ -183,12 +157,6 @@ def test_sampling_equals_the_local_sampling_client(server, tiny_model, tmp_path)
     assert response.prompt_logprobs[0] is None and scored[0] is None
     np.testing.assert_allclose(response.prompt_logprobs[1:], local.prompt_logprobs[1:], rtol=1e-5)
     np.testing.assert_allclose(scored[1:], local.prompt_logprobs[1:], rtol=1e-5)
-
-
-def checkpoint_dir(root, tinker_path):
-    """The directory of a checkpoint on a server with this root (the documented layout)."""
-    model_id, segment, name = tinker_path.removeprefix("tinker://").split("/")
-    return root / "runs" / model_id / segment / name
 
 
 def test_checkpoint_and_run_listings(server, tiny_model):
