@@ -6,13 +6,9 @@ hosted service. Results are compared with the local engine run in process on the
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
 import urllib.request
 import warnings
-from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -25,6 +21,7 @@ from tinker.proto import tinker_public_pb2 as public_pb
 from tinker.proto.request_conv import forward_backward_request_to_proto
 from tinker.proto.response_conv import deserialize_proto_response
 
+from helpers import KEY, checkpoint_dir, running_server, service
 from tinkerkit.engines.local import LocalTrainingClient
 from tinkerkit.engines.local_sampling import LocalSamplingClient
 from tinkerkit.errors import ConfigError
@@ -34,32 +31,9 @@ from tinkerkit.serve.futures import ServerFuture
 from tinkerkit.serve.registry import read_models_file
 from tinkerkit.serve.state import ModelRunner
 
-KEY, OTHER_KEY = "tml-serve-test", "tml-someone-else"
+OTHER_KEY = "tml-someone-else"
 ADAM = types.AdamParams(learning_rate=1e-2)
 LORA = {"rank": 4, "seed": 7, "train_unembed": False}
-
-
-@contextlib.contextmanager
-def running_server(root, **kwargs):
-    """A server on a free loopback port, in a thread; yields its base URL and root."""
-    server = make_server("127.0.0.1", 0, root=root, **kwargs)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield SimpleNamespace(url=f"http://127.0.0.1:{server.server_port}", root=Path(root),
-                              state=server.state)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
-@contextlib.contextmanager
-def service(url, key=KEY):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # the SDK's own deprecation notices
-        with tinker.ServiceClient(base_url=url, api_key=key) as client:
-            yield client
 
 
 def datums() -> list[types.Datum]:
@@ -146,7 +120,7 @@ def test_save_state_and_resume_with_and_without_optimizer(server, tiny_model):
             fresh.load_state_with_optimizer(path).result()
         assert fresh.forward(datums(), "cross_entropy").result().metrics["loss:sum"] == \
             pytest.approx(first_loss, rel=1e-6)
-        with pytest.raises(tinker.RequestFailedError, match="exists"):
+        with pytest.raises(tinker.BadRequestError, match="exists"):
             training.save_state("step1").result()
 
 
@@ -183,12 +157,6 @@ def test_sampling_equals_the_local_sampling_client(server, tiny_model, tmp_path)
     assert response.prompt_logprobs[0] is None and scored[0] is None
     np.testing.assert_allclose(response.prompt_logprobs[1:], local.prompt_logprobs[1:], rtol=1e-5)
     np.testing.assert_allclose(scored[1:], local.prompt_logprobs[1:], rtol=1e-5)
-
-
-def checkpoint_dir(root, tinker_path):
-    """The directory of a checkpoint on a server with this root (the documented layout)."""
-    model_id, segment, name = tinker_path.removeprefix("tinker://").split("/")
-    return root / "runs" / model_id / segment / name
 
 
 def test_checkpoint_and_run_listings(server, tiny_model):
@@ -407,9 +375,10 @@ def test_protobuf_round_trips_through_the_sdk_decoders():
     request = types.ForwardBackwardRequest(
         forward_backward_input=types.ForwardBackwardInput(data=datums(), loss_fn="cross_entropy"),
         model_id="m", seq_id=5)
-    decoded, forward_only = protobuf.decode_forward_backward(
+    msg = protobuf.parse_forward_backward(
         forward_backward_request_to_proto(request).SerializeToString())
-    assert (decoded.model_id, decoded.seq_id, forward_only) == ("m", 5, False)
+    decoded = protobuf.forward_backward_request(msg)
+    assert (decoded.model_id, decoded.seq_id, msg.forward_only) == ("m", 5, False)
     for got, sent in zip(decoded.forward_backward_input.data, datums()):
         assert got.model_input.to_ints() == sent.model_input.to_ints()
         assert got.loss_fn_inputs["weights"].tolist() == sent.loss_fn_inputs["weights"].tolist()

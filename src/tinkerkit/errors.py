@@ -68,3 +68,11 @@ class RequestError(TinkerkitError, ValueError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+    @classmethod
+    def invalid(cls, what: str, error) -> RequestError:
+        """A 400 naming the first invalid field of ``error``, a pydantic ``ValidationError``
+        raised while validating ``what`` (a request type's name)."""
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        return cls(400, f"{what}: {where}: {first['msg']}")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,6 +351,13 @@ def hub_reachable(host: str = "huggingface.co", timeout_seconds: float = 3.0) ->
         return False
 
 
+_LOAD_LOCK = threading.RLock()
+"""Held while a model or tokenizer loads. transformers' ``from_pretrained`` is not thread-safe
+(5.x initializes on the meta device process-wide: two models loading at once in two threads came
+out with ``lm_head`` still on the meta device, or failed), so a server loading several models
+at once loads them one after another."""
+
+
 def _from_pretrained(loader: Callable, name: str, **kwargs):
     source = resolve_model(name)
     try:
@@ -401,10 +409,11 @@ def load_tokenizer(name: str):
     Raises:
         ModelError: The model cannot be resolved or its tokenizer cannot be loaded.
     """
-    from transformers import AutoTokenizer
+    with _LOAD_LOCK:  # the import too: transformers' lazy module is not thread-safe either
+        from transformers import AutoTokenizer
 
-    local = None if _is_model_dir(Path(name).expanduser()) else offline_tokenizer(name)
-    return _from_pretrained(AutoTokenizer.from_pretrained, local or name)
+        local = None if _is_model_dir(Path(name).expanduser()) else offline_tokenizer(name)
+        return _from_pretrained(AutoTokenizer.from_pretrained, local or name)
 
 
 def load_model(name: str, dtype: str = "float32"):
@@ -418,7 +427,6 @@ def load_model(name: str, dtype: str = "float32"):
         ModelError: The model cannot be resolved or loaded.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     entry = REGISTRY.get(name)
     if entry is not None and entry.tokenizer_only:
@@ -427,6 +435,9 @@ def load_model(name: str, dtype: str = "float32"):
                          f"directory, a hub id or one of: {models}")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
-    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, dtype=torch_dtype)
+    with _LOAD_LOCK:
+        from transformers import AutoModelForCausalLM
+
+        model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, dtype=torch_dtype)
     model.eval()
     return model

@@ -43,8 +43,9 @@ from tinkerkit.serve.store import CheckpointStore
 
 log = logging.getLogger("tinkerkit.serve")
 
-MAX_BODY_BYTES = 512 * 1024 * 1024
-"""Largest request body accepted (512 MiB)."""
+MAX_JSON_BODY_BYTES = 16 * 1024 * 1024
+"""Largest JSON request body accepted (16 MiB: a prompt of millions of tokens; every JSON body
+is parsed whole into Python objects, several times its size)."""
 REAPER_INTERVAL_SECONDS = 30.0
 
 
@@ -76,9 +77,7 @@ class Request:
         try:
             return model.model_validate(data)
         except pydantic.ValidationError as e:
-            error = e.errors()[0]
-            where = ".".join(str(part) for part in error["loc"]) or "body"
-            raise RequestError(400, f"{model.__name__}: {where}: {error['msg']}") from e
+            raise RequestError.invalid(model.__name__, e) from e
 
     def int_query(self, name: str, default: int, maximum: int = 1000) -> int:
         """A non-negative integer query parameter (400 otherwise)."""
@@ -235,28 +234,52 @@ class Routes:
             raise RequestError(400, f"forward_backward takes a protobuf body "
                                     f"({protobuf.PROTO_CONTENT_TYPE}), got '{content_type}'")
         body = protobuf.decompress(request.body, request.headers.get("Content-Encoding"))
-        fwd_bwd, forward_only = protobuf.decode_forward_backward(body)
-        return future_response(self.state.forward_backward(request.owner, fwd_bwd, forward_only))
+        msg = protobuf.parse_forward_backward(body)
+        try:
+            fwd_bwd = protobuf.forward_backward_request(msg)
+        except RequestError as e:
+            self.state.refuse(request.owner, msg.model_id, msg.seq_id, e)
+            raise
+        return future_response(self.state.forward_backward(request.owner, fwd_bwd,
+                                                           msg.forward_only))
+
+    def ordered_json(self, request: Request, model: type[pydantic.BaseModel]) -> Any:
+        """The body of a model's request numbered by ``seq_id``, validated as ``model``.
+
+        Raises:
+            RequestError: 400 as :meth:`Request.json`; the request's ``seq_id`` is consumed
+                when its ``model_id`` and ``seq_id`` are readable (:meth:`ServerState.refuse`).
+        """
+        try:
+            return request.json(model)
+        except RequestError as e:
+            try:
+                data = json.loads(request.body)
+            except (ValueError, RecursionError):
+                data = None
+            if isinstance(data, dict):
+                self.state.refuse(request.owner, data.get("model_id"), data.get("seq_id"), e)
+            raise
 
     def optim_step(self, request: Request) -> Response:
-        return future_response(self.state.optim_step(request.owner,
-                                                     request.json(types.OptimStepRequest)))
+        body = self.ordered_json(request, types.OptimStepRequest)
+        return future_response(self.state.optim_step(request.owner, body))
 
     def save_weights(self, request: Request) -> Response:
-        return future_response(self.state.save_weights(request.owner,
-                                                       request.json(types.SaveWeightsRequest)))
+        body = self.ordered_json(request, types.SaveWeightsRequest)
+        return future_response(self.state.save_weights(request.owner, body))
 
     def save_weights_for_sampler(self, request: Request) -> Response:
-        body = request.json(types.SaveWeightsForSamplerRequest)
+        body = self.ordered_json(request, types.SaveWeightsForSamplerRequest)
         return future_response(self.state.save_weights_for_sampler(request.owner, body))
 
     def save_weights_external(self, request: Request) -> Response:
-        body = request.json(types.SaveWeightsExternalRequest)
+        body = self.ordered_json(request, types.SaveWeightsExternalRequest)
         return future_response(self.state.save_weights_external(request.owner, body))
 
     def load_weights(self, request: Request) -> Response:
-        return future_response(self.state.load_weights(request.owner,
-                                                       request.json(types.LoadWeightsRequest)))
+        body = self.ordered_json(request, types.LoadWeightsRequest)
+        return future_response(self.state.load_weights(request.owner, body))
 
     # -- sampling
 
@@ -365,6 +388,26 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:  # noqa: N802
         self._dispatch()
 
+    # Methods no route takes: 405 on a known path, 404 elsewhere (http.server would say 501).
+    do_PUT = do_PATCH = do_OPTIONS = do_HEAD = do_DELETE  # noqa: N815
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line, too long or too many
+        headers, ...) as the JSON ``{"detail": ...}`` every other error has."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # an unreadable request line: answer with headers
+            self.request_version = "HTTP/1.0"
+        reason = self.responses.get(code, ("Error",))[0]
+        body = json.dumps({"detail": message or reason}).encode("utf-8")
+        self.send_response(code, reason)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             self.close_connection = True  # the unread body would corrupt the next request
@@ -377,10 +420,12 @@ class _Handler(BaseHTTPRequestHandler):
         if length < 0:
             self.close_connection = True
             raise RequestError(400, "Content-Length is negative")
-        if length > MAX_BODY_BYTES:
+        proto = protobuf.PROTO_CONTENT_TYPE in self.headers.get("Content-Type", "")
+        limit = protobuf.MAX_MESSAGE_BYTES if proto else MAX_JSON_BODY_BYTES
+        if length > limit:
             self.close_connection = True
-            raise RequestError(413, f"request body of {length} bytes is over the "
-                                    f"{MAX_BODY_BYTES} byte limit")
+            raise RequestError(413, f"request body of {length} bytes is over the {limit} byte "
+                                    f"limit of {'protobuf' if proto else 'JSON'} bodies")
         try:
             return self.rfile.read(length)
         except OSError as e:  # the client went away or stalled mid-body
@@ -419,12 +464,14 @@ class _Handler(BaseHTTPRequestHandler):
         if response.file is not None:
             self.send_header("Content-Length", str(response.file.stat().st_size))
             self.end_headers()
-            with open(response.file, "rb") as f:
-                shutil.copyfileobj(f, self.wfile)
+            if self.command != "HEAD":
+                with open(response.file, "rb") as f:
+                    shutil.copyfileobj(f, self.wfile)
             return
         self.send_header("Content-Length", str(len(response.body)))
         self.end_headers()
-        self.wfile.write(response.body)
+        if self.command != "HEAD":
+            self.wfile.write(response.body)
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silence http.server's own access log (see ``_dispatch`` for ours)."""

@@ -39,6 +39,8 @@ class ServerFuture:
         error: ``(message, category)`` once failed; category is a
             ``tinker.types.RequestErrorCategory``.
         sample_sequence_ids: For sampling requests, one id per requested sample.
+        rejected: The 4xx status when the request was refused when it started (an invalid
+            datum, an unknown checkpoint, ...); the error holds the message.
     """
 
     request_id: str
@@ -47,6 +49,7 @@ class ServerFuture:
     error: tuple[str, types.RequestErrorCategory] | None = None
     sample_sequence_ids: list[str] | None = None
     finished_at: float | None = None
+    rejected: int | None = None
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -64,6 +67,29 @@ class ServerFuture:
             if not self._done.is_set():
                 self.error, self.finished_at = (message, category), time.monotonic()
                 self._done.set()
+
+    def fail(self, error: Exception) -> None:
+        """Fail with ``error`` (see :func:`describe_error`); a user's error also marks the
+        request as rejected with its 4xx status (a ``RequestError``'s own, else 400)."""
+        message, category = describe_error(error)
+        with self._lock:
+            if self._done.is_set():
+                return
+            if category == types.RequestErrorCategory.User:
+                self.rejected = getattr(error, "status", 400)
+            self.error, self.finished_at = (message, category), time.monotonic()
+            self._done.set()
+
+    def raise_if_rejected(self) -> None:
+        """Raise the rejection as the HTTP answer of the request that submitted this future.
+
+        Raises:
+            RequestError: The 4xx status and message of a rejected request.
+        """
+        from tinkerkit.errors import RequestError
+
+        if self.rejected is not None and self.error is not None:
+            raise RequestError(self.rejected, self.error[0])
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds; True when finished."""

@@ -6,7 +6,8 @@ The ``tinker`` SDK (0.38.0) sends ``forward_backward`` requests as a
 encoder of requests (``tinker.proto.request_conv``) and the decoder of responses
 (``tinker.proto.response_conv``); this module is their inverse for the server side:
 
-* :func:`decode_forward_backward`: request bytes -> ``tinker.types.ForwardBackwardRequest``.
+* :func:`parse_forward_backward` and :func:`forward_backward_request`: request bytes -> the
+  message -> ``tinker.types.ForwardBackwardRequest``.
 * :func:`encode_forward_backward_output`: ``ForwardBackwardOutput`` -> bytes. Each
   ``loss_fn_outputs`` field becomes one ``BatchedTensor``: the per-datum arrays concatenated in
   ``data``, their byte offsets (int64, ``n + 1`` entries) in ``offsets``, and the shape after the
@@ -17,7 +18,10 @@ encoder of requests (``tinker.proto.request_conv``) and the decoder of responses
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pydantic
 from google.protobuf.message import DecodeError
 from tinker import types
 from tinker.proto import tinker_public_pb2 as public_pb
@@ -29,8 +33,10 @@ from tinker.proto.response_conv import _tensor_data_from_proto
 from tinkerkit.errors import RequestError
 
 PROTO_CONTENT_TYPE = "application/x-protobuf"
-MAX_DECOMPRESSED_BYTES = 1 << 30
-"""Largest forward_backward request accepted after zstd decompression (1 GiB)."""
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""Largest ``forward_backward`` message accepted, as sent or after zstd decompression (64 MiB).
+The SDK sends a batch in chunks of about 5 MB (``ClientConfigResponse.fwdbwd_max_chunk_bytes_count``),
+so only a single datum of millions of tokens comes near it."""
 
 _STOP_REASONS = {"stop": public_pb.STOP_REASON_STOP, "length": public_pb.STOP_REASON_LENGTH}
 _DTYPES = {np.dtype(np.float32): public_pb.DTYPE_FLOAT32, np.dtype(np.int64): public_pb.DTYPE_INT64}
@@ -41,7 +47,7 @@ def decompress(body: bytes, encoding: str | None) -> bytes:
 
     Raises:
         RequestError: 400 for another encoding, a corrupted frame or a frame that would
-            decompress past :data:`MAX_DECOMPRESSED_BYTES`.
+            decompress past :data:`MAX_MESSAGE_BYTES` (413).
     """
     if not encoding or encoding == "identity":
         return body
@@ -51,11 +57,12 @@ def decompress(body: bytes, encoding: str | None) -> bytes:
 
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(body)
-        data = reader.read(MAX_DECOMPRESSED_BYTES + 1)
+        data = reader.read(MAX_MESSAGE_BYTES + 1)
     except zstandard.ZstdError as e:
         raise RequestError(400, f"request body is not a valid zstd frame: {e}") from e
-    if len(data) > MAX_DECOMPRESSED_BYTES:
-        raise RequestError(413, "request body decompresses to more than 1 GiB")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise RequestError(413, f"request body decompresses to more than {MAX_MESSAGE_BYTES} "
+                                "bytes")
     return data
 
 
@@ -70,12 +77,31 @@ def _chunk(datum_index: int, chunk: public_pb.Chunk) -> types.EncodedTextChunk:
     return types.EncodedTextChunk(tokens=np.frombuffer(raw, dtype=np.int32).tolist())
 
 
+def _tensor(msg: public_pb.Tensor) -> types.TensorData:
+    """A dense ``TensorData`` of a ``Tensor`` message; a sparse CSR one is checked and densified
+    here, so a bad one is a 400 and not an engine failure.
+
+    Raises:
+        ValueError: Unknown dtype, data that do not fit the shape, invalid CSR indices, or a
+            sparse tensor of more elements than a dense one of the message size limit holds.
+    """
+    tensor = _tensor_data_from_proto(msg)
+    if tensor.sparse_crow_indices is None:
+        return tensor
+    if any(size < 0 for size in tensor.shape) or math.prod(tensor.shape) > MAX_MESSAGE_BYTES // 4:
+        raise ValueError(f"sparse tensor of shape {tensor.shape} is negative or too large")
+    try:
+        return types.TensorData.from_numpy(tensor.to_numpy())
+    except (RuntimeError, AssertionError, IndexError, TypeError) as e:
+        raise ValueError(f"invalid sparse CSR tensor: {e}") from e
+
+
 def _datum(index: int, msg: public_pb.Datum) -> types.Datum:
     chunks = [_chunk(index, chunk) for chunk in msg.model_input]
     inputs = {}
     for name, tensor in msg.loss_fn_inputs.items():
         try:
-            inputs[name] = _tensor_data_from_proto(tensor)
+            inputs[name] = _tensor(tensor)
         except ValueError as e:
             raise RequestError(400, f"datum {index}: loss_fn_inputs['{name}']: {e}") from e
     # Provenance spans only feed features tinkerkit serve does not offer (stability records).
@@ -89,19 +115,15 @@ def _loss_fn_config(msg: public_pb.ForwardBackwardRequest) -> dict[str, float | 
     return dict(msg.loss_fn_config) or None
 
 
-def decode_forward_backward(body: bytes) -> tuple[types.ForwardBackwardRequest, bool]:
-    """Parse a protobuf ``ForwardBackwardRequest``.
+def parse_forward_backward(body: bytes) -> public_pb.ForwardBackwardRequest:
+    """Parse the protobuf ``ForwardBackwardRequest`` message (its datums are read by
+    :func:`forward_backward_request`).
 
     Args:
         body: The (decompressed) request body.
 
-    Returns:
-        ``(request, forward_only)``; ``request.seq_id`` is None when the message carries 0
-        (the SDK numbers training requests from 1).
-
     Raises:
-        RequestError: 400 when the bytes are not the message, the model id is missing, or a
-            datum holds a non-token chunk or an unreadable tensor.
+        RequestError: 400 when the bytes are not the message or the model id is missing.
     """
     msg = public_pb.ForwardBackwardRequest()
     try:
@@ -110,12 +132,27 @@ def decode_forward_backward(body: bytes) -> tuple[types.ForwardBackwardRequest, 
         raise RequestError(400, f"body is not a protobuf ForwardBackwardRequest: {e}") from e
     if not msg.model_id:
         raise RequestError(400, "ForwardBackwardRequest.model_id is missing")
-    data = [_datum(i, datum) for i, datum in enumerate(msg.data)]
-    request = types.ForwardBackwardRequest(
-        forward_backward_input=types.ForwardBackwardInput(
-            data=data, loss_fn=msg.loss_fn, loss_fn_config=_loss_fn_config(msg)),
-        model_id=msg.model_id, seq_id=msg.seq_id or None)
-    return request, msg.forward_only
+    return msg
+
+
+def forward_backward_request(msg: public_pb.ForwardBackwardRequest
+                             ) -> types.ForwardBackwardRequest:
+    """The SDK request type of a parsed message; ``seq_id`` is None when the message carries 0
+    (the SDK numbers training requests from 1). ``msg.forward_only`` tells ``forward`` from
+    ``forward_backward``.
+
+    Raises:
+        RequestError: 400 when a datum holds a non-token chunk or an unreadable tensor, or a
+            field does not validate as the SDK's type.
+    """
+    try:
+        data = [_datum(i, datum) for i, datum in enumerate(msg.data)]
+        return types.ForwardBackwardRequest(
+            forward_backward_input=types.ForwardBackwardInput(
+                data=data, loss_fn=msg.loss_fn, loss_fn_config=_loss_fn_config(msg)),
+            model_id=msg.model_id, seq_id=msg.seq_id or None)
+    except pydantic.ValidationError as e:
+        raise RequestError.invalid("ForwardBackwardRequest", e) from e
 
 
 def _batched(arrays: list[np.ndarray], trailing: list[int]) -> public_pb.BatchedTensor:

@@ -49,7 +49,13 @@ from tinkerkit.engines.local_sampling import LocalSamplingClient
 from tinkerkit.errors import RequestError
 from tinkerkit.serve.futures import FutureStore, ServerFuture, describe_error
 from tinkerkit.serve.registry import ModelRegistry, ServedModel
-from tinkerkit.serve.store import EXTERNAL_FILES, CheckpointStore, RunRecord, check_name
+from tinkerkit.serve.store import (
+    EXTERNAL_FILES,
+    CheckpointStore,
+    RunRecord,
+    check_name,
+    check_ttl,
+)
 
 log = logging.getLogger("tinkerkit.serve")
 
@@ -59,6 +65,16 @@ FINISHED_SESSION_SECONDS = 3600.0
 """How long a finished session is remembered (its heartbeats answer 410, then 404)."""
 DOWNLOAD_URL_SECONDS = 3600
 """Lifetime of an external-weights download URL."""
+MAX_LORA_RANK = 1024
+"""Largest LoRA rank of a training model."""
+MAX_MODEL_SEQ_ID = 10**9 - 1
+"""Largest ``model_seq_id`` (model ids are ``<session id>:train:<n>`` with n of up to 9 digits)."""
+MAX_NUM_SAMPLES = 1024
+"""Most samples of one ``asample`` request (they are generated in batches of 32)."""
+MAX_SAMPLE_TOKENS = 131072
+"""Largest ``max_tokens`` of a sample (the KV cache is allocated for prompt + max_tokens)."""
+MAX_TOPK = 1024
+"""Largest ``topk_prompt_logprobs``."""
 _SEEN_SEQ_IDS = 1024
 """How many past seq ids of a model (or sampler) are remembered to answer retries."""
 
@@ -75,6 +91,18 @@ def _target_modules(lora: types.LoraConfig) -> str:
 def _metadata(values: dict | None) -> dict[str, str] | None:
     """A run's user metadata as the listings carry it (string values)."""
     return None if values is None else {str(k): str(v) for k, v in values.items()}
+
+
+def _check_range(name: str, value: int, low: int, high: int) -> int:
+    """``value`` when ``low <= value <= high``.
+
+    Raises:
+        RequestError: 400 naming the field otherwise (sizes, seeds and ids from a request never
+            reach the engine unbounded).
+    """
+    if not low <= value <= high:
+        raise RequestError(400, f"{name}={value} must be in [{low}, {high}]")
+    return value
 
 
 def _check_adam(config: types.OptimizerConfig | None) -> None:
@@ -121,7 +149,8 @@ class ModelRunner:
             for old in [s for s in self._seen if s < seq_id - _SEEN_SEQ_IDS]:
                 del self._seen[old]
             if seq_id < self._next_seq:
-                future.set_error(f"seq_id {seq_id} of model {self.model_id} was already used")
+                future.fail(RequestError(400, f"seq_id {seq_id} of model {self.model_id} was "
+                                              "already used"))
                 return future
             self._waiting[seq_id] = (future, action)
             self._drain()
@@ -140,8 +169,8 @@ class ModelRunner:
             self._next_seq += 1
             try:
                 action(self.client, future)
-            except Exception as e:  # the request fails; the model goes on
-                future.set_error(*describe_error(e))
+            except Exception as e:  # the request is refused or fails; the model goes on
+                future.fail(e)
 
     def ready(self, client: LocalTrainingClient) -> None:
         """The client exists: start the waiting requests (or close it if the model is gone)."""
@@ -358,6 +387,10 @@ class ServerState:
         lora = request.lora_config
         if lora is None:
             raise RequestError(400, "full fine-tuning is not supported; pass a LoraConfig")
+        _check_range("model_seq_id", request.model_seq_id, 0, MAX_MODEL_SEQ_ID)
+        _check_range("lora_config.rank", lora.rank, 1, MAX_LORA_RANK)
+        if lora.seed is not None:  # torch.manual_seed's range
+            _check_range("lora_config.seed", lora.seed, -(2**63), 2**64 - 1)
         _check_adam(request.optimizer_config)
         targets = _target_modules(lora)
         model_id = f"{session.session_id}:train:{request.model_seq_id}"
@@ -387,6 +420,37 @@ class ServerState:
             model_id=runner.model_id, is_lora=True, lora_rank=runner.record.rank,
             model_name=served.name)
 
+    def _ordered(self, runner: ModelRunner, seq_id: int | None, owner: str,
+                 start: Callable[[LocalTrainingClient, ServerFuture], None]) -> ServerFuture:
+        """Submit a model's request in ``seq_id`` order (see :meth:`ModelRunner.submit`).
+
+        Raises:
+            RequestError: The request started at once and was refused (its 4xx); its
+                ``seq_id`` is consumed all the same.
+        """
+        future = runner.submit(seq_id, self.futures.create(owner), start)
+        future.raise_if_rejected()
+        return future
+
+    def refuse(self, owner: str, model_id: object, seq_id: object, error: RequestError) -> None:
+        """Consume the ``seq_id`` of a request refused before it could be read (4xx).
+
+        The SDK goes on with the next ``seq_id`` after an error, so the refused one must not
+        hold back the model's later requests. Nothing happens when the model is not the
+        caller's or the ids are not readable.
+        """
+        if not isinstance(model_id, str) or type(seq_id) is not int or seq_id < 1:
+            return
+        try:
+            runner = self._runner(model_id, owner)
+        except RequestError:
+            return
+
+        def start(client: LocalTrainingClient, future: ServerFuture) -> None:
+            raise error
+
+        runner.submit(seq_id, self.futures.create(owner), start)
+
     def forward_backward(self, owner: str, request: types.ForwardBackwardRequest,
                          forward_only: bool) -> ServerFuture:
         """``forward_backward`` / ``forward`` (future of ``ForwardBackwardOutput``)."""
@@ -398,7 +462,7 @@ class ServerState:
             future.follow(call(list(given.data), given.loss_fn,
                                dict(given.loss_fn_config) if given.loss_fn_config else None))
 
-        return runner.submit(request.seq_id, self.futures.create(owner), start)
+        return self._ordered(runner, request.seq_id, owner, start)
 
     def optim_step(self, owner: str, request: types.OptimStepRequest) -> ServerFuture:
         """``optim_step`` (future of ``OptimStepResponse``)."""
@@ -410,7 +474,7 @@ class ServerState:
                                         "supported by tinkerkit serve (AdamW only)")
             future.follow(client.optim_step(request.optim_params))
 
-        return runner.submit(request.seq_id, self.futures.create(owner), start)
+        return self._ordered(runner, request.seq_id, owner, start)
 
     # -- checkpoints
 
@@ -419,8 +483,7 @@ class ServerState:
               kind: str = "sampler", overwrite: bool = True,
               user_metadata: dict | None = None, ttl_seconds: int | None = None) -> None:
         directory = self.store.checkpoint_dir(runner.model_id, segment, check_name(name))
-        if ttl_seconds is not None and ttl_seconds <= 0:
-            raise RequestError(400, f"ttl_seconds={ttl_seconds} must be positive")
+        check_ttl(ttl_seconds)
         if not overwrite and directory.exists():
             raise RequestError(400, f"checkpoint '{segment}/{name}' of {runner.model_id} exists; "
                                     "pass overwrite=True to replace it")
@@ -442,7 +505,7 @@ class ServerState:
                        overwrite=request.overwrite, user_metadata=request.user_metadata,
                        ttl_seconds=request.ttl_seconds)
 
-        return runner.submit(request.seq_id, self.futures.create(owner), start)
+        return self._ordered(runner, request.seq_id, owner, start)
 
     def save_weights_for_sampler(self, owner: str,
                                  request: types.SaveWeightsForSamplerRequest) -> ServerFuture:
@@ -469,7 +532,7 @@ class ServerState:
             future.follow(snapshot, lambda _: types.SaveWeightsForSamplerResponseInternal(
                 sampling_session_id=sampler_id))
 
-        return runner.submit(request.seq_id, self.futures.create(owner), start)
+        return self._ordered(runner, request.seq_id, owner, start)
 
     def save_weights_external(self, owner: str,
                               request: types.SaveWeightsExternalRequest) -> ServerFuture:
@@ -487,7 +550,7 @@ class ServerState:
             self._save(runner, client, future, "external_weights", request.path, respond,
                        ttl_seconds=request.ttl_seconds)
 
-        return runner.submit(request.seq_id, self.futures.create(owner), start)
+        return self._ordered(runner, request.seq_id, owner, start)
 
     def load_weights(self, owner: str, request: types.LoadWeightsRequest) -> ServerFuture:
         """``load_weights``: into a live model (``model_id`` + ``seq_id``), or into a new model
@@ -497,6 +560,7 @@ class ServerState:
         if request.session_id is None or request.model_seq_id is None:
             raise RequestError(400, "load_weights needs model_id, or session_id and model_seq_id")
         session = self._session(request.session_id, owner)
+        _check_range("model_seq_id", request.model_seq_id, 0, MAX_MODEL_SEQ_ID)
         source, directory = self.store.checkpoint(request.path, owner)
         served = self.registry.resolve(source.base_model)
         if request.base_model is not None and (
@@ -528,7 +592,7 @@ class ServerState:
             future.follow(load(str(directory)), lambda _: types.LoadWeightsResponse(
                 path=request.path, model_id=runner.model_id))
 
-        return runner.submit(request.seq_id, self.futures.create(owner), start)
+        return self._ordered(runner, request.seq_id, owner, start)
 
     # -- listings
 
@@ -611,10 +675,7 @@ class ServerState:
         """The file behind a download URL (the signature was checked by the caller)."""
         if file not in EXTERNAL_FILES:
             raise RequestError(404, f"no downloadable file '{file}'")
-        path = self.store.checkpoint_dir(model_id, "external_weights", name) / file
-        if not path.is_file():
-            raise RequestError(404, f"external weights '{name}' of {model_id} not found")
-        return path
+        return self.store.file(self.store.checkpoint_dir(model_id, "external_weights", name), file)
 
     # -- sampling
 
@@ -708,7 +769,19 @@ class ServerState:
 
     def sample(self, owner: str, request: types.SampleRequest) -> ServerFuture:
         """``asample`` (future of ``SampleResponse``; the future lists one sequence id per
-        sample)."""
+        sample).
+
+        Raises:
+            RequestError: 404 unknown sampler; 400 an unsupported option, ``num_samples``,
+                ``max_tokens`` or ``topk_prompt_logprobs`` out of the server's bounds, or
+                (when the sampler is loaded, so the request starts at once) a prompt or
+                parameters the engine refuses.
+        """
+        _check_range("num_samples", request.num_samples, 1, MAX_NUM_SAMPLES)
+        if request.sampling_params.max_tokens is not None:
+            _check_range("sampling_params.max_tokens", request.sampling_params.max_tokens, 1,
+                         MAX_SAMPLE_TOKENS)
+        _check_range("topk_prompt_logprobs", request.topk_prompt_logprobs, 0, MAX_TOPK)
         if request.sampling_session_id is None:
             raise RequestError(400, "tinkerkit serve samples through sampling sessions "
                                     "(sampling_session_id)")
@@ -726,8 +799,10 @@ class ServerState:
             raise RequestError(400, f"prompt_logprobs_last_n={last_n} needs prompt_logprobs and "
                                     f"1 <= N < {request.prompt.length} (the prompt length)")
         with sampler.lock:
-            if request.seq_id is not None and request.seq_id in sampler.seen:
-                return sampler.seen[request.seq_id]
+            earlier = sampler.seen.get(request.seq_id) if request.seq_id is not None else None
+            if earlier is not None:  # a retry: the first answer
+                earlier.raise_if_rejected()
+                return earlier
             future = self.futures.create(owner)
             future.sample_sequence_ids = [f"{future.request_id}:{i}"
                                           for i in range(request.num_samples)]
@@ -743,12 +818,13 @@ class ServerState:
                                         request.sampling_params,
                                         include_prompt_logprobs=bool(request.prompt_logprobs),
                                         topk_prompt_logprobs=request.topk_prompt_logprobs)
-            except Exception as e:
-                future.set_error(*describe_error(e))
+            except Exception as e:  # refused (at once when the sampler is loaded) or failed
+                future.fail(e)
                 return
             future.follow(pending, lambda response: _mask_prompt_logprobs(response, last_n))
 
         sampler.client.add_done_callback(start)
+        future.raise_if_rejected()
         return future
 
     # -- server

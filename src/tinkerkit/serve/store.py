@@ -15,8 +15,10 @@ Every checkpoint directory is a tinkerkit checkpoint (:mod:`tinkerkit.checkpoint
 adapter directory. Model ids are ``<session id>:train:<n>`` and checkpoint paths
 ``tinker://<model id>/{weights|sampler_weights|external_weights}/<name>``, as on the hosted
 service. Every id and name in a request is checked against a strict pattern before it becomes a
-path, and the resulting path is checked to lie under the root, so no request reaches a file
-outside it. Everything written goes through :mod:`tinkerkit.io` (atomic), so a restarted server
+path, and the resulting path is checked to lie under the root without passing through a symbolic
+link (the server makes none; one placed in the root by hand is treated as absent, so it can
+neither lead outside the root nor into another key's run), so no request reaches a file outside
+it. Everything written goes through :mod:`tinkerkit.io` (atomic), so a restarted server
 finds complete runs and checkpoints only.
 """
 
@@ -37,6 +39,8 @@ from tinkerkit.io import atomic_write_json, read_json
 RUN_FILE = "run.json"
 CHECKPOINT_META = "tinker_checkpoint.json"
 RUN_FORMAT = 1
+MAX_TTL_SECONDS = 100 * 365 * 24 * 3600
+"""Longest ``ttl_seconds`` of a checkpoint (100 years; the expiry must be a valid date)."""
 SEGMENTS = {"weights": "training", "sampler_weights": "sampler",
             "external_weights": "external"}
 """Path segment -> ``Checkpoint.checkpoint_type`` (as ``types.ParsedCheckpointTinkerPath``)."""
@@ -52,6 +56,19 @@ TINKER_PATH = re.compile(r"tinker://(?P<model>[^/]+)/(?P<segment>[a-z_]+)/(?P<na
 def now_utc() -> _dt.datetime:
     """The current time, timezone-aware UTC."""
     return _dt.datetime.now(_dt.UTC)
+
+
+def check_ttl(ttl_seconds: int | None) -> int | None:
+    """A checkpoint's ``ttl_seconds``: None (kept until deleted) or 1 to
+    :data:`MAX_TTL_SECONDS`.
+
+    Raises:
+        RequestError: 400 otherwise.
+    """
+    if ttl_seconds is not None and not 0 < ttl_seconds <= MAX_TTL_SECONDS:
+        raise RequestError(400, f"ttl_seconds={ttl_seconds} must be in [1, {MAX_TTL_SECONDS}] "
+                                "(100 years)")
+    return ttl_seconds
 
 
 def check_name(name: str | None, what: str = "checkpoint name") -> str:
@@ -106,16 +123,36 @@ class CheckpointStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
-        self.runs = self.root / "runs"
-        self.runs.mkdir(parents=True, exist_ok=True)
+        (self.root / "runs").mkdir(parents=True, exist_ok=True)
+        self.runs = (self.root / "runs").resolve()
 
     # -- paths
 
+    def _linked(self, path: Path) -> bool:
+        """Whether ``path`` (built under ``<root>/runs`` from checked ids and names) leaves the
+        root or passes through a symbolic link below it.
+
+        The server never makes links; one placed in the root could point outside it or at
+        another key's run, so it is treated as absent.
+        """
+        return path.resolve() != path or not path.is_relative_to(self.runs)
+
     def _inside(self, path: Path) -> Path:
-        resolved = path.resolve()
-        if not resolved.is_relative_to(self.runs):
-            raise RequestError(400, "path escapes the server root")
-        return resolved
+        if self._linked(path):
+            raise RequestError(400, "path escapes the server root or passes through a "
+                                    "symbolic link")
+        return path
+
+    def file(self, directory: Path, name: str) -> Path:
+        """The regular file ``name`` of a checkpoint directory, symbolic links refused.
+
+        Raises:
+            RequestError: 404 when it is missing, not a regular file, or a symbolic link.
+        """
+        path = directory / name
+        if self._linked(path) or not path.is_file():
+            raise RequestError(404, f"file '{name}' of checkpoint {directory.name} not found")
+        return path
 
     def run_dir(self, model_id: str) -> Path:
         """The directory of a run (exists or not).
@@ -181,7 +218,7 @@ class CheckpointStore:
         """The owner's runs, newest first (damaged run files are skipped)."""
         records = []
         for directory in self.runs.iterdir():
-            if not MODEL_ID.fullmatch(directory.name):
+            if not MODEL_ID.fullmatch(directory.name) or self._linked(directory):
                 continue
             try:
                 record = RunRecord.from_json(read_json(directory / RUN_FILE))
@@ -198,10 +235,9 @@ class CheckpointStore:
         """Record user metadata and expiry of a saved checkpoint (nothing when both are None).
 
         Raises:
-            RequestError: 400 when ``ttl_seconds`` is not positive.
+            RequestError: 400 for a ``ttl_seconds`` that :func:`check_ttl` refuses.
         """
-        if ttl_seconds is not None and ttl_seconds <= 0:
-            raise RequestError(400, f"ttl_seconds={ttl_seconds} must be positive")
+        check_ttl(ttl_seconds)
         if user_metadata is None and ttl_seconds is None:
             return
         expires = None if ttl_seconds is None else (
@@ -214,7 +250,9 @@ class CheckpointStore:
 
         An expired checkpoint is deleted here.
         """
-        if not NAME.fullmatch(directory.name) or not (directory / STATE_FILE).is_file():
+        if (not NAME.fullmatch(directory.name) or self._linked(directory)
+                or any(f.is_symlink() for f in directory.iterdir())
+                or not (directory / STATE_FILE).is_file()):
             return None
         try:
             meta = read_json(directory / CHECKPOINT_META)
