@@ -327,12 +327,14 @@ def wrap_lora(model: torch.nn.Module, config, seed: int) -> torch.nn.Module:
     """``peft.get_peft_model(model, config)`` with the LoRA init drawn from ``seed``.
 
     Call it on a CPU model: the init is then the same whatever device the model moves to. The
-    global RNG is left as it was. PEFT's warning about LoRA on a tied ``lm_head`` is silenced
-    (see ``train_unembed`` in :class:`LocalTrainingClient` for what that adapter does).
+    global RNG is left as it was, and no other thread draws from it meanwhile (two models built
+    at once in a server drew each other's numbers). PEFT's warning about LoRA on a tied
+    ``lm_head`` is silenced (see ``train_unembed`` in :class:`LocalTrainingClient` for what that
+    adapter does).
     """
     from peft import get_peft_model
 
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         torch.manual_seed(seed)
@@ -437,6 +439,8 @@ def resolve_target_modules(model: torch.nn.Module, target_modules: str | list[st
 
 
 _GLOBAL_RNG_LOCK = threading.Lock()
+"""Held while torch's process-wide CPU RNG is seeded, swapped or drawn from (the LoRA init, a
+client's dropout RNG), so that clients in other threads neither see nor disturb it."""
 
 
 def _encode_rng(state: torch.Tensor | None) -> str | None:
@@ -613,7 +617,7 @@ class LocalTrainingClient:
         return torch.optim.AdamW(list(self._params.values()), foreach=False, fused=False)
 
     def _seeded_rng(self, seed: int) -> dict[str, torch.Tensor | None]:
-        with torch.random.fork_rng(devices=self._rng_devices()):
+        with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=self._rng_devices()):
             torch.manual_seed(seed)
             return self._capture_rng()
 
