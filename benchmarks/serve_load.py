@@ -215,7 +215,7 @@ class Client:
                         "sample_snapshot", lambda s=snapshot.result: s.sample(prompt, 2, GREEDY),
                         prompt=prompt))
             if number % 5 == 0:
-                current.append(self._failure(number // 5, training, service, last_state))
+                current.append(self._failure(number // 5 - 1, training, service, last_state))
             self.wait(previous)
             previous = current
         self.wait(previous)
