@@ -8,7 +8,8 @@ validated with the SDK's own pydantic request types, ``forward_backward`` arrive
 ``ForwardBackwardOutput`` and ``SampleResponse``, as protobuf.
 
 Errors: a malformed or invalid request gets a 4xx with ``{"detail": "<one line>"}`` (never 409
-or 429, which the SDK retries); a failure inside a started request fails its future with
+or 429, which the SDK retries), http.server's own refusals included; a failure inside a started
+request (or a refusal of one that waited for earlier ones) fails its future with
 ``{"error": ..., "category": "user" | "server"}``, which the SDK raises as
 ``RequestFailedError``. Only an unexpected bug answers 500. The access log names method, path
 (without query), status and duration; it never holds a header, so never an API key.

@@ -12,9 +12,12 @@ predecessors have not arrived waits in the runner. Starting a request only queue
 engine (whose single worker thread runs calls in submission order), so the client can submit
 the next batch while the previous one computes, as the SDK's pipelining expects. A request
 whose ``seq_id`` was already seen (a retry after a lost answer) gets the first one's future
-back, so nothing runs twice. Once a request's model and ``seq_id`` are known, any later
-problem (a bad datum, an unknown checkpoint) fails its future instead of the HTTP call, so the
-``seq_id`` is consumed and the requests behind it still run.
+back, so nothing runs twice. Once a request's model and ``seq_id`` are known, the ``seq_id`` is
+consumed whatever is wrong with the rest, so the requests behind it still run (the SDK goes on
+after an error): a body that does not validate answers 400 (:meth:`ServerState.refuse`), a
+request refused when it starts (a bad datum, an unknown checkpoint) answers its 4xx when it
+started at once (the SDK's case: it submits a model's requests one after another) and fails its
+future otherwise.
 
 Sessions. A session belongs to the API key that created it. The SDK heartbeats every 10 s; a
 session finished by the client (``ServiceClient.close``) or silent (no heartbeat, no request of
@@ -380,7 +383,8 @@ class ServerState:
 
         Raises:
             RequestError: 404 unknown session; 400 unknown base model, no LoRA config, a
-                non-Adam optimizer or a LoRA that trains no attention or MLP layer.
+                non-Adam optimizer, a LoRA that trains no attention or MLP layer, or a
+                ``model_seq_id``, rank or seed out of bounds.
         """
         session = self._session(request.session_id, owner)
         served = self.registry.resolve(request.base_model)
