@@ -20,7 +20,7 @@ import pytest
 from rich.console import Console
 from safetensors.torch import load_file
 
-from test_serve import running_server  # the serve tests' in-thread server
+from helpers import running_server
 from tinkerkit import io
 from tinkerkit import train as train_module
 from tinkerkit.cli import main
