@@ -1,4 +1,4 @@
-"""Shared fixtures: the real SmolLM2 tokenizer (fast to load) and tiny random models."""
+"""Shared fixtures: the real SmolLM2 and Qwen3 tokenizers (fast to load) and tiny random models."""
 
 from __future__ import annotations
 
@@ -18,3 +18,24 @@ def tiny_model(tmp_path_factory) -> str:
     from helpers import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """The offline Qwen2.5/Qwen3 tokenizer with tinkerkit's Qwen3 chat template (151,669 ids)."""
+    from tinkerkit.models import load_tokenizer
+
+    return load_tokenizer("qwen3-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory, qwen_tokenizer) -> str:
+    """A 2-layer random Qwen3 (width 64, untied, the real 151,936-row vocabulary) as an HF dir."""
+    from tinkerkit.models import qwen3_tiny_config, save_random_model
+
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    config = qwen3_tiny_config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                               initializer_range=0.2)
+    save_random_model(config, path, qwen_tokenizer, seed=0)
+    return str(path)

@@ -1,13 +1,22 @@
-"""Test helpers: tiny random models built from a config (fast, deterministic, no download)."""
+"""Test helpers: tiny random models built from a config (fast, deterministic, no download), and
+a ``tinkerkit serve`` in a thread with the real ``tinker`` SDK pointed at it."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
+import tinker
 import torch
 import transformers
 
 from tinkerkit.models import load_tokenizer
+
+KEY = "tml-serve-test"
 
 VOCAB = 49152  # the real SmolLM2 tokenizer's vocabulary
 
@@ -29,3 +38,41 @@ def save_tiny_llama(path: str | Path, *, tied: bool = True, width: int = 64,
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     load_tokenizer("smollm2-135m-instruct").save_pretrained(path)
     return str(path)
+
+
+SHARED_DATA = Path(os.environ.get("TINKERKIT_SHARED_DATA",
+                                  Path(__file__).resolve().parents[2] / "shared" / "data"))
+"""The project's real data (GSM8K, MATH-500, ...): ``../shared/data`` beside the checkout."""
+
+
+@contextlib.contextmanager
+def running_server(root, **kwargs):
+    """A ``tinkerkit serve`` on a free loopback port, in a thread (``make_server`` arguments);
+    yields its base ``url``, ``root`` and ``state``."""
+    from tinkerkit.serve import make_server
+
+    server = make_server("127.0.0.1", 0, root=root, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{server.server_port}", root=Path(root),
+                              state=server.state)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def service(url, key=KEY):
+    """A ``tinker.ServiceClient`` on ``url`` with API key ``key``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the SDK's own deprecation notices
+        with tinker.ServiceClient(base_url=url, api_key=key) as client:
+            yield client
+
+
+def checkpoint_dir(root, tinker_path):
+    """The directory of a checkpoint on a server with this root (the documented layout)."""
+    model_id, segment, name = tinker_path.removeprefix("tinker://").split("/")
+    return Path(root) / "runs" / model_id / segment / name

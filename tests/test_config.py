@@ -97,3 +97,17 @@ def test_none_in_overrides_means_none():
 
 def test_test_files_are_not_required_to_exist_for_training():
     assert load_config(None, ["TEST_FILES=not/yet/there.json"]).test_files == ["not/yet/there.json"]
+
+
+def test_long_sequence_settings_reach_the_local_engine(tmp_path):
+    from tinkerkit.engines import _local_kwargs
+
+    assert (load_config(None).activation_checkpointing, load_config(None).mixed_precision) == (
+        "auto", "auto")
+    config = load_config(None, ["ACTIVATION_CHECKPOINTING=true", "MIXED_PRECISION=bf16"])
+    kwargs = _local_kwargs(config, tmp_path)
+    assert (kwargs["activation_checkpointing"], kwargs["mixed_precision"]) == (True, "bf16")
+    assert load_config(None, ["ACTIVATION_CHECKPOINTING=auto"]).activation_checkpointing == "auto"
+    for bad in ("ACTIVATION_CHECKPOINTING=sometimes", "MIXED_PRECISION=fp16"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(None, [bad])

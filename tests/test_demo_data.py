@@ -6,7 +6,13 @@ import re
 
 import pytest
 
-from tinkerkit.data.demo import TEMPLATES, generate_demo_problems, write_demo_data
+from tinkerkit.data.demo import (
+    TEMPLATES,
+    generate_demo_problems,
+    generate_long_reasoning_records,
+    write_demo_data,
+    write_long_demo_data,
+)
 from tinkerkit.data.formats import load_conversations
 from tinkerkit.errors import ConfigError
 
@@ -55,3 +61,19 @@ def test_write_and_load_as_gsm8k(tmp_path):
     assert [c.reference_answer for c in result.conversations] == expected
     with pytest.raises(ConfigError, match="at least 1, got 0"):
         write_demo_data(tmp_path / "none.jsonl", n=0, seed=5)
+
+
+def test_long_reasoning_records_load_with_thinking(tmp_path):
+    records = generate_long_reasoning_records(3, seed=0, min_chars=5000)
+    assert records == generate_long_reasoning_records(3, seed=0, min_chars=5000)
+    loaded = load_conversations([write_long_demo_data(tmp_path / "long.jsonl", 3, 0, 5000)])
+    assert len(loaded.conversations) == 3
+    for record, conversation in zip(records, loaded.conversations):
+        user, assistant = conversation.messages
+        assert 5000 <= len(assistant.thinking) < 5400
+        assert assistant.thinking.startswith("Let me solve this step by step.\n")
+        assert assistant.content.endswith(f"#### {record['reference_answer']}")
+        assert conversation.reference_answer == record["reference_answer"]
+    first = records[0]["messages"]
+    assert first[0]["content"] == generate_demo_problems(1, seed=0)[0]["question"]
+    assert first[1]["content"] == "After selling: 32 - 9 = 23.\nAfter giving away: 23 - 17 = 6.\n#### 6"

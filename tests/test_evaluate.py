@@ -231,3 +231,12 @@ def test_compare_shows_changed_example(tokenizer, tmp_path):
     assert comparison["metrics"]["no_answer"]["delta"] == -1
     printed = console.export_text()
     assert "What is 3+4?" in printed and "1 of 4 matched" in printed
+
+
+def test_output_named_md_and_limit_zero_are_refused(tmp_path):
+    from tinkerkit.evaluate import EvalSettings, _check_writable
+
+    with pytest.raises(ConfigError, match="give the results a .json name"):
+        _check_writable(tmp_path / "results.md")  # the report would overwrite the results
+    with pytest.raises(ConfigError, match="limit"):
+        EvalSettings(limit=0).validate()

@@ -327,3 +327,15 @@ def test_merge_real_smollm2_in_bf16(tmp_path):
     assert result.max_logit_diff <= result.tolerance
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_export_refuses_an_output_inside_the_checkpoint(tmp_path):
+    from tinkerkit.errors import ExportError
+    from tinkerkit.export import export_checkpoint
+
+    checkpoint = tmp_path / "step_000001"
+    checkpoint.mkdir()
+    (checkpoint / "marker").write_text("kept")
+    with pytest.raises(ExportError, match="inside the checkpoint"):
+        export_checkpoint(checkpoint, checkpoint / "out")
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["marker"]

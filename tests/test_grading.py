@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import SHARED_DATA
 from tinkerkit import grading
 from tinkerkit.errors import ConfigError
 from tinkerkit.grading import (
@@ -21,7 +22,7 @@ from tinkerkit.grading import (
     normalize_answer,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 
 # (test id, text, expected extracted answer)
 EXTRACT_CASES = [

@@ -294,3 +294,121 @@ def test_seed_fixes_lora_init_and_targets_resolve(tiny_model, tmp_path):
     assert a.get_info().lora_rank == 4 and a.alpha == 4.0
     with pytest.raises(EngineError, match="not linear layers"):
         LocalTrainingClient(tiny_model, rank=4, device="cpu", target_modules=["c_attn"])
+
+
+# ------------------------------------------------------------------ long sequences (issue 6)
+# A 2-layer Qwen3 with the real 151,936-entry vocabulary: the chunked projection runs over many
+# chunks (220 positions each) with the sizes that matter for long-text training.
+
+
+@pytest.fixture(scope="module")
+def qwen_datums(tiny_qwen3) -> list[types.Datum]:
+    """Real Qwen tokens; weights 0 on the first third, then 1 and 2 (a prompt and an answer)."""
+    tokenizer = load_tokenizer(tiny_qwen3)
+    text = " ".join(TEXTS) * 12
+    data = []
+    for length in (300, 171):  # two micro-batch rows of different lengths; 300 > one chunk
+        tokens = tokenizer.encode(text)[:length + 1]
+        weights = [0.0 if i < length // 3 else float(1 + i % 2) for i in range(length)]
+        data.append(make_datum(tokens, weights))
+    return data
+
+
+def naive_loss_and_grads(client, data) -> tuple[float, list[torch.Tensor], dict]:
+    """Full-logits reference of cross_entropy: loss sum, per-datum logprobs and LoRA grads."""
+    client.model.zero_grad(set_to_none=True)
+    total, logprobs = 0.0, []
+    for datum in data:
+        lp = naive_logprobs(client.model, datum)
+        loss = -(datum.loss_fn_inputs["weights"].to_torch() * lp).sum()
+        loss.backward()
+        total += loss.item()
+        logprobs.append(lp.detach())
+    return total, logprobs, grads(client)
+
+
+@pytest.mark.parametrize("train_unembed", [False, True], ids=["frozen-head", "lora-head"])
+def test_chunked_loss_equals_full_logits_on_the_qwen_vocabulary(tiny_qwen3, qwen_datums,
+                                                                 tmp_path, train_unembed):
+    client = make_client(tiny_qwen3, tmp_path, train_unembed=train_unembed)
+    out = client.forward_backward(qwen_datums).result()
+    engine_grads = grads(client)
+    loss, logprobs, reference_grads = naive_loss_and_grads(client, qwen_datums)
+    assert out.metrics["loss:sum"] == pytest.approx(loss, rel=1e-5)
+    assert loss > 3000  # 440 weighted positions, weights 1 and 2, ~12 nats each
+    for i, lp in enumerate(logprobs):  # weight-0 positions come back too, exactly
+        torch.testing.assert_close(out.loss_fn_outputs[i]["logprobs"].to_torch(), lp,
+                                   rtol=0, atol=5e-5)
+    assert_grads_close(engine_grads, reference_grads)
+    assert any(".lm_head." in k for k in engine_grads) == train_unembed
+
+
+def test_only_weighted_positions_are_projected_under_autograd(tiny_qwen3, tmp_path):
+    client = make_client(tiny_qwen3, tmp_path)
+    tokens = torch.randint(0, 151936, (2, 260), generator=torch.Generator().manual_seed(2))
+    targets = torch.roll(tokens, -1, dims=1)
+    mask = torch.zeros(2, 260, dtype=torch.bool)
+    mask[0, 10:240] = mask[1, 200:] = True  # row 0 spans two chunks of 220 positions
+    logprobs = token_logprobs(client.model, tokens, targets, grad_mask=mask)
+    logprobs.sum().backward()  # positions outside the mask add nothing to the gradient
+    masked_grads = grads(client)
+    client.model.zero_grad(set_to_none=True)
+    full = client.model(input_ids=tokens).logits.float().log_softmax(-1)
+    full = full.gather(-1, targets[..., None]).squeeze(-1)
+    full[mask].sum().backward()
+    torch.testing.assert_close(logprobs, full, rtol=0, atol=5e-5)
+    assert_grads_close(masked_grads, grads(client))
+
+
+def test_activation_checkpointing_changes_nothing_but_recomputes(tiny_qwen3, qwen_datums,
+                                                                 tmp_path, monkeypatch):
+    import tinkerkit.engines.local as local
+
+    results = {}
+    for setting in (False, True, "auto"):
+        client = make_client(tiny_qwen3, tmp_path, activation_checkpointing=setting, dropout=0.1)
+        calls: list[str] = []
+        for layer in local.causal_lm(client.model).model.layers:
+            layer.self_attn.register_forward_pre_hook(lambda module, args, seen=calls:
+                                                      seen.append(module))
+        monkeypatch.setattr(local, "ACTIVATION_CHECKPOINTING_MIN_TOKENS", 300)
+        monkeypatch.setattr(local, "MICROBATCH_OVERHEAD_TOKENS", 10**6)  # both datums in one micro-batch
+        out = client.forward_backward(qwen_datums).result()  # micro-batch of 2 x 300 tokens
+        results[setting] = (out.metrics["loss:sum"], grads(client), len(calls))
+        client.forward_backward(qwen_datums[1:]).result()  # 171 tokens: auto turns it off
+        assert local.causal_lm(client.model).is_activation_checkpointing == (setting is True)
+    loss, reference_grads, calls = results[False]
+    assert calls == 2  # one forward per layer; checkpointing recomputes each layer once more
+    for setting in (True, "auto"):
+        assert results[setting][0] == pytest.approx(loss, rel=1e-6)  # dropout masks replayed
+        assert_grads_close(results[setting][1], reference_grads, rel=1e-5)
+        assert results[setting][2] == 4
+
+
+def test_attention_is_sdpa_causal_without_a_mask(tiny_qwen3, qwen_datums, tmp_path, monkeypatch):
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        seen.append((attn_mask is None, is_causal, query.shape[-2]))
+        return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                    is_causal=is_causal, **kwargs)
+
+    import tinkerkit.engines.local as local
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(local, "MICROBATCH_OVERHEAD_TOKENS", 10**6)  # both datums in one micro-batch
+    make_client(tiny_qwen3, tmp_path).forward_backward(qwen_datums).result()  # padded rows
+    assert seen == [(True, True, 300)] * 2  # 2 layers, no [T, T] mask, the causal kernel
+
+
+def test_bf16_mixed_precision_is_close_to_float32(tiny_qwen3, qwen_datums, tmp_path):
+    assert not make_client(tiny_qwen3, tmp_path).autocast  # auto: float32 on the CPU
+    full = make_client(tiny_qwen3, tmp_path, mixed_precision="no")
+    half = make_client(tiny_qwen3, tmp_path, mixed_precision="bf16")
+    loss = full.forward_backward(qwen_datums).result().metrics["loss:sum"]
+    bf16_loss = half.forward_backward(qwen_datums).result().metrics["loss:sum"]
+    assert bf16_loss != loss and bf16_loss == pytest.approx(loss, rel=2e-2)
+    assert all(p.grad.dtype == torch.float32 for p in adapter_parameters(half.model).values())
+    with pytest.raises(EngineError, match="mixed_precision 'fp8'"):
+        make_client(tiny_qwen3, tmp_path, mixed_precision="fp8")

@@ -135,3 +135,55 @@ def test_tokenizer_without_template_is_a_clear_error(smol_tokenizer):
     tokenizer.chat_template = None
     with pytest.raises(DataError, match="no chat template"):
         Renderer(tokenizer)
+
+
+# Qwen3 (tinkerkit's template on the real Qwen tokenizer): "What is 2+2?" answered "4".
+QWEN_PROMPT = [(151644, 0), (872, 0), (198, 0), (3838, 0), (374, 0), (220, 0), (17, 0), (10, 0),
+               (17, 0), (30, 0), (151645, 0), (198, 0), (151644, 0), (77091, 0), (198, 0)]
+# With reasoning "2+2=4": <think>\n2+2=4\n</think>\n\n4<|im_end|> is trained; the final \n is not.
+QWEN_THINKING = QWEN_PROMPT + [
+    (151667, 1), (198, 1), (17, 1), (10, 1), (17, 1), (28, 1), (19, 1), (198, 1), (151668, 1),
+    (271, 1), (19, 1), (151645, 1), (198, 0)]
+# Without reasoning: Qwen3's thinking-disabled generation prompt ends with the empty think block
+# <think>\n\n</think>\n\n (weight 0); only 4<|im_end|> is trained.
+QWEN_NO_THINKING = QWEN_PROMPT + [
+    (151667, 0), (271, 0), (151668, 0), (271, 0), (19, 1), (151645, 1), (198, 0)]
+
+
+@pytest.mark.parametrize("thinking, expected", [("2+2=4", QWEN_THINKING),
+                                                (None, QWEN_NO_THINKING)])
+def test_qwen3_thinking_masks(qwen_tokenizer, thinking, expected):
+    c = Conversation(messages=(Message(role="user", content="What is 2+2?"),
+                               Message(role="assistant", content="4", thinking=thinking)))
+    renderer = Renderer(qwen_tokenizer)
+    tokens, weights = renderer.render_tokens(c)
+    assert list(zip(tokens, [int(w) for w in weights])) == expected
+    # The same ids as the template renders the whole conversation in one piece, and the
+    # evaluation prompt is the untrained prefix (thinking disabled when there is no reasoning).
+    chat = [{"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4", "reasoning_content": thinking}]
+    whole = qwen_tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)
+    assert list(whole["input_ids"]) == tokens
+    prompt = renderer.build_prompt(c).to_ints()
+    assert prompt == [t for t, _ in expected[:len(prompt)]] and expected[len(prompt)][1] == 1
+
+
+def test_qwen3_no_thinking_prompt_is_qwen3_inference_with_thinking_disabled(qwen_tokenizer):
+    c = Conversation(messages=(Message(role="user", content="What is 2+2?"),
+                               Message(role="assistant", content="4")))
+    prompt = qwen_tokenizer.decode(Renderer(qwen_tokenizer).build_prompt(c).to_ints())
+    assert prompt == qwen_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2+2?"}], tokenize=False,
+        add_generation_prompt=True, enable_thinking=False)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_qwen3_two_turns_train_both_answers(qwen_tokenizer):
+    c = Conversation(messages=(
+        Message(role="user", content="2+2?"), Message(role="assistant", content="4"),
+        Message(role="user", content="Times 3?"),
+        Message(role="assistant", content="12", thinking="4*3")))
+    tokens, weights = Renderer(qwen_tokenizer).render_tokens(c)
+    trained = qwen_tokenizer.decode([t for t, w in zip(tokens, weights) if w])
+    assert trained == "4<|im_end|><think>\n4*3\n</think>\n\n12<|im_end|>"
+    assert qwen_tokenizer.decode(tokens).count("<think>\n\n</think>\n\n4<|im_end|>") == 1

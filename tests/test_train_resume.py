@@ -75,6 +75,11 @@ def test_resume_from_a_checkpoint_path_and_init_from(config, tmp_path):
     assert stage.steps == 6 and len(metrics(tmp_path / "stage2")) == 6
     assert metrics(tmp_path / "stage2")[0]["lr"] == metrics(tmp_path / "full")[0]["lr"]
     assert full.final_checkpoint != stage.final_checkpoint
+    # --init-from a run directory takes its latest checkpoint (step 6), as eval and export do.
+    one = config.model_copy(update={"max_steps": 1})
+    by_dir = train(one, run_dir=tmp_path / "from-dir", init_from=str(tmp_path / "full"))
+    by_path = train(one, run_dir=tmp_path / "from-path", init_from=full.final_checkpoint)
+    assert by_dir.losses == by_path.losses != stage.losses[:1]
 
 
 def test_resume_refuses_a_path_that_is_not_a_checkpoint(config, tmp_path):

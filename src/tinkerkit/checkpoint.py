@@ -33,6 +33,7 @@ OPTIMIZER_STATE = "optimizer.safetensors"
 STATE_FILE = "tinkerkit_state.json"
 CHECKPOINT_FORMAT = 1
 CHECKPOINTS_FILE = "checkpoints.jsonl"
+TINKER_SCHEME = "tinker://"
 
 
 def read_checkpoint_meta(path: str | Path) -> dict:
@@ -111,6 +112,11 @@ def read_lora_config(path: str | Path):
         raise CheckpointError(f"checkpoint {path}: {ADAPTER_CONFIG} is not a LoRA config: {e}") from e
 
 
+def is_tinker_path(path: str | Path | None) -> bool:
+    """Whether ``path`` names a checkpoint on a Tinker server (``tinker://...``), not on disk."""
+    return isinstance(path, str) and path.startswith(TINKER_SCHEME)
+
+
 def checkpoint_path(run_dir: str | Path, entry: dict) -> str:
     """The checkpoint directory of a ``checkpoints.jsonl`` entry.
 
@@ -118,7 +124,7 @@ def checkpoint_path(run_dir: str | Path, entry: dict) -> str:
     moved and still resumed; absolute paths (and ``tinker://`` paths) are returned as they are.
     """
     path = entry["path"]
-    if "://" in path or Path(path).is_absolute():
+    if is_tinker_path(path) or Path(path).is_absolute():
         return path
     return str(Path(run_dir) / path)
 
@@ -134,6 +140,8 @@ def latest_checkpoint(run_dir: str | Path) -> dict:
     """
     for entry in reversed(io.read_jsonl(Path(run_dir) / CHECKPOINTS_FILE)):
         resolved = {**entry, "path": checkpoint_path(run_dir, entry)}
+        if is_tinker_path(resolved["path"]):  # on the server; the server checks it when loading
+            return resolved
         try:
             read_checkpoint_meta(resolved["path"])
             return resolved
@@ -145,9 +153,13 @@ def latest_checkpoint(run_dir: str | Path) -> dict:
 def resolve_checkpoint(path: str | Path) -> str:
     """A checkpoint argument as a checkpoint directory: a run directory means its latest one.
 
+    A ``tinker://`` path is returned as it is (the Tinker server resolves it).
+
     Raises:
         CheckpointError: ``path`` does not exist or is not a directory.
     """
+    if is_tinker_path(path):
+        return str(path)
     path = Path(path)
     if (path / CHECKPOINTS_FILE).is_file():
         return latest_checkpoint(path)["path"]

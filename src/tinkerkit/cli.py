@@ -1,4 +1,4 @@
-"""The ``tinkerkit`` command: split, stats, train, eval, export, demo.
+"""The ``tinkerkit`` command: split, stats, train, eval, export, demo, serve.
 
 Every error a user can cause ends in one line on stderr and a non-zero exit code (1), never a
 traceback; set ``TINKERKIT_DEBUG=1`` to see the traceback of an unexpected error.
@@ -134,6 +134,26 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.output_dir), console=console, quick=args.quick)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import logging
+
+    from tinkerkit.serve import make_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    server = make_server(args.host, args.port, root=args.root, models_file=args.models,
+                         api_keys_file=args.api_keys, device=args.device)
+    url = f"http://{args.host}:{server.server_port}"
+    keys = "keys from " + args.api_keys if args.api_keys else "any tml- key (loopback only)"
+    console.print(f"tinkerkit serve on {url}  (root {server.state.store.root}; {keys})\n"
+                  f"served models: {', '.join(server.state.registry.names())}\n"
+                  f"point the tinker SDK at it: export TINKER_BASE_URL={url}", soft_wrap=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
 # -- parser -------------------------------------------------------------------------------------
 
 def _data_options(p: argparse.ArgumentParser) -> None:
@@ -150,8 +170,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (exit code 2), like every other tinkerkit error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="tinkerkit", description="LoRA fine-tuning for the Tinker workflow: split, stats, "
         "train, eval, export, demo. Run `tinkerkit COMMAND -h` for a command's options.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir")
     p.add_argument("--resume", metavar="PATH", help="a run directory or checkpoint to continue")
     p.add_argument("--init-from", metavar="CHECKPOINT",
-                   help="start a new stage from a checkpoint's weights (fresh optimizer)")
+                   help="start a new stage from a checkpoint's weights (fresh optimizer); a run "
+                   "directory means its latest checkpoint")
     p.add_argument("--data", nargs="+", help="DATA_FILES")
     p.add_argument("--model", help="BASE_MODEL")
     p.add_argument("--rank", type=int, help="LORA_RANK")
@@ -200,11 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="BASE_MODEL")
     p.add_argument("--checkpoint", help="a checkpoint or adapter directory (default: base model)")
     p.add_argument("--data", nargs="+", help="test file(s)")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--output", default="evaluation_results.json")
+    p.add_argument("--limit", type=int, help="evaluate only the first N examples (EVAL_LIMIT)")
+    p.add_argument("--output", default="evaluation_results.json",
+                   help="results JSON (default: %(default)s); the Markdown report goes beside it "
+                        "with the suffix .md")
     p.add_argument("--num-samples", type=int, default=1, help="samples per problem (pass@k)")
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--temperature", type=float)
+    p.add_argument("--max-tokens", type=int, help="most generated tokens per answer (MAX_TOKENS)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (TEMPERATURE)")
     p.add_argument("--config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
@@ -222,6 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="demo_output")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="serve the local engine over Tinker's HTTP API "
+                       "(set TINKER_BASE_URL to its URL)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; any other needs --api-keys)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--root", help="directory of runs and checkpoints "
+                   "(default ~/.cache/tinkerkit/serve)")
+    p.add_argument("--models", metavar="FILE",
+                   help="JSON/TOML file mapping Tinker base model names to local models")
+    p.add_argument("--api-keys", metavar="FILE", help="accepted API keys (tml-...), one per line")
+    p.add_argument("--device", default="auto", help="engine device: auto, cpu, cuda, cuda:1, ...")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

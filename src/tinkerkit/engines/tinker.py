@@ -1,0 +1,643 @@
+"""The Tinker engine: the official ``tinker`` SDK (pinned 0.38.0), hosted or ``tinkerkit serve``.
+
+:func:`create_training_client` turns a :class:`~tinkerkit.config.TrainConfig` into an SDK
+training client, wrapped in :class:`TinkerTrainingClient`, which offers the calls the training
+loop makes (the same surface as :class:`~tinkerkit.engines.local.LocalTrainingClient`), so that
+one loop runs on both engines::
+
+    ServiceClient(base_url, api_key)
+      .create_lora_training_client(base_model, rank, seed, train_mlp, train_attn, train_unembed)
+      .create_training_client_from_state_with_optimizer(path)   # --resume: exact
+      .create_training_client_from_state(path)                  # --init-from: new stage, no optimizer
+      .create_sampling_client(model_path="tinker://...")        # tinkerkit eval --checkpoint tinker://
+
+The SDK's calls return futures at once and run in submission order on the server, so the loop
+keeps its pipelining: the next ``forward_backward`` is submitted before the previous result is
+awaited.
+
+The server: ``TINKER_BASE_URL`` (the config key, which defaults to the environment variable of
+the same name), else the hosted service. The API key: the environment variable
+``TINKER_API_KEY`` only (never a config key, never the SDK's stored credentials); it is never
+printed, logged or written, and errors coming out of the SDK are re-raised as one-line
+:class:`~tinkerkit.errors.EngineError` messages with the key scrubbed and the SDK's exception
+chain dropped.
+
+LoRA on Tinker: ``LORA_TARGETS`` maps to the SDK's ``train_attn``/``train_mlp`` switches
+(``attention``, ``mlp``, ``all-linear``), ``TRAIN_UNEMBED`` to ``train_unembed``; Tinker sets
+no alpha, no dropout and no per-module targets, so ``LORA_ALPHA``, ``LORA_DROPOUT > 0`` and a
+module list are refused rather than ignored. ``DEVICE`` and ``DTYPE`` describe the local
+engine and do not apply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import weakref
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from tinker import types
+
+from tinkerkit.archive import MAX_EXTRACTED_BYTES, extract_tar, is_archive_name, safe_relative_path
+from tinkerkit.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_tinker_path
+from tinkerkit.config import TrainConfig
+from tinkerkit.errors import CheckpointError, ConfigError, EngineError, ModelError
+from tinkerkit.io import atomic_write_json
+
+API_KEY_ENV = "TINKER_API_KEY"
+EXPORT_TTL_SECONDS = 3600
+"""Lifetime of the temporary external-weights copy made to download a training checkpoint (the
+shortest TTL the service accepts); it is deleted after the download."""
+_KEY_PATTERN = re.compile(r"tml-[A-Za-z0-9_\-]+")
+_PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+
+
+# -- credentials and errors -------------------------------------------------------------------
+
+def api_key() -> str:
+    """The API key from ``$TINKER_API_KEY``.
+
+    Raises:
+        ConfigError: The variable is unset, or does not hold a key of Tinker's form (``tml-...``
+            or a JWT); the message never contains the value.
+    """
+    key = os.environ.get(API_KEY_ENV, "").strip()
+    if not key:
+        raise ConfigError(f"the Tinker engine needs the environment variable {API_KEY_ENV} (a "
+                          "key from the Tinker console; for your own `tinkerkit serve` on "
+                          "127.0.0.1 any key of the form tml-...)")
+    if not key.startswith(("tml-", "eyJ")):
+        raise ConfigError(f"{API_KEY_ENV} does not hold a Tinker API key (they start with 'tml-')")
+    return key
+
+
+def scrub(text: str) -> str:
+    """``text`` with the API key (and anything shaped like a Tinker key) replaced by ``tml-***``."""
+    key = os.environ.get(API_KEY_ENV, "").strip()
+    if len(key) >= 4:
+        text = text.replace(key, "tml-***")
+    return _KEY_PATTERN.sub("tml-***", text)
+
+
+def engine_error(error: BaseException, action: str) -> EngineError:
+    """A one-line, key-free :class:`EngineError` for an exception raised by the SDK.
+
+    Args:
+        error: What the SDK raised (``tinker.APIStatusError``, ``APIConnectionError``, ...).
+        action: What was being done, e.g. ``"forward_backward"``.
+    """
+    import tinker
+
+    if isinstance(error, EngineError):
+        return error
+    if isinstance(error, tinker.APIStatusError):
+        detail = error.body.get("detail", error.body) if isinstance(error.body, dict) else error.body
+        text = f"the Tinker server answered {error.status_code}: {detail or error.message}"
+    elif isinstance(error, tinker.APIConnectionError):
+        text = f"cannot reach the Tinker server ({error})"
+    else:
+        text = f"{type(error).__name__}: {error}"
+    return EngineError(scrub(f"Tinker {action}: " + " ".join(str(text).split())))
+
+
+class TinkerFuture:
+    """A future of an SDK call whose failure comes out as a scrubbed :class:`EngineError`.
+
+    Args:
+        future: The SDK's ``APIFuture`` (or any object with ``result(timeout)``).
+        action: The call's name, for error messages.
+        on_error: Called once with the error when the call fails (the client records it, to
+            finish its session as ``errored``).
+    """
+
+    def __init__(self, future: Any, action: str, on_error=None) -> None:
+        self._future, self._action, self._on_error = future, action, on_error
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The call's response (a ``tinker.types`` object).
+
+        Raises:
+            EngineError: The call failed (message without the API key).
+        """
+        try:
+            return self._future.result(timeout)
+        except Exception as e:
+            error = engine_error(e, self._action)
+            if self._on_error is not None:
+                self._on_error(error)
+            raise error from None
+
+    def done(self) -> bool:
+        """Whether the call has finished."""
+        done = getattr(self._future, "done", None)
+        return bool(done()) if callable(done) else False
+
+
+def _call(action: str, fn, *args: Any, **kwargs: Any) -> Any:
+    """Run a synchronous SDK call (client creation), translating its errors."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        raise engine_error(e, action) from None
+
+
+# -- connection -------------------------------------------------------------------------------
+
+class _LongPollNotice(logging.Filter):
+    """Drop the SDK's warning for each long poll that ends before its result is ready.
+
+    ``tinker.lib.api_future_impl`` logs "Retrying request ... because of try_again" at WARNING
+    every time a server answers a future's long poll with ``try_again`` (a step or a sample
+    that takes longer than one poll); with no logging configured, Python prints each one. It
+    is the protocol working, not a problem; the SDK's other warnings pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "because of try_again" not in record.getMessage()
+
+
+def quiet_long_polls() -> None:
+    """Install :class:`_LongPollNotice` on the SDK's future logger (once)."""
+    sdk_logger = logging.getLogger("tinker.lib.api_future_impl")
+    if not any(isinstance(f, _LongPollNotice) for f in sdk_logger.filters):
+        sdk_logger.addFilter(_LongPollNotice())
+
+
+def resolved_base_url(base_url: str | None) -> str:
+    """The server the SDK talks to: ``base_url``, else ``$TINKER_BASE_URL``, else the hosted
+    service (the SDK's own resolution)."""
+    from tinker.lib.base_url import resolve_base_url
+
+    return resolve_base_url(base_url)
+
+
+def check_reachable(base_url: str, timeout_seconds: float = 5.0) -> None:
+    """Fail in seconds, not after the SDK's five minutes of retries, when nothing listens there.
+
+    Skipped when a proxy is configured (the SDK then connects through it, not directly).
+
+    Raises:
+        EngineError: No TCP connection to the URL's host and port.
+    """
+    if any(os.environ.get(name) or os.environ.get(name.lower()) for name in _PROXY_VARIABLES):
+        return
+    parts = urlsplit(base_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_seconds).close()
+    except OSError as e:
+        hint = (" (is `tinkerkit serve` running there? set TINKER_BASE_URL)"
+                if parts.hostname in ("127.0.0.1", "localhost", "::1") else "")
+        raise EngineError(f"cannot reach the Tinker server at {parts.scheme}://{parts.hostname}:"
+                          f"{port}: {e.strerror or e}{hint}") from None
+
+
+def connect(base_url: str | None):
+    """A ``tinker.ServiceClient`` for ``base_url`` with the key from ``$TINKER_API_KEY``.
+
+    Raises:
+        ConfigError: No usable API key.
+        EngineError: The server cannot be reached.
+    """
+    import tinker
+
+    key = api_key()
+    url = resolved_base_url(base_url)
+    check_reachable(url)
+    quiet_long_polls()
+    return tinker.ServiceClient(base_url=url, api_key=key)
+
+
+def rest_client(base_url: str | None):
+    """A ``tinker.RestClient`` (checkpoint listing, download URLs) for ``base_url``."""
+    import tinker
+
+    key = api_key()
+    url = resolved_base_url(base_url)
+    check_reachable(url)
+    return tinker.RestClient(base_url=url, api_key=key)
+
+
+def _create(service, action: str, create):
+    """Await an SDK client-creation future; on failure finish the session and raise."""
+    try:
+        return _call(action, lambda: create().result())
+    except EngineError:
+        _close_service(service, {"failed": True})
+        raise
+
+
+def _close_service(service, state: dict) -> None:
+    """Finish the SDK session (``success`` unless a call failed), at most a few seconds."""
+    try:
+        service.close("errored" if state["failed"] else "success").result(timeout=10)
+    except Exception:  # the session times out on the server anyway
+        pass
+
+
+class _Session:
+    """A ``ServiceClient`` finished when its owner is closed or garbage-collected."""
+
+    def __init__(self, owner: object, service) -> None:
+        self.service = service
+        self.state = {"failed": False}
+        self._finalizer = weakref.finalize(owner, _close_service, service, self.state)
+
+    def failed(self, error: BaseException) -> None:
+        self.state["failed"] = True
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+# -- tokenizers -------------------------------------------------------------------------------
+
+def load_tinker_tokenizer(base_model: str, tokenizer_id: str | None = None):
+    """The tokenizer of a Tinker base model, offline when tinkerkit knows the model.
+
+    Order: a local model directory or a name the registry knows offline
+    (:func:`tinkerkit.models.offline_tokenizer`: registry names, their hub ids and
+    :data:`tinkerkit.models.TOKENIZER_ALIASES`); else, when the Hugging Face hub answers, the
+    SDK's own lookup, the one ``TrainingClient.get_tokenizer`` runs (with the SDK's substitutions
+    for gated models; ``tokenizer_id`` is the server's hint from ``get_info``); else the local
+    Hugging Face cache (in seconds, rather than the hub client's retries).
+
+    Raises:
+        ModelError: None of these has the tokenizer.
+    """
+    from tinkerkit import models
+
+    if models.offline_tokenizer(base_model) or Path(base_model).expanduser().is_dir():
+        return models.load_tokenizer(base_model)
+    if not models.hub_reachable():
+        return models.load_tokenizer(base_model)  # the HF cache, or a one-line offline error
+    from tinker.lib.public_interfaces.sampling_client import _load_tokenizer_from_model_info
+
+    try:
+        return _load_tokenizer_from_model_info(base_model, tokenizer_id)
+    except Exception as e:
+        raise ModelError(f"no offline tokenizer for Tinker base model '{base_model}', and the "
+                         f"SDK could not load one ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}); add it to "
+                         "tinkerkit.models.TOKENIZER_ALIASES or make the hub reachable") from None
+
+
+# -- sampling ---------------------------------------------------------------------------------
+
+class TinkerSamplingClient:
+    """An SDK ``SamplingClient`` with the surface evaluation uses (``sample``, ``close``).
+
+    Args:
+        client: The SDK's ``SamplingClient``.
+        base_model: Its base model name (for the tokenizer).
+        service: The ``ServiceClient`` whose session this client owns and finishes on
+            :meth:`close` (or when collected); None when a training client owns the session.
+        tokenizer: The tokenizer, when the caller has it already.
+    """
+
+    def __init__(self, client, base_model: str, service=None, tokenizer=None) -> None:
+        self.client, self.base_model = client, base_model
+        self._session = _Session(self, service) if service is not None else None
+        self._tokenizer = tokenizer
+
+    def sample(self, prompt: types.ModelInput, num_samples: int,
+               sampling_params: types.SamplingParams, **kwargs: Any) -> TinkerFuture:
+        """``SamplingClient.sample``; the future's ``result()`` is a ``SampleResponse``."""
+        on_error = self._session.failed if self._session else None
+        future = _call("sample", self.client.sample, prompt=prompt, num_samples=num_samples,
+                       sampling_params=sampling_params, **kwargs)
+        return TinkerFuture(future, "sample", on_error)
+
+    def compute_logprobs(self, prompt: types.ModelInput) -> TinkerFuture:
+        """``SamplingClient.compute_logprobs``: per-token log-probabilities of the prompt."""
+        return TinkerFuture(_call("compute_logprobs", self.client.compute_logprobs, prompt),
+                            "compute_logprobs")
+
+    def get_tokenizer(self):
+        """The base model's tokenizer (see :func:`load_tinker_tokenizer`)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tinker_tokenizer(self.base_model)
+        return self._tokenizer
+
+    def close(self) -> None:
+        """Finish the session this client owns (nothing when a training client owns it)."""
+        if self._session is not None:
+            self._session.close()
+
+
+def create_sampling_client(model_path: str, base_url: str | None) -> TinkerSamplingClient:
+    """A sampling client on the weights at a ``tinker://`` path, in a session of its own.
+
+    Raises:
+        ConfigError: No usable API key.
+        EngineError: The server cannot be reached or refuses the path.
+    """
+    service = connect(base_url)
+    sdk_client = _create(service, "create_sampling_client",
+                         lambda: service.create_sampling_client(model_path=model_path))
+    return TinkerSamplingClient(sdk_client, sdk_client.get_base_model(), service)
+
+
+# -- training ---------------------------------------------------------------------------------
+
+def lora_options(config: TrainConfig) -> dict[str, bool]:
+    """The SDK's ``train_attn``/``train_mlp``/``train_unembed`` switches for ``config``.
+
+    Raises:
+        ConfigError: A LoRA setting Tinker does not offer (alpha, dropout, a module list).
+    """
+    problems = []
+    if config.lora_alpha is not None:
+        problems.append(f"LORA_ALPHA={config.lora_alpha} (Tinker sets the LoRA scale itself; "
+                        "leave it None)")
+    if config.lora_dropout:
+        problems.append(f"LORA_DROPOUT={config.lora_dropout} (Tinker trains without dropout)")
+    presets = {"attention": (True, False), "mlp": (False, True), "all-linear": (True, True)}
+    if config.lora_targets not in presets:
+        problems.append(f"LORA_TARGETS={config.lora_targets!r} (Tinker takes attention, mlp or "
+                        "all-linear)")
+    if problems:
+        raise ConfigError("BACKEND=tinker does not support " + "; ".join(problems))
+    train_attn, train_mlp = presets[config.lora_targets]
+    return {"train_attn": train_attn, "train_mlp": train_mlp,
+            "train_unembed": config.train_unembed}
+
+
+class TinkerTrainingClient:
+    """An SDK ``TrainingClient`` with the surface of the local engine's training client.
+
+    Every call returns a :class:`TinkerFuture` at once; the SDK runs the calls on the server in
+    submission order. The session is finished (``success``, or ``errored`` after a failed call)
+    by :meth:`close`, or when this object is garbage-collected.
+
+    Args:
+        service: The ``tinker.ServiceClient`` that owns the session.
+        client: The SDK's ``TrainingClient``.
+    """
+
+    def __init__(self, service, client) -> None:
+        self.client = client
+        self._session = _Session(self, service)
+        info = client.get_info()
+        self.base_model = info.model_data.model_name or ""
+        self.rank = info.lora_rank
+        self._tokenizer_id = info.model_data.tokenizer_id
+        self._tokenizer = None
+
+    def _future(self, action: str, future: Any) -> TinkerFuture:
+        return TinkerFuture(future, action, self._session.failed)
+
+    def _submit(self, action: str, fn, *args: Any, **kwargs: Any) -> TinkerFuture:
+        return self._future(action, _call(action, fn, *args, **kwargs))
+
+    def forward_backward(self, data: list[types.Datum], loss_fn: str = "cross_entropy",
+                         loss_fn_config: dict | None = None) -> TinkerFuture:
+        """Forward and backward pass; gradients add up on the server until :meth:`optim_step`.
+
+        Returns:
+            Future of ``ForwardBackwardOutput`` (``metrics["loss:sum"]``, per-datum
+            ``loss_fn_outputs[i]["logprobs"]``).
+        """
+        return self._submit("forward_backward", self.client.forward_backward, data, loss_fn,
+                            loss_fn_config)
+
+    def forward(self, data: list[types.Datum], loss_fn: str = "cross_entropy",
+                loss_fn_config: dict | None = None) -> TinkerFuture:
+        """Like :meth:`forward_backward`, without gradients."""
+        return self._submit("forward", self.client.forward, data, loss_fn, loss_fn_config)
+
+    def optim_step(self, optim_params: types.AdamParams | None = None, *,
+                   adam_params: types.AdamParams | None = None) -> TinkerFuture:
+        """One AdamW step on the accumulated gradients (future of ``OptimStepResponse``)."""
+        return self._submit("optim_step", self.client.optim_step, optim_params,
+                            adam_params=adam_params)
+
+    def save_state(self, name: str) -> TinkerFuture:
+        """Save weights and optimizer state; ``result().path`` is ``tinker://.../weights/name``."""
+        return self._submit("save_state", self.client.save_state, name)
+
+    def save_weights_for_sampler(self, name: str) -> TinkerFuture:
+        """Save weights for sampling; ``result().path`` is ``tinker://.../sampler_weights/name``."""
+        return self._submit("save_weights_for_sampler", self.client.save_weights_for_sampler,
+                            name)
+
+    def save_weights_external(self, name: str, ttl_seconds: int | None = None) -> TinkerFuture:
+        """Save the weights as a downloadable PEFT adapter (``tinker://.../external_weights/``)."""
+        return self._submit("save_weights_external", self.client.save_weights_external, name,
+                            ttl_seconds=ttl_seconds)
+
+    def save_weights_and_get_sampling_client(self) -> TinkerSamplingClient:
+        """A sampling client on a snapshot of the current weights (after the queued calls).
+
+        Raises:
+            EngineError: The server refused the snapshot.
+        """
+        sdk_client = self._future("save_weights_and_get_sampling_client",
+                                  self.client.save_weights_and_get_sampling_client()).result()
+        return TinkerSamplingClient(sdk_client, self.base_model, tokenizer=self.get_tokenizer())
+
+    def create_sampling_client(self, model_path: str) -> TinkerSamplingClient:
+        """A sampling client on the weights saved at a ``tinker://`` path."""
+        sdk_client = self._future("create_sampling_client",
+                                  self.client.create_sampling_client(model_path)).result()
+        return TinkerSamplingClient(sdk_client, self.base_model, tokenizer=self.get_tokenizer())
+
+    def get_info(self) -> types.GetInfoResponse:
+        """The server's ``GetInfoResponse`` (model id, base model, LoRA rank)."""
+        return self.client.get_info()
+
+    def get_tokenizer(self):
+        """The base model's tokenizer (see :func:`load_tinker_tokenizer`), loaded once."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tinker_tokenizer(self.base_model, self._tokenizer_id)
+        return self._tokenizer
+
+    def close(self) -> None:
+        """Finish the session (the calls already submitted complete first on the server)."""
+        self._session.close()
+
+
+def _check_matches(client: TinkerTrainingClient, config: TrainConfig, state: str) -> None:
+    """A checkpoint's base model and rank must be the configured ones (as the local engine)."""
+    problems = []
+    if client.base_model != config.base_model:
+        problems.append(f"base model '{client.base_model}', BASE_MODEL is '{config.base_model}'")
+    if client.rank != config.lora_rank:
+        problems.append(f"LoRA rank {client.rank}, LORA_RANK is {config.lora_rank}")
+    if problems:
+        client.close()
+        raise CheckpointError(f"checkpoint {state}: " + "; ".join(problems))
+
+
+def create_training_client(config: TrainConfig, state: str | None = None,
+                           with_optimizer: bool = False) -> TinkerTrainingClient:
+    """A Tinker training client for ``config``: new, or from a ``tinker://`` checkpoint.
+
+    Args:
+        config: Base model (a name the server serves, e.g. ``Qwen/Qwen3-8B``), LoRA rank and
+            targets, seed and ``TINKER_BASE_URL``.
+        state: A ``tinker://.../weights/...`` checkpoint to start from, or None.
+        with_optimizer: Restore the optimizer state too (``--resume``; exact), rather than the
+            weights only (``--init-from``; a fresh optimizer).
+
+    Raises:
+        ConfigError: No usable API key, a LoRA setting Tinker lacks, or a local ``state``.
+        CheckpointError: ``state`` has another base model or rank than ``config``.
+        EngineError: The server cannot be reached or refuses the request.
+    """
+    options = lora_options(config)
+    if state is not None and not is_tinker_path(state):
+        raise ConfigError(f"BACKEND=tinker starts from tinker:// checkpoints only, not {state} "
+                          "(train on from a local checkpoint with BACKEND=local)")
+    service = connect(config.tinker_base_url)
+    if state is None:
+        sdk_client = _create(service, "create_lora_training_client", lambda: (
+            service.create_lora_training_client(config.base_model, config.lora_rank,
+                                                seed=config.seed, **options)))
+    elif with_optimizer:
+        sdk_client = _create(service, "create_training_client_from_state_with_optimizer",
+                             lambda: service.create_training_client_from_state_with_optimizer(state))
+    else:
+        sdk_client = _create(service, "create_training_client_from_state",
+                             lambda: service.create_training_client_from_state(state))
+    client = TinkerTrainingClient(service, sdk_client)
+    if state is not None:
+        _check_matches(client, config, state)
+    return client
+
+
+# -- download (export) ------------------------------------------------------------------------
+
+def _download_file(url: str, target: Path, name: str, limit: int) -> int:
+    """Stream one URL into ``target``; errors name the file, never the (signed) URL."""
+    import httpx
+
+    written = 0
+    try:
+        with httpx.stream("GET", url, timeout=60, follow_redirects=True) as response:
+            if response.status_code != 200:
+                raise CheckpointError(f"downloading {name}: the server answered HTTP "
+                                      f"{response.status_code}")
+            with open(target, "wb") as out:
+                for chunk in response.iter_bytes():
+                    written += len(chunk)
+                    if written > limit:
+                        raise CheckpointError(f"downloading {name}: more than {limit:,} bytes; "
+                                              "refused")
+                    out.write(chunk)
+    except httpx.HTTPError as e:
+        raise CheckpointError(f"downloading {name}: {type(e).__name__}") from None
+    return written
+
+
+def download_external_weights(rest, path: str, dest: Path,
+                              max_bytes: int = MAX_EXTRACTED_BYTES) -> int:
+    """Download every file of an ``external_weights`` checkpoint into ``dest``.
+
+    File names come from ``RestClient.get_external_weights_urls`` and are checked with
+    :func:`tinkerkit.archive.safe_relative_path`; a single tar archive among them is extracted
+    with :func:`tinkerkit.archive.extract_tar` and then removed. ``max_bytes`` bounds the bytes
+    written, downloads and extraction together.
+
+    Returns:
+        The bytes written.
+
+    Raises:
+        CheckpointError: An unsafe name or archive, a failed download, or too many bytes.
+        EngineError: The server refused the listing.
+    """
+    listing = TinkerFuture(rest.get_external_weights_urls(path), "get_external_weights_urls")
+    urls = listing.result().urls
+    if not urls:
+        raise CheckpointError(f"checkpoint {path}: the server lists no files to download")
+    where = f"checkpoint {path}"
+    targets = {name: dest / safe_relative_path(name, where) for name in urls}
+    total = 0
+    for name, target in sorted(targets.items()):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        total += _download_file(urls[name], target, name, max_bytes - total)
+    archives = [target for name, target in targets.items() if is_archive_name(name)]
+    for archive in archives:
+        extracted = extract_tar(archive, dest, max_bytes - total)
+        total += sum(p.stat().st_size for p in extracted)
+        archive.unlink()
+    return total
+
+
+def download_adapter(path: str, dest: Path, base_url: str | None = None,
+                     max_bytes: int = MAX_EXTRACTED_BYTES) -> str:
+    """Download the LoRA adapter of a ``tinker://`` checkpoint into ``dest`` (PEFT files).
+
+    A training checkpoint (``tinker://<run>/weights/<name>``) is loaded into a new training
+    client, saved with ``save_weights_external`` (kept one hour at most, deleted after the
+    download), and its files fetched through ``RestClient.get_external_weights_urls``; an
+    ``external_weights`` checkpoint is fetched directly. Sampler checkpoints cannot be
+    downloaded (as on the hosted service).
+
+    ``adapter_config.json`` gets ``base_model_name_or_path`` from the server when it lacks one.
+
+    Returns:
+        The checkpoint's base model name, as the server reports it.
+
+    Raises:
+        CheckpointError: Not a downloadable ``tinker://`` path, unsafe files, no PEFT adapter.
+        ConfigError: No usable API key.
+        EngineError: The server cannot be reached or refuses a request.
+    """
+    import tinker
+
+    try:
+        parsed = tinker.ParsedCheckpointTinkerPath.from_tinker_path(path)
+    except ValueError:
+        raise CheckpointError(f"checkpoint {path}: not a tinker://<run>/weights/<name> or "
+                              "tinker://<run>/external_weights/<name> path") from None
+    if parsed.checkpoint_type == "sampler":
+        raise CheckpointError(f"checkpoint {path}: sampler weights cannot be downloaded; export "
+                              "the training checkpoint (tinker://<run>/weights/<name>) instead")
+    rest = rest_client(base_url)
+    if parsed.checkpoint_type == "external":
+        download_external_weights(rest, path, dest, max_bytes)
+        base_model = TinkerFuture(rest.get_weights_info_by_tinker_path(path),
+                                  "get_weights_info").result().base_model
+    else:
+        service = connect(base_url)
+        client = TinkerTrainingClient(service, _create(
+            service, "create_training_client_from_state",
+            lambda: service.create_training_client_from_state(path)))
+        try:
+            base_model = client.base_model
+            export = client.save_weights_external("export", EXPORT_TTL_SECONDS).result().path
+            try:
+                download_external_weights(rest, export, dest, max_bytes)
+            finally:
+                try:
+                    TinkerFuture(rest.delete_checkpoint_from_tinker_path(export),
+                                 "delete_checkpoint").result()
+                except EngineError:
+                    pass  # expires after EXPORT_TTL_SECONDS anyway
+        finally:
+            client.close()
+    _record_base_model(dest, path, base_model)
+    return base_model
+
+
+def _record_base_model(dest: Path, path: str, base_model: str) -> None:
+    """Check that ``dest`` holds a PEFT adapter; fill in its base model when missing."""
+    import json
+
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (dest / name).is_file():
+            raise CheckpointError(f"checkpoint {path}: the download holds no {name} (not a "
+                                  "PEFT LoRA adapter)")
+    try:
+        config = json.loads((dest / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path}: {ADAPTER_CONFIG} is not JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {path}: {ADAPTER_CONFIG} is not a JSON object")
+    if not config.get("base_model_name_or_path"):
+        atomic_write_json(dest / ADAPTER_CONFIG, {**config, "base_model_name_or_path": base_model})

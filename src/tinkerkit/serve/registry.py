@@ -1,0 +1,161 @@
+"""Which base models ``tinkerkit serve`` serves, under the names Tinker users write.
+
+A Tinker script names its base model as on the hosted service (``Qwen/Qwen3-8B``). The models
+file (``--models FILE``, JSON or TOML) maps such names to local models::
+
+    # models.toml
+    [models]
+    "Qwen/Qwen3-8B" = "/models/Qwen3-8B"            # a HF model directory
+
+    [models."meta-llama/Llama-3.2-1B"]
+    path = "/models/Llama-3.2-1B"                    # directory (relative: to this file) or
+                                                     # a tinkerkit registry name
+    dtype = "bfloat16"                               # float32 (default), bfloat16, float16
+    tokenizer_id = "meta-llama/Llama-3.2-1B"         # reported by get_info (default: the name)
+
+or the same as JSON: ``{"models": {"Qwen/Qwen3-8B": "/models/Qwen3-8B", "...": {"path": ...}}}``.
+
+Besides the file's names, tinkerkit's own registry names (``smollm2-135m-instruct``) are served
+as they are, and, on a loopback bind, so is a path to a HF model directory on the server.
+Any other name is refused with the list of served names.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from tinkerkit.errors import ConfigError, RequestError
+from tinkerkit.models import REGISTRY, hub_id_of, resolve_model
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A base model the server can train and sample.
+
+    Attributes:
+        name: The name clients use (``Qwen/Qwen3-8B``, ``smollm2-135m-instruct``, a path).
+        source: What :func:`tinkerkit.models.load_model` loads: a model directory or a
+            registry name.
+        dtype: Base-model dtype (``float32``, ``bfloat16``, ``float16``).
+        tokenizer_id: The tokenizer that ``get_info`` reports (the SDK's ``get_tokenizer``
+            loads it with ``AutoTokenizer.from_pretrained``); None: see
+            :meth:`ModelRegistry.tokenizer_id`.
+    """
+
+    name: str
+    source: str
+    dtype: str = "float32"
+    tokenizer_id: str | None = None
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tokenizer_id: str | None = None
+
+
+class _ModelsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: dict[str, str | _Entry]
+
+
+def _is_model_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _source(path_text: str, base: Path, where: str) -> str:
+    if path_text in REGISTRY:
+        return path_text
+    path = Path(path_text).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not _is_model_dir(path):
+        raise ConfigError(f"{where}: '{path_text}' is neither a HF model directory (with "
+                          f"config.json) nor a registry name ({', '.join(sorted(REGISTRY))})")
+    return str(path.resolve())
+
+
+def read_models_file(path: str | Path) -> dict[str, ServedModel]:
+    """Read a models file (see the module docstring).
+
+    Raises:
+        ConfigError: Unreadable file, bad JSON/TOML, an unknown key or value (named by its
+            place in the file), or a path that is not a model directory.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the models file: {e}") from e
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: "
+                          f"{e}") from e
+    try:
+        parsed = _ModelsFile.model_validate(raw)
+    except ValidationError as e:
+        error = e.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise ConfigError(f"{path}: {where}: {error['msg']}") from e
+    served = {}
+    for name, entry in parsed.models.items():
+        if isinstance(entry, str):
+            entry = _Entry(path=entry)
+        source = _source(entry.path, path.parent, f"{path}: models.{name}")
+        served[name] = ServedModel(name, source, entry.dtype, entry.tokenizer_id or name)
+    return served
+
+
+class ModelRegistry:
+    """Resolves base model names of requests to served models.
+
+    Args:
+        served: The models file's entries (name -> model).
+        allow_paths: Also serve HF model directories named by their path (loopback binds).
+    """
+
+    def __init__(self, served: dict[str, ServedModel] | None = None,
+                 allow_paths: bool = False) -> None:
+        self._served = dict(served or {})
+        self._allow_paths = allow_paths
+
+    def names(self) -> list[str]:
+        """The names listed to clients: the models file's, then tinkerkit's registry names."""
+        return list(self._served) + sorted(set(REGISTRY) - set(self._served))
+
+    def resolve(self, name: str) -> ServedModel:
+        """The served model called ``name``.
+
+        Raises:
+            RequestError: 400 naming the served models when ``name`` is not one of them.
+        """
+        if name in self._served:
+            return self._served[name]
+        if name in REGISTRY:
+            return ServedModel(name, name)
+        if self._allow_paths and name.startswith(("/", "~", ".")):
+            path = Path(name).expanduser()
+            if _is_model_dir(path):
+                return ServedModel(name, str(path.resolve()), tokenizer_id=str(path.resolve()))
+        paths = " or a HF model directory on the server" if self._allow_paths else ""
+        raise RequestError(400, f"base model '{name}' is not served here; served models: "
+                                f"{', '.join(self.names())}{paths}")
+
+    def tokenizer_id(self, served: ServedModel) -> str:
+        """The tokenizer ``get_info`` reports for a served model.
+
+        The models file's ``tokenizer_id`` (default: the name); for a tinkerkit registry name,
+        its local directory on a loopback bind (clients share this machine, so the SDK's
+        ``get_tokenizer()`` works offline), else its hub id.
+        """
+        if served.tokenizer_id is not None:
+            return served.tokenizer_id
+        if self._allow_paths:
+            return str(resolve_model(served.source))
+        return hub_id_of(served.source)

@@ -1,0 +1,404 @@
+"""``tinkerkit serve`` driven by the real ``tinker`` SDK on a tiny random Llama.
+
+Each server runs in a thread on a free loopback port; the SDK talks HTTP to it exactly as to the
+hosted service. Results are compared with the local engine run in process on the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+import warnings
+
+import httpx
+import numpy as np
+import pytest
+import tinker
+import torch
+from safetensors.torch import load_file
+from tinker import types
+from tinker.proto import tinker_public_pb2 as public_pb
+from tinker.proto.request_conv import forward_backward_request_to_proto
+from tinker.proto.response_conv import deserialize_proto_response
+
+from helpers import KEY, checkpoint_dir, running_server, service
+from tinkerkit.engines.local import LocalTrainingClient
+from tinkerkit.engines.local_sampling import LocalSamplingClient
+from tinkerkit.errors import ConfigError
+from tinkerkit.export import export_adapter
+from tinkerkit.serve import make_server, protobuf
+from tinkerkit.serve.futures import ServerFuture
+from tinkerkit.serve.registry import read_models_file
+from tinkerkit.serve.state import ModelRunner
+
+OTHER_KEY = "tml-someone-else"
+ADAM = types.AdamParams(learning_rate=1e-2)
+LORA = {"rank": 4, "seed": 7, "train_unembed": False}
+
+
+def datums() -> list[types.Datum]:
+    """Two datums of different lengths, loss on part of each."""
+    def datum(tokens, weights):
+        return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                           loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights})
+    return [datum([1, 17, 305, 4431, 9, 28, 611, 2], [0, 0, 1, 1, 1, 1, 1]),
+            datum([1, 88, 1024, 77, 3], [0, 1, 1, 1])]
+
+
+def local_client(model, tmp_path) -> LocalTrainingClient:
+    """The in-process engine with the settings the server derives from ``LORA``."""
+    return LocalTrainingClient(model, LORA["rank"], seed=LORA["seed"], target_modules="all-linear",
+                               train_unembed=False, checkpoint_root=tmp_path / "local")
+
+
+def logprobs(output: types.ForwardBackwardOutput) -> list[np.ndarray]:
+    return [out["logprobs"].to_numpy() for out in output.loss_fn_outputs]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("serve-root")) as running:
+        yield running
+
+
+def test_forward_backward_and_optim_step_equal_the_local_engine(server, tiny_model, tmp_path):
+    local = local_client(tiny_model, tmp_path)
+    with service(server.url) as client:
+        training = client.create_lora_training_client(tiny_model, **LORA).result()
+        assert training.model_id.endswith(":train:0")
+        info = training.get_info()
+        assert (info.lora_rank, info.model_data.arch) == (4, "LlamaForCausalLM")
+        remote_steps, local_steps = [], []
+        for _ in range(3):  # pipelined: the optimizer step is submitted before the result is read
+            fwd_bwd, optim = training.forward_backward(datums(), "cross_entropy"), \
+                training.optim_step(ADAM)
+            remote_steps.append((fwd_bwd.result(), optim.result()))
+            local_steps.append((local.forward_backward(datums()).result(),
+                                local.optim_step(ADAM).result()))
+        evaluation = training.forward(datums(), "cross_entropy").result()
+    for (remote, remote_optim), (here, here_optim) in zip(remote_steps, local_steps):
+        assert remote.metrics["loss:sum"] == pytest.approx(here.metrics["loss:sum"], rel=1e-6)
+        for a, b in zip(logprobs(remote), logprobs(here)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        assert remote_optim.metrics["grad_norm"] == pytest.approx(here_optim.metrics["grad_norm"],
+                                                                  rel=1e-5)
+    # the known loss: sum over tokens of weights * -logprob, and it went down while training
+    first = remote_steps[0][0]
+    expected = -sum(float((lp * np.array(d.loss_fn_inputs["weights"].tolist())).sum())
+                    for lp, d in zip(logprobs(first), datums()))
+    assert first.metrics["loss:sum"] == pytest.approx(expected, rel=1e-6)
+    assert evaluation.metrics["loss:sum"] < first.metrics["loss:sum"]
+    assert [s[1].metrics["step"] for s in remote_steps] == [1.0, 2.0, 3.0]
+
+
+def test_save_state_and_resume_with_and_without_optimizer(server, tiny_model):
+    with service(server.url) as client:
+        training = client.create_lora_training_client(tiny_model, **LORA).result()
+        training.forward_backward(datums(), "cross_entropy")
+        training.optim_step(ADAM).result()
+        first_loss = training.forward(datums(), "cross_entropy").result().metrics["loss:sum"]
+        path = training.save_state("step1").result().path
+        assert path == f"tinker://{training.model_id}/weights/step1"
+        training.forward_backward(datums(), "cross_entropy")
+        expected = training.optim_step(ADAM).result()
+        after = training.forward(datums(), "cross_entropy").result()
+
+        resumed = client.create_training_client_from_state_with_optimizer(path).result()
+        assert resumed.model_id != training.model_id
+        resumed.forward_backward(datums(), "cross_entropy")
+        step = resumed.optim_step(ADAM).result()
+        assert step.metrics["step"] == 2.0  # the optimizer's step count came back
+        assert step.metrics["grad_norm"] == pytest.approx(expected.metrics["grad_norm"], rel=1e-6)
+        again = resumed.forward(datums(), "cross_entropy").result()
+        assert again.metrics["loss:sum"] == pytest.approx(after.metrics["loss:sum"], rel=1e-6)
+
+        fresh = client.create_training_client_from_state(path).result()  # weights only
+        fresh.forward_backward(datums(), "cross_entropy")
+        assert fresh.optim_step(ADAM).result().metrics["step"] == 1.0
+        with warnings.catch_warnings():  # the SDK's older way, into a live model, still works
+            warnings.simplefilter("ignore", FutureWarning)
+            fresh.load_state_with_optimizer(path).result()
+        assert fresh.forward(datums(), "cross_entropy").result().metrics["loss:sum"] == \
+            pytest.approx(first_loss, rel=1e-6)
+        with pytest.raises(tinker.BadRequestError, match="exists"):
+            training.save_state("step1").result()
+
+
+def test_sampling_equals_the_local_sampling_client(server, tiny_model, tmp_path):
+    prompt = types.ModelInput.from_ints([1, 17, 305, 4431])
+    greedy = types.SamplingParams(max_tokens=8, temperature=0.0, stop=[])
+    with service(server.url) as client:
+        training = client.create_lora_training_client(tiny_model, **LORA).result()
+        for _ in range(2):
+            training.forward_backward(datums(), "cross_entropy")
+            training.optim_step(types.AdamParams(learning_rate=5e-2))
+        saved = training.save_weights_for_sampler("sampler1").result()
+        sampler = client.create_sampling_client(model_path=saved.path).result()
+        response = sampler.sample(prompt, 3, greedy, include_prompt_logprobs=True).result()
+        snapshot = training.save_weights_and_get_sampling_client().result()
+        from_snapshot = snapshot.sample(prompt, 1, greedy).result()
+        base = client.create_sampling_client(base_model=tiny_model).result()
+        from_base = base.sample(prompt, 1, greedy).result()
+        scored = sampler.compute_logprobs(prompt).result()
+        assert sampler.get_base_model() == tiny_model
+    directory = checkpoint_dir(server.root, saved.path)
+    local = LocalSamplingClient(tiny_model, str(directory)).sample(
+        prompt, 1, greedy, include_prompt_logprobs=True).result()
+    local_base = LocalSamplingClient(tiny_model).sample(prompt, 1, greedy).result()
+    tokens = local.sequences[0].tokens
+    assert len(tokens) == 8
+    assert [s.tokens for s in response.sequences] == [tokens] * 3
+    assert from_snapshot.sequences[0].tokens == tokens
+    assert from_base.sequences[0].tokens == local_base.sequences[0].tokens != tokens
+    ids = [s.sequence_id for s in response.sequences]
+    assert len(set(ids)) == 3 and all(ids)
+    np.testing.assert_allclose(response.sequences[0].logprobs, local.sequences[0].logprobs,
+                               rtol=1e-5, atol=1e-5)
+    assert response.prompt_logprobs[0] is None and scored[0] is None
+    np.testing.assert_allclose(response.prompt_logprobs[1:], local.prompt_logprobs[1:], rtol=1e-5)
+    np.testing.assert_allclose(scored[1:], local.prompt_logprobs[1:], rtol=1e-5)
+
+
+def test_checkpoint_and_run_listings(server, tiny_model):
+    with service(server.url) as client:
+        training = client.create_lora_training_client(
+            tiny_model, **LORA, user_metadata={"purpose": "listing"}).result()
+        training.save_state("a", user_metadata={"note": "first"}).result()
+        training.save_weights_for_sampler("b").result()
+        rest = tinker.RestClient(base_url=server.url, api_key=KEY)
+        listed = rest.list_checkpoints(training.model_id).result().checkpoints
+        assert [(c.checkpoint_id, c.checkpoint_type) for c in listed] == [
+            ("weights/a", "training"), ("sampler_weights/b", "sampler")]
+        assert listed[0].user_metadata == {"note": "first"} and listed[0].size_bytes > 0
+        run = rest.get_training_run(training.model_id).result()
+        assert (run.base_model, run.lora_rank, run.user_metadata) == (
+            tiny_model, 4, {"purpose": "listing"})
+        assert run.last_checkpoint.checkpoint_id == "weights/a"
+        assert training.model_id in [r.training_run_id for r in
+                                     rest.list_training_runs(limit=100).result().training_runs]
+        mine = rest.list_user_checkpoints().result()
+        assert {"weights/a", "sampler_weights/b"} <= {c.checkpoint_id for c in mine.checkpoints}
+        info = rest.get_weights_info_by_tinker_path(listed[0].tinker_path).result()
+        assert (info.lora_rank, info.train_unembed, info.train_mlp) == (4, False, True)
+        rest.delete_checkpoint_from_tinker_path(listed[1].tinker_path).result()
+        assert [c.checkpoint_id for c in rest.list_checkpoints(training.model_id).result()
+                .checkpoints] == ["weights/a"]
+
+
+def test_external_weights_download_as_a_peft_adapter(server, tiny_model, tmp_path):
+    with service(server.url) as client:
+        training = client.create_lora_training_client(tiny_model, **LORA).result()
+        training.forward_backward(datums(), "cross_entropy")
+        training.optim_step(ADAM)
+        sampler_path = training.save_weights_for_sampler("same").result().path
+        external = training.save_weights_external("export").result().path
+        assert external == f"tinker://{training.model_id}/external_weights/export"
+        urls = tinker.RestClient(base_url=server.url, api_key=KEY) \
+            .get_external_weights_urls(external).result()
+    assert sorted(urls.urls) == ["adapter_config.json", "adapter_model.safetensors"]
+    for name, url in urls.urls.items():  # signed URLs: no API key needed
+        (tmp_path / name).write_bytes(urllib.request.urlopen(url).read())
+    downloaded = load_file(tmp_path / "adapter_model.safetensors")
+    reference = load_file(checkpoint_dir(server.root, sampler_path) / "adapter_model.safetensors")
+    assert downloaded.keys() == reference.keys() and len(downloaded) > 0
+    assert all(torch.equal(downloaded[k], reference[k]) for k in downloaded)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 4
+    exported = export_adapter(checkpoint_dir(server.root, external), tmp_path / "exported")
+    assert all(torch.equal(t, downloaded[k]) for k, t in
+               load_file(exported / "adapter_model.safetensors").items())
+    tampered = urls.urls["adapter_config.json"].replace("signature=", "signature=0")
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(tampered)
+    assert error.value.code == 403
+
+
+def test_checkpoints_survive_a_restart(tmp_path, tiny_model):
+    with running_server(tmp_path / "root") as running, service(running.url) as client:
+        training = client.create_lora_training_client(tiny_model, **LORA).result()
+        training.forward_backward(datums(), "cross_entropy")
+        training.optim_step(ADAM)
+        path = training.save_state("keep").result().path
+        before = training.forward(datums(), "cross_entropy").result()
+    with running_server(tmp_path / "root") as running, service(running.url) as client:
+        rest = tinker.RestClient(base_url=running.url, api_key=KEY)
+        model_id = path.split("/")[2]
+        assert [c.tinker_path for c in rest.list_checkpoints(model_id).result().checkpoints] \
+            == [path]
+        resumed = client.create_training_client_from_state_with_optimizer(path).result()
+        after = resumed.forward(datums(), "cross_entropy").result()
+    assert after.metrics["loss:sum"] == pytest.approx(before.metrics["loss:sum"], rel=1e-6)
+
+
+def test_api_keys_are_required_when_listed(tmp_path, tiny_model):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# accepted keys\ntml-listed-key\n")
+    with pytest.raises(ConfigError, match="requires --api-keys"):
+        make_server("0.0.0.0", 0, root=tmp_path / "root")
+    with running_server(tmp_path / "root", api_keys_file=keys) as running:
+        url = running.url
+        for headers in ({}, {"X-API-Key": "tml-not-listed"}, {"X-API-Key": "listed-key"}):
+            answer = httpx.get(f"{url}/api/v1/get_server_capabilities", headers=headers)
+            assert answer.status_code == 401, headers
+        with pytest.raises(tinker.AuthenticationError):
+            tinker.ServiceClient(base_url=url, api_key="tml-not-listed") \
+                .create_lora_training_client(tiny_model, rank=4)
+        with service(url, "tml-listed-key") as client:
+            assert client.create_lora_training_client(tiny_model, **LORA).result().model_id
+
+
+def test_sessions_see_only_their_own_key(server, tiny_model):
+    with service(server.url) as client:
+        training = client.create_lora_training_client(tiny_model, **LORA).result()
+        path = training.save_state("private").result().path
+    with service(server.url, OTHER_KEY) as other:
+        rest = tinker.RestClient(base_url=server.url, api_key=OTHER_KEY)
+        with pytest.raises(tinker.NotFoundError):
+            rest.list_checkpoints(training.model_id).result()
+        with pytest.raises(tinker.NotFoundError):
+            other.create_training_client_from_state(path).result()
+        assert path not in [c.tinker_path for c in rest.list_user_checkpoints().result().checkpoints]
+    headers = {"X-API-Key": OTHER_KEY, "Content-Type": protobuf.PROTO_CONTENT_TYPE}
+    request = types.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(data=datums(), loss_fn="cross_entropy"),
+        model_id=training.model_id, seq_id=1)
+    answer = httpx.post(f"{server.url}/api/v1/forward_backward", headers=headers,
+                        content=forward_backward_request_to_proto(request).SerializeToString())
+    assert answer.status_code == 404
+
+
+def test_malformed_requests_get_4xx_and_the_server_goes_on(server):
+    headers = {"X-API-Key": KEY}
+    post = lambda route, **kw: httpx.post(f"{server.url}/api/v1/{route}", **kw)  # noqa: E731
+    cases = [
+        post("forward_backward", headers={**headers, "Content-Type": protobuf.PROTO_CONTENT_TYPE},
+             content=b"\xff\xfe not protobuf"),
+        post("forward_backward", headers=headers, json={"model_id": "x"}),
+        post("create_session", headers=headers, content=b"{not json"),
+        post("create_session", headers=headers, json=[1, 2]),
+        post("create_session", headers=headers, content=b"[" * 100_000),
+        post("create_session", headers=headers, content=b'{"tags": ' + b"1" * 5000 + b"}"),
+        post("create_model", headers=headers, json={"session_id": "s", "model_seq_id": "x"}),
+        post("load_weights", headers=headers, json={"model_id": "../../etc", "seq_id": 1,
+                                                    "path": "tinker://../weights/x",
+                                                    "optimizer": False}),
+        post("weights_info", headers=headers, json={"tinker_path": "tinker://a/../../x"}),
+        post("retrieve_future", headers=headers, json={"request_id": "nope"}),
+        httpx.get(f"{server.url}/api/v1/training_runs/..%2F..%2Fetc/checkpoints", headers=headers),
+        httpx.get(f"{server.url}/api/v1/no_such_route", headers=headers),
+    ]
+    statuses = [answer.status_code for answer in cases]
+    assert statuses == [400, 400, 400, 400, 400, 400, 400, 404, 400, 404, 404, 404]
+    assert all("detail" in answer.json() for answer in cases)
+    assert httpx.get(f"{server.url}/api/v1/healthz").json() == {"status": "ok"}
+
+
+def test_unknown_base_model_and_models_file(tmp_path, tiny_model):
+    models = tmp_path / "models.toml"
+    models.write_text(f'[models]\n"Qwen/Qwen3-8B" = "{tiny_model}"\n')
+    with running_server(tmp_path / "root", models_file=models) as running, \
+            service(running.url) as client:
+        with pytest.raises(tinker.BadRequestError, match="served models: Qwen/Qwen3-8B"):
+            client.create_lora_training_client("meta-llama/Llama-3.1-8B", rank=4).result()
+        training = client.create_lora_training_client("Qwen/Qwen3-8B", **LORA).result()
+        assert training.get_info().model_data.model_name == "Qwen/Qwen3-8B"
+        assert training.forward(datums(), "cross_entropy").result().metrics["loss:sum"] > 0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"models": {"x": {"path": tiny_model, "dtype": "int8"}}}))
+    with pytest.raises(ConfigError, match="models.x"):
+        read_models_file(bad)
+
+
+def test_finished_session_stops_heartbeats(server, tiny_model):
+    with service(server.url) as client:
+        session_id = client.holder.get_session_id()
+    answer = httpx.post(f"{server.url}/api/v1/session_heartbeat", headers={"X-API-Key": KEY},
+                        json={"session_id": session_id})
+    assert answer.status_code == 410
+
+
+def test_pending_futures_answer_try_again(tmp_path, tiny_model):
+    with running_server(tmp_path / "root", long_poll_seconds=0.2) as running, \
+            service(running.url) as client:
+        training = client.create_lora_training_client(tiny_model, **LORA).result()
+        request = types.ForwardBackwardRequest(  # seq ids 1-4 never come: it waits
+            forward_backward_input=types.ForwardBackwardInput(data=datums(),
+                                                              loss_fn="cross_entropy"),
+            model_id=training.model_id, seq_id=5)
+        headers = {"X-API-Key": KEY}
+        submitted = httpx.post(
+            f"{running.url}/api/v1/forward_backward",
+            headers={**headers, "Content-Type": protobuf.PROTO_CONTENT_TYPE},
+            content=forward_backward_request_to_proto(request).SerializeToString()).json()
+        polled = httpx.post(f"{running.url}/api/v1/retrieve_future", headers=headers,
+                            json={"request_id": submitted["request_id"]})
+        assert polled.json() == {"type": "try_again", "request_id": submitted["request_id"],
+                                 "queue_state": "active"}
+        # the SDK's own requests (seq 1, 2) still run, polling through try_again answers
+        assert training.forward(datums(), "cross_entropy").result().metrics["loss:sum"] > 0
+
+
+def test_silent_sessions_are_released(server, tiny_model):
+    with service(server.url) as client:
+        training = client.create_lora_training_client(tiny_model, **LORA).result()
+        server.state.session_timeout_seconds = 0.0
+        try:
+            server.state.release_idle_sessions()
+        finally:
+            server.state.session_timeout_seconds = 600.0
+        with pytest.raises(tinker.NotFoundError, match="not loaded"):
+            training.forward(datums(), "cross_entropy").result()
+        answer = httpx.post(f"{server.url}/api/v1/session_heartbeat", headers={"X-API-Key": KEY},
+                            json={"session_id": client.holder.get_session_id()})
+        assert answer.status_code == 410
+
+
+# -- units -------------------------------------------------------------------------------------
+
+
+def test_runner_starts_requests_in_seq_id_order_and_answers_retries():
+    runner = ModelRunner("m", None, None, ServerFuture("create", "owner"))
+    started = []
+    futures = {seq: ServerFuture(f"r{seq}", "owner") for seq in (1, 2, 3)}
+    action = lambda client, future: started.append(future.request_id)  # noqa: E731
+    runner.submit(3, futures[3], action)
+    runner.submit(2, futures[2], action)
+    runner.ready(client=object())
+    assert started == []  # 1 has not arrived
+    runner.submit(1, futures[1], action)
+    assert started == ["r1", "r2", "r3"]
+    assert runner.submit(2, ServerFuture("again", "owner"), action) is futures[2]
+    late = runner.submit(None, ServerFuture("r4", "owner"), action)
+    assert started[-1] == "r4" and not late.done()
+
+
+def test_protobuf_round_trips_through_the_sdk_decoders():
+    request = types.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(data=datums(), loss_fn="cross_entropy"),
+        model_id="m", seq_id=5)
+    msg = protobuf.parse_forward_backward(
+        forward_backward_request_to_proto(request).SerializeToString())
+    decoded = protobuf.forward_backward_request(msg)
+    assert (decoded.model_id, decoded.seq_id, msg.forward_only) == ("m", 5, False)
+    for got, sent in zip(decoded.forward_backward_input.data, datums()):
+        assert got.model_input.to_ints() == sent.model_input.to_ints()
+        assert got.loss_fn_inputs["weights"].tolist() == sent.loss_fn_inputs["weights"].tolist()
+
+    output = types.ForwardBackwardOutput(
+        loss_fn_output_type="ArrayRecord", metrics={"loss:sum": 3.5},
+        loss_fn_outputs=[{"logprobs": types.TensorData.from_numpy(np.array(v, np.float32))}
+                         for v in ([-1.0, -2.5], [-0.25, -3.0, -4.0])])
+    back = deserialize_proto_response(protobuf.encode_forward_backward_output(output),
+                                      types.ForwardBackwardOutput)
+    assert back.metrics == {"loss:sum": 3.5}
+    assert [o["logprobs"].tolist() for o in back.loss_fn_outputs] == [[-1.0, -2.5],
+                                                                       [-0.25, -3.0, -4.0]]
+    sample = types.SampleResponse(
+        sequences=[types.SampledSequence(stop_reason="length", sequence_id="s",
+                                         tokens_np=np.array([4, 5], np.int32),
+                                         logprobs_np=np.array([-0.5, -1.5], np.float32))],
+        prompt_logprobs_np=np.array([np.nan, -2.0], np.float32))
+    back = deserialize_proto_response(protobuf.encode_sample_response(sample),
+                                      types.SampleResponse)
+    assert (back.sequences[0].tokens, back.sequences[0].logprobs) == ([4, 5], [-0.5, -1.5])
+    assert back.sequences[0].stop_reason == "length" and back.prompt_logprobs == [None, -2.0]
+    assert public_pb.SampleResponse.FromString(protobuf.encode_sample_response(sample)).sequences

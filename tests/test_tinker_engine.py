@@ -1,0 +1,160 @@
+"""The Tinker engine's pieces that need no server: key handling, LoRA options, tokenizers."""
+
+import logging
+import socket
+
+import httpx
+import pytest
+import tinker
+
+from tinkerkit import models
+from tinkerkit.config import load_config
+from tinkerkit.engines import tinker as engine
+from tinkerkit.errors import ConfigError, EngineError, ModelError
+
+CANARY = "tml-canary-7f3a9c2e51d84b6f"
+
+
+def test_the_api_key_comes_from_the_environment_only(monkeypatch):
+    monkeypatch.delenv("TINKER_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="needs the environment variable TINKER_API_KEY"):
+        engine.api_key()
+    monkeypatch.setenv("TINKER_API_KEY", "sk-not-a-tinker-key-123")
+    with pytest.raises(ConfigError) as info:
+        engine.api_key()
+    assert "sk-not-a-tinker-key-123" not in str(info.value)
+    monkeypatch.setenv("TINKER_API_KEY", CANARY)
+    assert engine.api_key() == CANARY
+    with pytest.raises(ConfigError, match="unknown key TINKER_API_KEY") as info:
+        load_config(None, [f"TINKER_API_KEY={CANARY}"])  # never a config key
+    assert CANARY not in str(info.value)
+
+
+def test_sdk_errors_become_one_line_engine_errors_without_the_key(monkeypatch):
+    monkeypatch.setenv("TINKER_API_KEY", CANARY)
+    request = httpx.Request("POST", "http://127.0.0.1:1/api/v1/forward_backward")
+    response = httpx.Response(401, request=request,
+                              json={"detail": f"unknown API key {CANARY}\nsecond line"})
+    error = tinker.AuthenticationError("Error code: 401", response=response,
+                                       body={"detail": f"unknown API key {CANARY}\nsecond line"})
+    text = str(engine.engine_error(error, "forward_backward"))
+    assert text == ("Tinker forward_backward: the Tinker server answered 401: unknown API key "
+                    "tml-*** second line")
+    other = engine.engine_error(RuntimeError(f"key tml-other-secret-99 in {CANARY}"), "sample")
+    assert str(other) == "Tinker sample: RuntimeError: key tml-*** in tml-***"
+
+    class Failing:
+        def result(self, timeout=None):
+            raise error
+
+    failures = []
+    with pytest.raises(EngineError) as info:
+        engine.TinkerFuture(Failing(), "optim_step", failures.append).result()
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no SDK chain
+    assert CANARY not in str(info.value) and failures == [info.value]
+
+
+def _config(**overrides):
+    return load_config(None, ["BACKEND=tinker", *[f"{k}={v}" for k, v in overrides.items()]])
+
+
+def test_lora_settings_map_to_the_sdk_switches_or_are_refused():
+    assert engine.lora_options(_config()) == {"train_attn": True, "train_mlp": True,
+                                              "train_unembed": False}
+    assert engine.lora_options(_config(LORA_TARGETS="mlp", TRAIN_UNEMBED=True)) == {
+        "train_attn": False, "train_mlp": True, "train_unembed": True}
+    assert engine.lora_options(_config(LORA_TARGETS="attention"))["train_mlp"] is False
+    with pytest.raises(ConfigError) as info:
+        engine.lora_options(_config(LORA_ALPHA=16, LORA_DROPOUT=0.1, LORA_TARGETS="q_proj,v_proj"))
+    assert str(info.value) == (
+        "BACKEND=tinker does not support LORA_ALPHA=16.0 (Tinker sets the LoRA scale itself; "
+        "leave it None); LORA_DROPOUT=0.1 (Tinker trains without dropout); "
+        "LORA_TARGETS='q_proj,v_proj' (Tinker takes attention, mlp or all-linear)")
+
+
+def test_the_base_url_defaults_to_the_environment(monkeypatch):
+    monkeypatch.setenv("TINKER_BASE_URL", "http://127.0.0.1:8123")
+    assert _config().tinker_base_url == "http://127.0.0.1:8123"
+    assert _config(TINKER_BASE_URL="https://example.org").tinker_base_url == "https://example.org"
+    monkeypatch.delenv("TINKER_BASE_URL")
+    assert _config().tinker_base_url is None
+    with pytest.raises(ConfigError, match="must be an http:// or https:// URL"):
+        _config(TINKER_BASE_URL="127.0.0.1:8000")
+
+
+def test_an_unreachable_server_fails_in_seconds(monkeypatch):
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TINKER_API_KEY", CANARY)
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = _config(TINKER_BASE_URL=f"http://127.0.0.1:{port}")
+    with pytest.raises(EngineError, match=f"cannot reach the Tinker server at http://127.0.0.1:"
+                                          f"{port}.*is `tinkerkit serve` running there"):
+        engine.create_training_client(config)
+
+
+def test_known_base_models_tokenize_offline(monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub (or the SDK's lookup) was asked")
+
+    monkeypatch.setattr(models, "hub_reachable", no_hub)
+    monkeypatch.setattr(tinker.lib.public_interfaces.sampling_client,
+                        "_load_tokenizer_from_model_info", no_hub)
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert models.registry_name_of(hub_id) == "smollm2-135m-instruct"
+    tokenizer = engine.load_tinker_tokenizer(hub_id)
+    assert tokenizer.encode("<|im_start|>user") == [1, 4093]
+    # An alias counts once its registry entry exists (qwen3-tokenizer comes with long sequences).
+    monkeypatch.setitem(models.TOKENIZER_ALIASES, "Example/Alias-1B", "smollm2-135m-instruct")
+    assert models.offline_tokenizer("Example/Alias-1B") == "smollm2-135m-instruct"
+    assert len(engine.load_tinker_tokenizer("Example/Alias-1B")) == 49152
+    monkeypatch.setitem(models.TOKENIZER_ALIASES, "Example/Missing-1B", "no-such-entry")
+    assert models.offline_tokenizer("Example/Missing-1B") is None
+
+
+def test_unknown_base_models_fall_back_to_the_sdk_lookup(monkeypatch):
+    asked = []
+
+    def sdk_lookup(name, tokenizer_id=None):
+        asked.append((name, tokenizer_id))
+        return "the SDK's tokenizer"
+
+    monkeypatch.setattr(tinker.lib.public_interfaces.sampling_client,
+                        "_load_tokenizer_from_model_info", sdk_lookup)
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)
+    assert engine.load_tinker_tokenizer("meta-llama/Llama-3.1-8B", "hint") == "the SDK's tokenizer"
+    assert asked == [("meta-llama/Llama-3.1-8B", "hint")]
+    # Offline, the local HF cache answers at once instead of the hub client's retries.
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache and the hub cannot"):
+        engine.load_tinker_tokenizer("Nobody/NoModel-1B")
+    assert len(asked) == 1
+
+
+@pytest.mark.skipif("qwen3-tokenizer" not in models.REGISTRY,
+                    reason="the registry's Qwen3 tokenizer comes with the long-sequence work")
+def test_qwen3_base_models_use_the_offline_qwen_tokenizer(monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub (or the SDK's lookup) was asked")
+
+    monkeypatch.setattr(models, "hub_reachable", no_hub)
+    monkeypatch.setattr(tinker.lib.public_interfaces.sampling_client,
+                        "_load_tokenizer_from_model_info", no_hub)
+    tokenizer = engine.load_tinker_tokenizer("Qwen/Qwen3-8B")
+    assert tokenizer.encode("<|im_start|>user\nHello<|im_end|>") == [151644, 872, 198, 9707,
+                                                                      151645]
+
+
+def test_the_sdks_long_poll_notices_are_dropped_and_its_other_warnings_kept(caplog):
+    engine.quiet_long_polls()
+    engine.quiet_long_polls()  # installed once
+    sdk_logger = logging.getLogger("tinker.lib.api_future_impl")
+    assert sum(isinstance(f, engine._LongPollNotice) for f in sdk_logger.filters) == 1
+    with caplog.at_level(logging.WARNING):
+        sdk_logger.warning("Retrying request self.request_id='abc' because of try_again")
+        sdk_logger.warning("Sampling is paused for sampler s1. Reason: capacity")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Sampling is paused for sampler s1. Reason: capacity"]
