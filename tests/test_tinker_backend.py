@@ -20,7 +20,7 @@ import pytest
 from rich.console import Console
 from safetensors.torch import load_file
 
-from helpers import running_server
+from helpers import running_server, service
 from tinkerkit import io
 from tinkerkit import train as train_module
 from tinkerkit.cli import main
@@ -231,3 +231,68 @@ def test_the_api_key_appears_in_no_output_or_file(runs, server, tiny_model, tmp_
                 scanned += 1
                 assert CANARY.encode() not in path.read_bytes(), path
     assert scanned > 20
+
+
+def test_a_non_finite_gradient_is_divergence_on_both_engines(tinker_env, tiny_model, tmp_path):
+    """Loss weights of 3e38 (finite float32) overflow the loss and the gradients: both engines
+    skip the optimizer step with NonFiniteGradientError (through the SDK: the server's failed
+    future, recognized by the Tinker engine), and the next step trains normally."""
+    from tinker import types
+
+    from tinkerkit.engines import create_training_client
+    from tinkerkit.errors import NonFiniteGradientError
+
+    tokens = [1, 17, 305, 4431, 9, 28]
+
+    def datum(weight):
+        return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                           loss_fn_inputs={"target_tokens": tokens[1:],
+                                           "weights": [weight] * (len(tokens) - 1)})
+
+    adam = types.AdamParams(learning_rate=1e-2)
+    for backend in ("tinker", "local"):
+        config = load_config(None, [f"BASE_MODEL={tiny_model}", "LORA_RANK=4", "DEVICE=cpu",
+                                    f"BACKEND={backend}"])
+        client = create_training_client(config, tmp_path / backend)
+        try:
+            loss = client.forward_backward([datum(3e38)], "cross_entropy").result()
+            assert math.isinf(loss.metrics["loss:sum"])
+            with pytest.raises(NonFiniteGradientError, match=r"gradient norm is (nan|inf) at "
+                                                             r"step 1; step skipped"):
+                client.optim_step(adam).result()
+            client.forward_backward([datum(1.0)], "cross_entropy")
+            step = client.optim_step(adam).result()
+            assert step.metrics["step"] == 1.0 and math.isfinite(step.metrics["grad_norm"])
+        finally:
+            client.close()
+
+
+def test_a_tinker_dry_run_opens_no_session(tinker_env, tiny_model, tmp_path, capfd, monkeypatch):
+    data = write_demo_data(tmp_path / "train.jsonl", n=10, seed=0)
+    sessions = []
+    create_session = tinker_env.state.create_session
+
+    def recording(owner, request):
+        sessions.append(owner)
+        return create_session(owner, request)
+
+    monkeypatch.setattr(tinker_env.state, "create_session", recording)
+    with service(tinker_env.url) as client:  # the recording sees a session the SDK opens
+        client.holder.get_session_id()  # (the SDK opens it with its first client or this)
+    assert len(sessions) == 1
+    monkeypatch.setattr("tinkerkit.engines.create_training_client",
+                        lambda *a, **k: pytest.fail("the engine factory was called"))
+    monkeypatch.setattr("tinker.ServiceClient",
+                        lambda *a, **k: pytest.fail("a tinker.ServiceClient was created"))
+    assert main(["train", "--backend", "tinker", "--model", tiny_model, "--data", str(data),
+                 "--rank", "4", "--batch-size", "4", "--max-length", "128",
+                 "--run-dir", str(tmp_path / "run"), "--dry-run"]) == 0
+    out = " ".join(capfd.readouterr().out.split())
+    assert ("Dry run: 10 examples, 3 steps (3 per epoch, batch 4); BACKEND=tinker: no session "
+            "was opened on the Tinker server") in out
+    assert len(sessions) == 1 and not (tmp_path / "run").exists()
+    # The LoRA settings a run would refuse are refused by the dry run too, still offline.
+    assert main(["train", "--backend", "tinker", "--model", tiny_model, "--data", str(data),
+                 "--batch-size", "4", "--set", "LORA_DROPOUT=0.1", "--dry-run"]) == 1
+    assert "BACKEND=tinker does not support LORA_DROPOUT=0.1" in capfd.readouterr().err
+    assert len(sessions) == 1

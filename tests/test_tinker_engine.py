@@ -10,7 +10,7 @@ import tinker
 from tinkerkit import models
 from tinkerkit.config import load_config
 from tinkerkit.engines import tinker as engine
-from tinkerkit.errors import ConfigError, EngineError, ModelError
+from tinkerkit.errors import ConfigError, EngineError, ModelError, NonFiniteGradientError
 
 CANARY = "tml-canary-7f3a9c2e51d84b6f"
 
@@ -52,6 +52,27 @@ def test_sdk_errors_become_one_line_engine_errors_without_the_key(monkeypatch):
         engine.TinkerFuture(Failing(), "optim_step", failures.append).result()
     assert info.value.__cause__ is None and info.value.__suppress_context__  # no SDK chain
     assert CANARY not in str(info.value) and failures == [info.value]
+
+
+def test_a_skipped_step_on_a_non_finite_gradient_is_recognized_and_nothing_else():
+    # As the SDK raises a failed future of tinkerkit serve (its message wraps the server's).
+    skipped = tinker.RequestFailedError(
+        "Request failed: gradient norm is nan at step 4; step skipped for self.request_id='r1' "
+        "and expected type self.model_cls=<class 'OptimStepResponse'>", request_id="r1",
+        category=tinker.types.RequestErrorCategory.User)
+    error = engine.engine_error(skipped, "optim_step")
+    assert isinstance(error, NonFiniteGradientError)
+    assert str(error) == "Tinker optim_step: gradient norm is nan at step 4; step skipped"
+    other = tinker.RequestFailedError("Request failed: internal error: RuntimeError: CUDA out of "
+                                      "memory", request_id="r2",
+                                      category=tinker.types.RequestErrorCategory.Server)
+    request = httpx.Request("POST", "http://127.0.0.1:1/api/v1/retrieve_future")
+    for failure in (other, tinker.APIConnectionError(request=request)):
+        error = engine.engine_error(failure, "optim_step")
+        assert type(error) is EngineError, error
+    assert str(engine.engine_error(other, "optim_step")) == (
+        "Tinker optim_step: RequestFailedError: Request failed: internal error: RuntimeError: "
+        "CUDA out of memory")
 
 
 def _config(**overrides):

@@ -5,6 +5,7 @@ import json
 import math
 from concurrent.futures import Future
 
+import httpx
 import numpy as np
 import pytest
 import tinker
@@ -15,7 +16,13 @@ from tinkerkit import io
 from tinkerkit.cli import main
 from tinkerkit.config import load_config
 from tinkerkit.data.formats import load_conversations
-from tinkerkit.errors import EngineError, TinkerkitError
+from tinkerkit.engines import tinker as tinker_engine
+from tinkerkit.errors import (
+    EngineError,
+    NonFiniteGradientError,
+    TinkerkitError,
+    non_finite_gradient_message,
+)
 from tinkerkit.render import Renderer
 from tinkerkit.train import (
     TrainingDivergedError,
@@ -117,11 +124,12 @@ def failed(error):
 
 
 class ScriptedClient:
-    """An engine whose step n (1-based) has loss ``losses[n - 1]``; optim steps in ``refuse`` fail
-    as the local engine fails them on a non-finite gradient norm."""
+    """An engine whose step n (1-based) has loss ``losses[n - 1]``; ``optim`` maps a step to what
+    its optimizer step gives instead of success: an exception (the future fails with it) or an
+    ``OptimStepResponse``."""
 
-    def __init__(self, root, losses, refuse=()):
-        self.root, self.losses, self.refuse, self.steps = root, losses, refuse, 0
+    def __init__(self, root, losses, optim=None):
+        self.root, self.losses, self.optim, self.steps = root, losses, optim or {}, 0
 
     def forward_backward(self, data, loss_fn):
         loss = self.losses[self.steps]
@@ -130,9 +138,10 @@ class ScriptedClient:
 
     def optim_step(self, params):
         self.steps += 1
-        if self.steps in self.refuse:
-            return failed(EngineError(f"gradient norm is inf at step {self.steps}; step skipped"))
-        return done(None)
+        outcome = self.optim.get(self.steps)
+        if isinstance(outcome, Exception):
+            return failed(outcome)
+        return done(outcome or tinker.types.OptimStepResponse(metrics={"grad_norm": 0.5}))
 
     def save_state(self, name):
         path = self.root / name
@@ -140,10 +149,10 @@ class ScriptedClient:
         return done(type("Saved", (), {"path": str(path)})())
 
 
-def scripted_run(tmp_path, monkeypatch, losses, refuse=(), extra=()):
+def scripted_run(tmp_path, monkeypatch, losses, optim=None, extra=()):
     monkeypatch.setattr("tinkerkit.engines.create_training_client",
                         lambda config, root, state=None, with_optimizer=False:
-                        ScriptedClient(root, losses, refuse))
+                        ScriptedClient(root, losses, optim))
     data = write_chat(tmp_path / "train.jsonl", [f"answer {i}" for i in range(len(losses))])
     config = load_config(None, [f"DATA_FILES={data}", "BATCH_SIZE=1", "LR_SCHEDULE=constant",
                                 *extra])
@@ -152,13 +161,19 @@ def scripted_run(tmp_path, monkeypatch, losses, refuse=(), extra=()):
                                                     console=console)
 
 
-@pytest.mark.parametrize("losses, refuse, what", [
-    ([2.0, 1.9, float("nan"), 1.7, 1.6], (), "the training loss is nan"),
-    ([2.0, 1.9, 1.8, 1.7, 1.6], (3,), "the optimizer step was refused (gradient norm is inf at step 3; step skipped)"),
+LOSSES = [2.0, 1.9, 1.8, 1.7, 1.6]
+
+
+@pytest.mark.parametrize("losses, optim, what", [
+    ([2.0, 1.9, float("nan"), 1.7, 1.6], None, "the training loss is nan"),
+    (LOSSES, {3: NonFiniteGradientError(non_finite_gradient_message(math.inf, 3))},
+     "the optimizer step was refused (gradient norm is inf at step 3; step skipped)"),
+    (LOSSES, {3: tinker.types.OptimStepResponse(metrics={"grad_norm": math.nan})},
+     "the gradient norm is nan"),
 ])
 def test_nan_or_inf_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, losses,
-                                                             refuse, what):
-    run_dir, _, run = scripted_run(tmp_path, monkeypatch, losses, refuse, ["SAVE_EVERY=2"])
+                                                             optim, what):
+    run_dir, _, run = scripted_run(tmp_path, monkeypatch, losses, optim, ["SAVE_EVERY=2"])
     with pytest.raises(TrainingDivergedError) as caught:
         run()
     message = str(caught.value)
@@ -166,6 +181,27 @@ def test_nan_or_inf_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypat
     good = run_dir / "checkpoints" / "step_000002"
     assert message.startswith(f"step 3: {what}; training stopped, the last good checkpoint, "
                               f"{good} (step 2), is the latest in {run_dir / 'checkpoints.jsonl'}")
+    assert [e["step"] for e in io.read_jsonl(run_dir / "checkpoints.jsonl")] == [2]
+    assert [r["step"] for r in io.read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
+
+
+def test_an_engine_failure_is_not_reported_as_divergence(tmp_path, monkeypatch):
+    """A lost connection to the Tinker server fails the optimizer step with an EngineError: the
+    run stops with that error and the step, not as a NaN/inf divergence."""
+    request = httpx.Request("POST", "http://127.0.0.1:8000/api/v1/retrieve_future")
+    lost = tinker_engine.engine_error(tinker.APIConnectionError(request=request), "optim_step")
+    run_dir, _, run = scripted_run(tmp_path, monkeypatch, LOSSES, {3: lost}, ["SAVE_EVERY=2"])
+    with pytest.raises(EngineError) as caught:
+        run()
+    assert not isinstance(caught.value, TrainingDivergedError)
+    assert not isinstance(caught.value, NonFiniteGradientError)
+    good = run_dir / "checkpoints" / "step_000002"
+    assert str(caught.value) == (
+        "step 3: Tinker optim_step: cannot reach the Tinker server (Connection error.); "
+        f"training stopped, the last good checkpoint, {good} (step 2), is the latest in "
+        f"{run_dir / 'checkpoints.jsonl'}: once the cause is fixed, continue with --resume "
+        f"{run_dir}")
+    assert "NaN" not in str(caught.value) and "nan" not in str(caught.value)
     assert [e["step"] for e in io.read_jsonl(run_dir / "checkpoints.jsonl")] == [2]
     assert [r["step"] for r in io.read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
 

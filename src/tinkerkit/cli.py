@@ -67,7 +67,7 @@ def _train_fields(args: argparse.Namespace) -> dict:
     return {"data_files": args.data, "base_model": args.model, "lora_rank": args.rank,
             "learning_rate": args.lr, "num_epochs": args.epochs, "batch_size": args.batch_size,
             "max_steps": args.max_steps, "max_sequence_length": args.max_length,
-            "strict": args.strict}
+            "strict": args.strict, "backend": args.backend}
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory means its latest checkpoint")
     p.add_argument("--data", nargs="+", help="DATA_FILES")
     p.add_argument("--model", help="BASE_MODEL")
+    p.add_argument("--backend", choices=["local", "tinker"],
+                   help="BACKEND: local (in process) or tinker (the tinker SDK: the hosted "
+                   "service, or `tinkerkit serve` at TINKER_BASE_URL)")
     p.add_argument("--rank", type=int, help="LORA_RANK")
     p.add_argument("--lr", type=float, help="LEARNING_RATE")
     p.add_argument("--epochs", type=int, help="NUM_EPOCHS")
@@ -221,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", default=None,
                    help="STRICT: stop before training when too many examples are too long")
     p.add_argument("--dry-run", action="store_true",
-                   help="render the data, print statistics, steps and time per step; no training")
+                   help="render the data, print statistics, steps and time per step; no "
+                   "training (with BACKEND=tinker: no session, nothing timed)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="sample answers on a test set and grade them")

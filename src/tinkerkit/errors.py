@@ -9,6 +9,8 @@ library callers can catch ``ValueError``/``RuntimeError`` as usual (after tinker
 
 from __future__ import annotations
 
+import re
+
 
 class TinkerkitError(Exception):
     """Base class of every error tinkerkit reports to a user."""
@@ -47,6 +49,25 @@ class ModelError(TinkerkitError, ValueError):
 
 class EngineError(TinkerkitError, RuntimeError):
     """A training or sampling engine failure (bad request, incompatible checkpoint, ...)."""
+
+
+class NonFiniteGradientError(EngineError):
+    """An optimizer step refused because the gradient norm is NaN or infinite (the step was
+    skipped and the gradients dropped): the training diverged.
+
+    The message starts with :func:`non_finite_gradient_message`'s text, which
+    ``tinkerkit serve`` passes on to the SDK unchanged, so the Tinker engine recognizes it
+    (:data:`NON_FINITE_GRADIENT`).
+    """
+
+
+NON_FINITE_GRADIENT = re.compile(r"gradient norm is (?:nan|-?inf) at step \d+; step skipped")
+"""What :func:`non_finite_gradient_message` writes, as it arrives inside another message."""
+
+
+def non_finite_gradient_message(norm: float, step: int) -> str:
+    """The message of a :class:`NonFiniteGradientError` (``norm`` is ``nan``, ``inf``, ...)."""
+    return f"gradient norm is {norm} at step {step}; step skipped"
 
 
 class CheckpointError(EngineError):

@@ -56,7 +56,14 @@ from tinkerkit.checkpoint import (
 from tinkerkit.config import LRSchedule, TrainConfig, build_config
 from tinkerkit.data.conversation import Conversation
 from tinkerkit.data.formats import load_conversations
-from tinkerkit.errors import CheckpointError, ConfigError, DataError, EngineError, TinkerkitError
+from tinkerkit.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    EngineError,
+    NonFiniteGradientError,
+    TinkerkitError,
+)
 from tinkerkit.render import (
     RenderedExample,
     Renderer,
@@ -580,34 +587,53 @@ class StepLog:
     losses: list[float] = field(default_factory=list)
 
 
+def _stopped(run_dir: Path, advice: str) -> str:
+    """``training stopped, <where to resume>``: the last checkpoint of ``checkpoints.jsonl``."""
+    saved = io.read_jsonl(run_dir / CHECKPOINTS_FILE)
+    if not saved:
+        return ("training stopped, no checkpoint was saved before it (SAVE_EVERY=0 saves only "
+                "at the end)")
+    last = checkpoint_path(run_dir, saved[-1])
+    return (f"training stopped, the last good checkpoint, {last} (step {saved[-1]['step']}), is "
+            f"the latest in {run_dir / CHECKPOINTS_FILE}: {advice}continue with --resume {run_dir}")
+
+
 def divergence_error(run_dir: Path, step: int, what: str) -> TrainingDivergedError:
     """The one-line error of a NaN/inf step, naming the last good checkpoint."""
-    saved = io.read_jsonl(run_dir / CHECKPOINTS_FILE)
-    if saved:
-        last = checkpoint_path(run_dir, saved[-1])
-        keep = (f"the last good checkpoint, {last} (step {saved[-1]['step']}), is the latest"
-                f" in {run_dir / CHECKPOINTS_FILE}: lower LEARNING_RATE or check the "
-                f"data, then continue with --resume {run_dir}")
-    else:
-        keep = "no checkpoint was saved before it (SAVE_EVERY=0 saves only at the end)"
-    return TrainingDivergedError(f"step {step}: {what}; training stopped, {keep}")
+    return TrainingDivergedError(f"step {step}: {what}; "
+                                 + _stopped(run_dir, "lower LEARNING_RATE or check the data, then "))
 
 
 def _record(pending: PendingStep, log: StepLog) -> float:
     """Await a step, check it is finite, log its line (with evaluations) and return its loss.
 
+    Divergence is a non-finite number only: a NaN/inf loss, a gradient norm the engine reports
+    as NaN/inf (``grad_norm`` in the optimizer step's metrics), or an optimizer step the engine
+    skipped for one (:class:`~tinkerkit.errors.NonFiniteGradientError`). Any other failure of
+    the step (a lost connection, a server error) is reported as what it is. Nothing of a failed
+    step is logged or saved, so the last checkpoint stays the latest in ``checkpoints.jsonl``.
+
     Raises:
-        TrainingDivergedError: The loss is NaN/inf, or the engine refused the optimizer step (a
-            NaN/inf gradient norm). Nothing of this step is logged or saved.
+        TrainingDivergedError: The step diverged (see above).
+        EngineError: The engine failed the step for another reason; the message names the step
+            and the checkpoint to resume from.
     """
     step = pending.step + 1
-    loss = float(pending.forward_backward.result().metrics["loss:sum"])
-    if not math.isfinite(loss):
-        raise divergence_error(log.run_dir, step, f"the training loss is {loss}")
     try:
-        pending.optim_step.result()
-    except EngineError as e:  # the local engine refuses a non-finite gradient norm
+        loss = float(pending.forward_backward.result().metrics["loss:sum"])
+        if not math.isfinite(loss):
+            raise divergence_error(log.run_dir, step, f"the training loss is {loss}")
+        optimized = pending.optim_step.result()
+    except NonFiniteGradientError as e:
         raise divergence_error(log.run_dir, step, f"the optimizer step was refused ({e})") from e
+    except TrainingDivergedError:
+        raise
+    except EngineError as e:
+        raise EngineError(f"step {step}: {e}; {_stopped(log.run_dir, 'once the cause is fixed, ')}"
+                          ) from e
+    grad_norm = (getattr(optimized, "metrics", None) or {}).get("grad_norm")
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        raise divergence_error(log.run_dir, step, f"the gradient norm is {grad_norm}")
     seconds = log.timer.lap()
     evaluations = pending.results()
     io.append_jsonl(log.run_dir / METRICS_FILE, {
@@ -724,14 +750,16 @@ class DryRunReport:
         examples: Training examples after rendering.
         steps: Optimizer steps a run would take.
         seconds_per_step: Wall seconds of one ``forward_backward`` on the first batch (no
-            optimizer step; the first call also pays one-time warm-up costs).
-        first_loss: That batch's loss (mean NLL per weighted token) at the start weights.
+            optimizer step; the first call also pays one-time warm-up costs); None with
+            ``BACKEND=tinker``, where nothing runs on the server.
+        first_loss: That batch's loss (mean NLL per weighted token) at the start weights; None
+            with ``BACKEND=tinker``.
     """
 
     examples: int
     steps: int
-    seconds_per_step: float
-    first_loss: float
+    seconds_per_step: float | None
+    first_loss: float | None
 
 
 def dry_run(config: TrainConfig, console: Console | None = None) -> DryRunReport:
@@ -740,6 +768,10 @@ def dry_run(config: TrainConfig, console: Console | None = None) -> DryRunReport
     The seed's "test small first": the data and length guards run as in :func:`train`, the model
     loads, and one ``forward_backward`` on the first batch of ``BATCH_SIZE`` examples is timed
     and discarded (no ``optim_step``, no checkpoint, nothing written).
+
+    With ``BACKEND=tinker`` no service client is created and no session opened (on the hosted
+    service a session is billed): the data, the length guards and the LoRA settings are checked
+    as a run checks them, and nothing is timed.
 
     Raises:
         ConfigError, DataError, ModelError: As :func:`train` before its first step.
@@ -751,14 +783,23 @@ def dry_run(config: TrainConfig, console: Console | None = None) -> DryRunReport
     examples = load_examples(config, tokenizer, console)
     load_held_out(config, tokenizer, console)
     per_epoch, total_steps = plan_steps(len(examples), config)
+    planned = (f"Dry run: {len(examples)} examples, {total_steps} steps ({per_epoch} per epoch, "
+               f"batch {config.batch_size})")
+    if config.backend == "tinker":
+        from tinkerkit.engines.tinker import lora_options
+
+        lora_options(config)  # the LoRA settings Tinker lacks are refused here, as in a run
+        console.print(f"{planned}; BACKEND=tinker: no session was opened on the Tinker server "
+                      "(a session on the hosted service is billed), so no step was timed. "
+                      "Nothing was trained or written.")
+        return DryRunReport(len(examples), total_steps, None, None)
     client = create_training_client(config, default_run_dir() / "checkpoints")  # never written
     _, indices = batch_indices(0, len(examples), config.batch_size, config.seed)
     datums, _, tokens = normalize_batch([examples[i] for i in indices])
     started = time.perf_counter()
     loss = float(client.forward_backward(datums, "cross_entropy").result().metrics["loss:sum"])
     seconds = time.perf_counter() - started
-    console.print(f"Dry run: {len(examples)} examples, {total_steps} steps ({per_epoch} per epoch, "
-                  f"batch {config.batch_size}); one forward_backward on the first batch "
+    console.print(f"{planned}; one forward_backward on the first batch "
                   f"({tokens} tokens) took {seconds:.2f} s, so about {seconds * total_steps:.0f} s "
                   f"for the run; its loss {loss:.4f}. Nothing was trained or written.")
     return DryRunReport(len(examples), total_steps, seconds, loss)

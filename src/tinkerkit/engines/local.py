@@ -83,7 +83,13 @@ from tinkerkit.checkpoint import (
     read_checkpoint_meta,
     read_safetensors,
 )
-from tinkerkit.errors import CheckpointError, EngineError, ModelError
+from tinkerkit.errors import (
+    CheckpointError,
+    EngineError,
+    ModelError,
+    NonFiniteGradientError,
+    non_finite_gradient_message,
+)
 from tinkerkit.io import atomic_directory, atomic_write_json
 from tinkerkit.models import hub_id_of, load_model, load_tokenizer, resolve_model
 
@@ -767,8 +773,9 @@ class LocalTrainingClient:
             ``learning_rate`` and ``step`` (steps taken so far).
 
         Raises:
-            EngineError: No or non-Adam parameters, values out of range (at once); a non-finite
-                gradient norm (through the future; the step is skipped, gradients zeroed).
+            EngineError: No or non-Adam parameters, values out of range (at once).
+            NonFiniteGradientError: A NaN or infinite gradient norm (through the future; the
+                step is skipped, gradients zeroed).
         """
         params = optim_params if adam_params is None else adam_params
         if optim_params is not None and adam_params is not None:
@@ -788,7 +795,7 @@ class LocalTrainingClient:
         norm = torch.nn.utils.clip_grad_norm_(tensors, max_norm, foreach=False).item()
         if not math.isfinite(norm):
             self._optimizer.zero_grad(set_to_none=True)
-            raise EngineError(f"gradient norm is {norm} at step {self._step + 1}; step skipped")
+            raise NonFiniteGradientError(non_finite_gradient_message(norm, self._step + 1))
         for group in self._optimizer.param_groups:
             group.update(lr=params.learning_rate, betas=(params.beta1, params.beta2),
                          eps=params.eps, weight_decay=params.weight_decay)

@@ -45,7 +45,14 @@ from tinker import types
 from tinkerkit.archive import MAX_EXTRACTED_BYTES, extract_tar, is_archive_name, safe_relative_path
 from tinkerkit.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_tinker_path
 from tinkerkit.config import TrainConfig
-from tinkerkit.errors import CheckpointError, ConfigError, EngineError, ModelError
+from tinkerkit.errors import (
+    NON_FINITE_GRADIENT,
+    CheckpointError,
+    ConfigError,
+    EngineError,
+    ModelError,
+    NonFiniteGradientError,
+)
 from tinkerkit.io import atomic_write_json
 
 API_KEY_ENV = "TINKER_API_KEY"
@@ -86,6 +93,11 @@ def scrub(text: str) -> str:
 def engine_error(error: BaseException, action: str) -> EngineError:
     """A one-line, key-free :class:`EngineError` for an exception raised by the SDK.
 
+    A failed request whose message reports a skipped step on a NaN/inf gradient norm
+    (``tinkerkit serve``'s local engine, :data:`tinkerkit.errors.NON_FINITE_GRADIENT`) becomes a
+    :class:`~tinkerkit.errors.NonFiniteGradientError`, so the loop reports divergence; every
+    other failure (connection, HTTP status, server error) stays a plain ``EngineError``.
+
     Args:
         error: What the SDK raised (``tinker.APIStatusError``, ``APIConnectionError``, ...).
         action: What was being done, e.g. ``"forward_backward"``.
@@ -94,6 +106,10 @@ def engine_error(error: BaseException, action: str) -> EngineError:
 
     if isinstance(error, EngineError):
         return error
+    if (isinstance(error, tinker.RequestFailedError)
+            and (refused := NON_FINITE_GRADIENT.search(error.message)) is not None):
+        # tinkerkit serve skipped a step on a NaN/inf gradient norm (the local engine's words)
+        return NonFiniteGradientError(f"Tinker {action}: {refused.group(0)}")
     if isinstance(error, tinker.APIStatusError):
         detail = error.body.get("detail", error.body) if isinstance(error.body, dict) else error.body
         text = f"the Tinker server answered {error.status_code}: {detail or error.message}"
