@@ -7,6 +7,7 @@ hosted service. Results are compared with the local engine run in process on the
 from __future__ import annotations
 
 import json
+import socket
 import urllib.request
 import warnings
 
@@ -227,6 +228,17 @@ def test_checkpoints_survive_a_restart(tmp_path, tiny_model):
         resumed = client.create_training_client_from_state_with_optimizer(path).result()
         after = resumed.forward(datums(), "cross_entropy").result()
     assert after.metrics["loss:sum"] == pytest.approx(before.metrics["loss:sum"], rel=1e-6)
+
+
+def test_a_port_in_use_is_a_one_line_error(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError) as caught:
+            make_server("127.0.0.1", port, root=tmp_path / "root")
+    assert str(caught.value) == (f"cannot listen on 127.0.0.1:{port}: Address already in use "
+                                 "(another server listens there: stop it or pick another --port)")
 
 
 def test_api_keys_are_required_when_listed(tmp_path, tiny_model):

@@ -17,6 +17,7 @@ request (or a refusal of one that waited for earlier ones) fails its future with
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -489,10 +490,11 @@ class TinkerHTTPServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], state: ServerState, auth: Authenticator,
                  long_poll_seconds: float = LONG_POLL_SECONDS) -> None:
-        super().__init__(address, _Handler)
+        # Set before binding: a failed bind calls server_close, which needs them.
         self.state = state
-        self.routes = Routes(state, auth, long_poll_seconds)
         self._stop = threading.Event()
+        super().__init__(address, _Handler)
+        self.routes = Routes(state, auth, long_poll_seconds)
         self._reaper = threading.Thread(target=self._reap, name="tinkerkit-reaper", daemon=True)
         self._reaper.start()
 
@@ -526,7 +528,8 @@ def make_server(host: str = "127.0.0.1", port: int = 8000, root: str | Path | No
         The bound server; run ``serve_forever()``.
 
     Raises:
-        ConfigError: A non-loopback host without API keys, or a bad models / keys file.
+        ConfigError: A non-loopback host without API keys, a bad models / keys file, or an
+            address that cannot be bound (the port is in use, the host is not this machine's).
 
     Example::
 
@@ -544,4 +547,9 @@ def make_server(host: str = "127.0.0.1", port: int = 8000, root: str | Path | No
     served = read_models_file(models_file) if models_file is not None else {}
     store = CheckpointStore(root if root is not None else cache_dir() / "serve")
     state = ServerState(store, ModelRegistry(served, allow_paths=loopback), device=device)
-    return TinkerHTTPServer((host, port), state, Authenticator(keys), long_poll_seconds)
+    try:
+        return TinkerHTTPServer((host, port), state, Authenticator(keys), long_poll_seconds)
+    except OSError as e:
+        hint = " (another server listens there: stop it or pick another --port)" if (
+            e.errno == errno.EADDRINUSE) else ""
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
