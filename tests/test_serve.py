@@ -309,8 +309,11 @@ def test_unknown_base_model_and_models_file(tmp_path, tiny_model):
     models.write_text(f'[models]\n"Qwen/Qwen3-8B" = "{tiny_model}"\n')
     with running_server(tmp_path / "root", models_file=models) as running, \
             service(running.url) as client:
-        with pytest.raises(tinker.BadRequestError, match="served models: Qwen/Qwen3-8B"):
+        with pytest.raises(tinker.BadRequestError) as refused:
             client.create_lora_training_client("meta-llama/Llama-3.1-8B", rank=4).result()
+        assert str(refused.value).endswith(  # registry models with weights; no tokenizer-only
+            "served models: Qwen/Qwen3-8B, qwen3-tiny-random, smollm2-135m-instruct or a HF model "
+            'directory on the server"}')
         training = client.create_lora_training_client("Qwen/Qwen3-8B", **LORA).result()
         assert training.get_info().model_data.model_name == "Qwen/Qwen3-8B"
         assert training.forward(datums(), "cross_entropy").result().metrics["loss:sum"] > 0

@@ -136,6 +136,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     import logging
+    import socket
 
     from tinkerkit.serve import make_server
 
@@ -144,10 +145,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     server = make_server(args.host, args.port, root=args.root, models_file=args.models,
                          api_keys_file=args.api_keys, device=args.device)
     url = f"http://{args.host}:{server.server_port}"
+    # A wildcard bind is reached by one of the machine's addresses, not by the wildcard itself.
+    client_host = socket.gethostname() if args.host in ("0.0.0.0", "::", "") else args.host
+    client_url = f"http://{client_host}:{server.server_port}"
     keys = "keys from " + args.api_keys if args.api_keys else "any tml- key (loopback only)"
     console.print(f"tinkerkit serve on {url}  (root {server.state.store.root}; {keys})\n"
                   f"served models: {', '.join(server.state.registry.names())}\n"
-                  f"point the tinker SDK at it: export TINKER_BASE_URL={url}", soft_wrap=True)
+                  f"point the tinker SDK at it: export TINKER_BASE_URL={client_url}", soft_wrap=True)
     try:
         server.serve_forever()
     finally:

@@ -70,14 +70,19 @@ def _is_model_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+def _servable() -> list[str]:
+    """The registry names that have model weights (tokenizer-only entries are not served)."""
+    return sorted(name for name, entry in REGISTRY.items() if not entry.tokenizer_only)
+
+
 def _source(path_text: str, base: Path, where: str) -> str:
-    if path_text in REGISTRY:
+    if path_text in _servable():
         return path_text
     path = Path(path_text).expanduser()
     path = path if path.is_absolute() else base / path
     if not _is_model_dir(path):
         raise ConfigError(f"{where}: '{path_text}' is neither a HF model directory (with "
-                          f"config.json) nor a registry name ({', '.join(sorted(REGISTRY))})")
+                          f"config.json) nor a registry model ({', '.join(_servable())})")
     return str(path.resolve())
 
 
@@ -127,7 +132,7 @@ class ModelRegistry:
 
     def names(self) -> list[str]:
         """The names listed to clients: the models file's, then tinkerkit's registry names."""
-        return list(self._served) + sorted(set(REGISTRY) - set(self._served))
+        return list(self._served) + [n for n in _servable() if n not in self._served]
 
     def resolve(self, name: str) -> ServedModel:
         """The served model called ``name``.
@@ -137,7 +142,7 @@ class ModelRegistry:
         """
         if name in self._served:
             return self._served[name]
-        if name in REGISTRY:
+        if name in _servable():
             return ServedModel(name, name)
         if self._allow_paths and name.startswith(("/", "~", ".")):
             path = Path(name).expanduser()
