@@ -64,6 +64,7 @@ Example::
 
     .venv/bin/python benchmarks/train_throughput.py                        # 200 examples, 10 rounds
     .venv/bin/python benchmarks/train_throughput.py --examples 16 --rounds 2   # a quick check
+    .venv/bin/python benchmarks/train_throughput.py --precision bf16       # both under bf16 autocast
 
 Speedups of the local engine, each measured on a loaded 2-core machine as CPU seconds of
 ``forward_backward`` (one torch thread, so time-slicing by other processes does not count) on the
@@ -137,8 +138,11 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def bench_config(data_file: Path, model: str):
-    """The shared settings as a ``TrainConfig`` (ours reads it; TRL's settings mirror it)."""
+def bench_config(data_file: Path, model: str, precision: str = "float32"):
+    """The shared settings as a ``TrainConfig`` (ours reads it; TRL's settings mirror it).
+
+    ``precision``: ``"float32"``, or ``"bf16"`` for bf16 autocast over float32 weights.
+    """
     from tinkerkit.config import build_config
 
     return build_config({
@@ -147,17 +151,18 @@ def bench_config(data_file: Path, model: str):
         "max_sequence_length": MAX_LENGTH, "batch_size": BATCH_SIZE, "device": "cpu",
         "dtype": "float32", "learning_rate": LEARNING_RATE, "lr_schedule": "constant",
         "adam_beta1": BETA1, "adam_beta2": BETA2, "adam_eps": EPS, "weight_decay": 0.0,
-        "grad_clip_norm": CLIP, "seed": SEED})
+        "grad_clip_norm": CLIP, "seed": SEED,
+        "mixed_precision": "bf16" if precision == "bf16" else "no"})
 
 
-def rendered_examples(data_file: Path, model: str):
+def rendered_examples(data_file: Path, model: str, precision: str = "float32"):
     """The config, tokenizer and rendered examples, exactly as ``tinkerkit train`` renders."""
     from rich.console import Console
 
     from tinkerkit.models import load_tokenizer
     from tinkerkit.train import load_examples
 
-    config = bench_config(data_file, model)
+    config = bench_config(data_file, model, precision)
     tokenizer = load_tokenizer(model)
     examples = load_examples(config, tokenizer, Console(stderr=True, quiet=True))
     return config, tokenizer, examples
@@ -186,7 +191,7 @@ def run_ours(args: argparse.Namespace, channel: Channel) -> None:
     from tinkerkit.engines import create_training_client
     from tinkerkit.train import adam_params, normalize_batch
 
-    config, _, examples = rendered_examples(args.data_file, args.model)
+    config, _, examples = rendered_examples(args.data_file, args.model, args.precision)
     with tempfile.TemporaryDirectory() as scratch:
         client = create_training_client(config, Path(scratch) / "checkpoints")
         channel.send(ready=True, rss_gib=current_rss_gib(), shape=model_shape(client.model))
@@ -270,7 +275,8 @@ def run_trl(args: argparse.Namespace, channel: Channel) -> None:
             train_sampling_strategy="sequential", num_train_epochs=1, max_steps=steps,
             learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0,
             adam_beta1=BETA1, adam_beta2=BETA2, adam_epsilon=EPS, weight_decay=0.0,
-            max_grad_norm=CLIP, seed=SEED, data_seed=SEED, bf16=False, fp16=False,
+            max_grad_norm=CLIP, seed=SEED, data_seed=SEED, bf16=args.precision == "bf16",
+            fp16=False,
             gradient_checkpointing=False, use_cpu=True, logging_steps=1, save_strategy="no",
             report_to="none", disable_tqdm=True, dataloader_num_workers=0,
             model_init_kwargs={"dtype": torch.float32})
@@ -297,11 +303,14 @@ def worker(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------ parent side
 
 
-def peak_matmul_flops(size: int = PEAK_MATMUL_SIZE, repeats: int = 5) -> float:
-    """Best float32 ``torch.mm`` FLOP/s of two ``size x size`` matrices (``2 size^3`` FLOPs)."""
+def peak_matmul_flops(precision: str = "float32", size: int = PEAK_MATMUL_SIZE,
+                      repeats: int = 5) -> float:
+    """Best ``torch.mm`` FLOP/s of two ``size x size`` matrices (``2 size^3`` FLOPs) in the
+    training's matrix-multiply dtype (float32, or bfloat16 for bf16 autocast)."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.mm(a, b)  # warm-up (thread pool, MKL)
     best = math.inf
     for _ in range(repeats):
@@ -326,7 +335,8 @@ class Worker:
 
     def __init__(self, engine: str, args: argparse.Namespace) -> None:
         command = [sys.executable, __file__, "--worker", engine, "--data-file",
-                   str(args.data_file), "--model", args.model, "--threads", str(args.threads)]
+                   str(args.data_file), "--model", args.model, "--threads", str(args.threads),
+                   "--precision", args.precision]
         self.engine = engine
         self.log = open(args.log_dir / f"{engine}.log", "w")  # noqa: SIM115 (closed in stop)
         env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -361,6 +371,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=DATA / "gsm8k" / "train.jsonl")
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--precision", choices=["float32", "bf16"], default="float32",
+                        help="bf16: both engines under bf16 autocast (TRL's bf16=True), "
+                             "FLOP/s against the bfloat16 matmul peak")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--data-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -380,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     print(f"load average at start: {load()}; torch threads {torch.get_num_threads()}; "
           f"{os.cpu_count()} CPUs")
-    peak = peak_matmul_flops()
+    peak = peak_matmul_flops(args.precision)
     with tempfile.TemporaryDirectory() as scratch:
         args.log_dir = Path(scratch)
         lines = args.data.read_text(encoding="utf-8").splitlines(keepends=True)[:args.examples]
@@ -410,14 +423,15 @@ def main(argv: list[str] | None = None) -> None:
                       f"{tokens / reply['seconds']:>9.1f}  {load()}", flush=True)
         for engine, w in workers.items():
             results[engine].update(w.stop(), rss_gib=ready[engine]["rss_gib"])
-    peak = max(peak, peak_matmul_flops())
-    report(results, peak)
+    peak = max(peak, peak_matmul_flops(args.precision))
+    report(results, peak, args.precision)
 
 
-def report(results: dict, peak: float) -> None:
+def report(results: dict, peak: float, precision: str = "float32") -> None:
     """Print the summary table, the ratio, FLOP/s and both loss curves."""
     print(f"\nload average at end: {load()}")
-    print(f"peak float32 matmul ({PEAK_MATMUL_SIZE}x{PEAK_MATMUL_SIZE}, "
+    dtype = "bfloat16" if precision == "bf16" else "float32"
+    print(f"peak {dtype} matmul ({PEAK_MATMUL_SIZE}x{PEAK_MATMUL_SIZE}, "
           f"{os.cpu_count()} CPUs): {peak / 1e9:.1f} GFLOP/s")
     print(f"{'engine':>6} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'peak RSS':>9} "
           f"{'RSS loaded':>10} {'GFLOP/s':>8} {'of peak':>7}")
