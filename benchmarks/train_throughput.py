@@ -77,6 +77,9 @@ first 40 GSM8K examples in batches of 4, the variants interleaved batch by batch
 * LoRA layers with a fused forward and backward pass (``engines/lora_linear.py``: the scaling
   inside ``addmm``, the LoRA product and the LoRA input gradient added in place) instead of
   PEFT's autograd path: 1.13x (125.3 -> 141.2 tokens per CPU-second). Losses bitwise equal.
+* The fused LoRA layer also under bf16 autocast (operands cast to bf16 as autocast casts a
+  linear layer's; before, it fell back to PEFT's path): bf16 runs 80.7/90.3 -> 97.2/107.2 tokens
+  per CPU-second (two alternations, 10 GSM8K batches of 4, under load 3-4: rough).
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ and gradients equal PEFT's up to float rounding (bitwise where the scaling is a 
 It is used through PEFT's custom-module hook (``LoraConfig._register_custom_module``), so the
 adapter's parameters, names, saved files, merging and unloading are PEFT's own; only the forward
 pass differs, and it falls back to PEFT's whenever the fused one does not apply (dropout, DoRA or
-another variant, a LoRA bias, several or disabled adapters, merged weights, mixed dtypes,
-autocast, extra arguments).
+another variant, a LoRA bias, several or disabled adapters, merged weights, mixed dtypes outside
+autocast, extra arguments). Under autocast every operand is cast to the autocast dtype, as
+autocast casts a ``torch.nn.Linear``'s.
 
 Example::
 
@@ -85,15 +86,26 @@ class FusedLoraLinear(PeftLoraLinear):
             return False
         base = self.get_base_layer()
         frozen = [p for p in base.parameters() if p.requires_grad] == []
+        if torch.is_autocast_enabled(x.device.type):  # every operand is cast to one dtype
+            return type(base) is torch.nn.Linear and frozen
         dtypes = {x.dtype, base.weight.dtype, self.lora_A[adapter].weight.dtype,
                   self.lora_B[adapter].weight.dtype}
-        return (type(base) is torch.nn.Linear and frozen and len(dtypes) == 1
-                and not torch.is_autocast_enabled(x.device.type))
+        return type(base) is torch.nn.Linear and frozen and len(dtypes) == 1
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args or kwargs or not self._fusable(x):
             return super().forward(x, *args, **kwargs)
         adapter = self.active_adapters[0]
         base = self.get_base_layer()
-        return LoraLinearFunction.apply(x, base.weight, base.bias, self.lora_A[adapter].weight,
-                                        self.lora_B[adapter].weight, self.scaling[adapter])
+        operands = (x, base.weight, base.bias, self.lora_A[adapter].weight,
+                    self.lora_B[adapter].weight)
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return LoraLinearFunction.apply(*operands, self.scaling[adapter])
+        # Under autocast a linear layer runs in the autocast dtype (bf16 on the CPU), as PEFT's
+        # two linear layers would: the casts are recorded by autograd, so the float32 LoRA
+        # weights get float32 gradients.
+        dtype = torch.get_autocast_dtype(device)
+        cast = [None if t is None else t.to(dtype) for t in operands]
+        with torch.autocast(device, enabled=False):
+            return LoraLinearFunction.apply(*cast, self.scaling[adapter])
