@@ -105,6 +105,43 @@ def test_messages_multi_turn_gsm8k_style_reference():
     assert conversation.reference_answer == "25"
 
 
+@pytest.mark.parametrize("fields, expected", [
+    ({"thinking": None, "reasoning_content": "2+2=4"}, "2+2=4"),   # a null one is absent
+    ({"thinking": "2+2=4", "reasoning_content": None}, "2+2=4"),
+    ({"thinking": "2+2=4", "reasoning_content": "2+2=4"}, "2+2=4"),  # the same text twice
+    ({"thinking": "  \n", "reasoning_content": "2+2=4"}, "2+2=4"),
+    ({"thinking": ""}, None),
+    ({"reasoning_content": " \n "}, None),                           # whitespace: no reasoning
+])
+def test_thinking_from_either_field(fields, expected):
+    record = {"messages": [{"role": "user", "content": "What is 2+2?"},
+                           {"role": "assistant", "content": "4", **fields}]}
+    assert normalize_record(record, None, "f:3").messages[-1] == assistant("4", thinking=expected)
+
+
+@pytest.mark.parametrize("turns, message", [
+    ([{"role": "user", "content": "q"},
+      {"role": "assistant", "content": "4", "thinking": "A", "reasoning_content": "B"}],
+     "f:3: field 'messages[1].reasoning_content': differs from the same message's 'thinking'; "
+     "keep one of the two fields"),
+    ([{"role": "user", "content": "q", "thinking": "mine"}, {"role": "assistant", "content": "4"}],
+     "f:3: field 'messages[0].thinking': reasoning on a user message; only assistant messages "
+     "carry reasoning"),
+    ([{"role": "user", "content": "q"},
+      {"role": "assistant", "content": "", "reasoning_content": "   "}],
+     "f:3: field 'messages[1].content': is empty"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "4", "thinking": 5}],
+     "f:3: field 'messages[1].thinking': expected a string, got number"),
+    ([{"role": "user", "content": "q"},
+      {"role": "assistant", "content": "4", "thinking": None, "reasoning_content": ["x"]}],
+     "f:3: field 'messages[1].reasoning_content': expected a string, got array"),
+])
+def test_invalid_thinking(turns, message):
+    with pytest.raises(DataError) as info:
+        normalize_record({"messages": turns}, None, "f:3")
+    assert str(info.value) == message
+
+
 def test_split_output_round_trips():
     original = Conversation(messages=(user("Q"), assistant("A\n#### 7")), reference_answer="7")
     record = json.loads(json.dumps(original.to_record()))

@@ -394,13 +394,34 @@ def _messages(record: dict, key: str, where: str) -> list[Message]:
         if role not in ROLES:
             raise _error(where, f"{name}.role",
                          f"unknown role {role!r} (expected {', '.join(ROLES)})")
-        thinking_key = "thinking" if "thinking" in turn else "reasoning_content"
-        thinking = None
-        if turn.get(thinking_key) is not None:
-            thinking = _text(turn, thinking_key, where, prefix=name, allow_empty=True)
+        thinking = _thinking(turn, role, where, name)
         content = _text(turn, "content", where, prefix=name, allow_empty=bool(thinking))
         messages.append(Message(role=role, content=content, thinking=thinking))
     return messages
+
+
+_THINKING_KEYS = ("thinking", "reasoning_content")
+
+
+def _thinking(turn: dict, role: str, where: str, name: str) -> str | None:
+    """A turn's reasoning from ``thinking`` or ``reasoning_content``; null, empty and
+    whitespace-only values mean none.
+
+    Raises:
+        DataError: A value that is not a string or null; both fields set to different texts; or
+            reasoning on a system or user message (templates drop it or render it inconsistently).
+    """
+    values = {key: _text(turn, key, where, prefix=name, allow_empty=True)
+              for key in _THINKING_KEYS if turn.get(key) is not None}
+    values = {key: value for key, value in values.items() if value.strip()}
+    if len(set(values.values())) > 1:
+        raise _error(where, f"{name}.reasoning_content",
+                     "differs from the same message's 'thinking'; keep one of the two fields")
+    if values and role != "assistant":
+        key = next(iter(values))
+        raise _error(where, f"{name}.{key}",
+                     f"reasoning on a {role} message; only assistant messages carry reasoning")
+    return next(iter(values.values()), None)
 
 
 def _text(record: dict, key: str, where: str, prefix: str = "", allow_empty: bool = False) -> str:
