@@ -108,6 +108,12 @@ def test_long_sequence_settings_reach_the_local_engine(tmp_path):
     kwargs = _local_kwargs(config, tmp_path)
     assert (kwargs["activation_checkpointing"], kwargs["mixed_precision"]) == (True, "bf16")
     assert load_config(None, ["ACTIVATION_CHECKPOINTING=auto"]).activation_checkpointing == "auto"
+    for off in ("no", "off", "false"):  # YAML reads all three as false: the "no" choice
+        assert load_config(None, [f"MIXED_PRECISION={off}"]).mixed_precision == "no"
+    (tmp_path / "c.yaml").write_text("MIXED_PRECISION: no\n")
+    assert load_config(tmp_path / "c.yaml").mixed_precision == "no"
+    with pytest.raises(ConfigError, match="MIXED_PRECISION=True: Input should be 'auto', 'bf16'"):
+        load_config(None, ["MIXED_PRECISION=yes"])
     for bad in ("ACTIVATION_CHECKPOINTING=sometimes", "MIXED_PRECISION=fp16"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config(None, [bad])

@@ -132,6 +132,12 @@ class TrainConfig(BaseModel):
             raise ValueError(f"file not found: {', '.join(missing)}")
         return [str(p) for p in paths]
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _mixed_precision_no(cls, value: Any) -> Any:
+        # YAML (--set, .yaml files) reads `no` and `off` as false: that is the "no" choice.
+        return "no" if value is False else value
+
     @field_validator("tinker_base_url")
     @classmethod
     def _base_url(cls, value: str | None) -> str | None:
