@@ -65,6 +65,39 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(config, tmp_path, mo
     assert steps == [2, 4, 6]
 
 
+def test_a_run_killed_before_its_first_checkpoint_says_so_and_can_start_again(
+        config, tmp_path, monkeypatch):
+    # SAVE_EVERY=2: a crash at step 2's record leaves step 1 logged and nothing saved.
+    from tinkerkit.errors import ConfigError
+
+    record, calls = train_module._record, []
+
+    def crash_at_step_two(*args):
+        if calls:
+            raise Crash("killed")
+        calls.append(1)
+        return record(*args)
+
+    monkeypatch.setattr(train_module, "_record", crash_at_step_two)
+    run = tmp_path / "stage2"
+    with pytest.raises(Crash):
+        train(config, run_dir=run)
+    monkeypatch.setattr(train_module, "_record", record)
+    assert [r["step"] for r in metrics(run)] == [1] and not (run / "checkpoints.jsonl").exists()
+    with pytest.raises(CheckpointError) as resume:
+        train(config, resume=str(run))
+    assert str(resume.value) == (
+        f"--resume {run}: the run stopped before its first checkpoint, so there is nothing to "
+        f"resume (it saves every 2 steps: SAVE_EVERY=2); start it again: remove {run}, or "
+        "choose another --run-dir")
+    with pytest.raises(ConfigError) as again:  # no longer "continue it with --resume"
+        train(config, run_dir=run)
+    assert str(again.value) == (
+        f"--run-dir {run} holds a run that stopped before its first checkpoint, so there is "
+        f"nothing to resume; remove {run} to start it again there, or choose another --run-dir")
+    assert [r["step"] for r in metrics(run)] == [1]  # neither attempt touched the run
+
+
 def test_resume_from_a_checkpoint_path_and_init_from(config, tmp_path):
     full = train(config, run_dir=tmp_path / "full")
     step4 = tmp_path / "full" / "checkpoints" / "step_000004"

@@ -242,8 +242,24 @@ def check_new_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--run-dir {run_dir}: exists and is not a directory")
     if (run_dir / METRICS_FILE).exists() or (run_dir / CHECKPOINTS_FILE).exists():
+        if _lists_no_checkpoint(run_dir):
+            raise ConfigError(f"--run-dir {run_dir} holds a run that {_NOTHING_TO_RESUME}; "
+                              f"remove {run_dir} to start it again there, or choose another "
+                              "--run-dir")
         raise ConfigError(f"--run-dir {run_dir} already holds a run; continue it with "
                           f"--resume {run_dir}, or choose another --run-dir")
+
+
+_NOTHING_TO_RESUME = "stopped before its first checkpoint, so there is nothing to resume"
+
+
+def _lists_no_checkpoint(run_dir: Path) -> bool:
+    """Whether ``checkpoints.jsonl`` is missing or empty (a damaged file lists something:
+    ``--resume`` then names the damage)."""
+    try:
+        return not io.read_jsonl(run_dir / CHECKPOINTS_FILE)
+    except DataError:
+        return False
 
 
 def resolve_resume(path: str | Path) -> tuple[Path, dict]:
@@ -264,6 +280,10 @@ def resolve_resume(path: str | Path) -> tuple[Path, dict]:
                               f"{CHECKPOINTS_FILE} lists it (it knows the step and data order), "
                               f"or start a new stage from it with --init-from")
     path = Path(path)
+    if (path / METRICS_FILE).is_file() and _lists_no_checkpoint(path):
+        # killed before its first save (SAVE_EVERY steps, or the end with SAVE_EVERY=0)
+        raise CheckpointError(f"--resume {path}: the run {_NOTHING_TO_RESUME}{_saves(path)}; "
+                              f"start it again: remove {path}, or choose another --run-dir")
     if (path / CHECKPOINTS_FILE).is_file():
         return path, latest_checkpoint(path)
     run_dir = path.parent.parent
@@ -273,6 +293,17 @@ def resolve_resume(path: str | Path) -> tuple[Path, dict]:
             return run_dir, {**entry, "path": str(path)}
     raise CheckpointError(f"--resume {path}: not a run directory or a checkpoint listed in "
                           f"a run's {CHECKPOINTS_FILE} (use --init-from to start a new stage)")
+
+
+def _saves(run_dir: Path) -> str:
+    """`` (it saves every N steps: SAVE_EVERY=N)`` from a run's saved config, or ``""``."""
+    try:
+        every = io.read_json(run_dir / CONFIG_FILE).get("SAVE_EVERY")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if every == 0:
+        return " (it saves only at its last step: SAVE_EVERY=0)"
+    return f" (it saves every {every} steps: SAVE_EVERY={every})" if isinstance(every, int) else ""
 
 
 def config_for_resume(run_dir: Path, overrides: dict | None = None) -> TrainConfig:
