@@ -88,6 +88,60 @@ def test_no_warning_at_or_below_the_threshold(long_data, smol_tokenizer):
     assert "Warning" not in console.file.getvalue()
 
 
+def model_config_dir(path, **config):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def test_examples_past_the_models_positions_warn(long_data, smol_tokenizer, tmp_path):
+    # Kept lengths 35 (x10), 36 (x2), 76, 96, ..., 196, 200: eight feed more than 64 positions.
+    model = model_config_dir(tmp_path / "m64", max_position_embeddings=64)
+    config = load_config(None, [f"DATA_FILES={long_data}", f"BASE_MODEL={model}",
+                                "MAX_SEQUENCE_LENGTH=200"])
+    console = recording_console()
+    assert len(load_examples(config, smol_tokenizer, console)) == 20
+    out = " ".join(console.file.getvalue().split())
+    assert (f"Warning: 8 of the 20 training examples are longer than the 64 positions {model} "
+            "was trained for (max_position_embeddings in its config.json; the longest has 200 "
+            "tokens); the model has never seen the positions past them: lower "
+            "MAX_SEQUENCE_LENGTH to 64 or use a longer-context model") in out
+    # 65 tokens feed 64 positions (the last token is only a target): within the model.
+    config = config.model_copy(update={"max_sequence_length": 65, "truncation_warn_ratio": 1.0})
+    console = recording_console()
+    load_examples(config, smol_tokenizer, console)
+    assert "positions" not in console.file.getvalue()
+
+
+def test_stats_warns_past_the_models_positions(tiny_model, tmp_path, capsys):
+    # tiny_model has 512 positions; 600 words render to 635 tokens with its template.
+    data = write_chat(tmp_path / "d.jsonl", ["word " * 600, "short"])
+    assert main(["stats", str(data), "--model", tiny_model, "--max-length", "100000"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert (f"Warning: 1 of the 2 training examples are longer than the 512 positions "
+            f"{tiny_model} was trained for (max_position_embeddings in its config.json; the "
+            "longest has 635 tokens)") in out
+    assert main(["stats", str(data), "--model", tiny_model, "--max-length", "513"]) == 0
+    assert "positions" not in capsys.readouterr().out
+
+
+def test_max_positions(tmp_path):
+    from tinkerkit.models import max_positions
+
+    assert max_positions("smollm2-135m-instruct") == 8192
+    assert max_positions("qwen3-tiny-random") == 40960
+    assert max_positions("qwen3-tokenizer") is None      # a tokenizer only: no config.json
+    assert max_positions("Org/not-on-disk") is None      # a hub id: unknown offline
+    assert max_positions(str(tmp_path / "missing")) is None
+    yarn = {"max_position_embeddings": 32768,
+            "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                             "original_max_position_embeddings": 32768}}
+    assert max_positions(model_config_dir(tmp_path / "yarn", **yarn)) == 131072
+    assert max_positions(model_config_dir(
+        tmp_path / "vlm", text_config={"max_position_embeddings": 4096})) == 4096
+    assert max_positions(model_config_dir(tmp_path / "none", hidden_size=8)) is None
+
+
 def test_length_covering_uses_the_nearest_rank():
     assert length_covering([10] * 19 + [1000]) == 64        # 19th of 20 is 10 -> 64
     assert length_covering([10] * 18 + [100, 1000]) == 128  # 19th of 20 is 100 -> 128

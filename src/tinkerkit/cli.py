@@ -55,10 +55,15 @@ def cmd_stats(args: argparse.Namespace) -> None:
     loaded = load_conversations(args.files, format=args.format, on_error=args.on_error)
     renderer = Renderer(load_tokenizer(args.model), args.train_on, args.max_length,
                         truncate=not args.no_truncate)
-    _, stats = renderer.render_dataset(loaded.conversations)
+    examples, stats = renderer.render_dataset(loaded.conversations)
     console.print(f"{sum(loaded.counts.values())} records from {len(args.files)} file(s), "
                   f"model {args.model}")
     print_render_stats(stats, console, args.max_length, skipped_records=loaded.skipped)
+    from tinkerkit.train import positions_warning
+
+    warning = positions_warning(examples, args.model)
+    if warning:
+        console.print(f"[yellow]Warning: {warning}[/yellow]")
 
 
 # -- train --------------------------------------------------------------------------------------

@@ -334,6 +334,37 @@ def resolve_model(name: str) -> Path | str:
                      f"(org/name); registry names: {known}")
 
 
+def max_positions(name: str) -> int | None:
+    """The positions a model was trained for: ``max_position_embeddings`` of its local
+    ``config.json`` (of ``text_config`` for multimodal ones), or, with YaRN-style
+    ``rope_scaling``, ``factor`` times ``original_max_position_embeddings`` if that is more.
+
+    Returns:
+        The count, or None when it is unknown (a hub id, a tokenizer-only entry, no such field);
+        never raises.
+    """
+    import json
+
+    try:
+        source = resolve_model(name)
+        config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
+    except (ModelError, OSError, ValueError, TypeError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    if not isinstance(config.get("max_position_embeddings"), int):
+        config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    positions = config.get("max_position_embeddings")
+    if not isinstance(positions, int) or isinstance(positions, bool) or positions <= 0:
+        return None
+    scaling = config.get("rope_scaling")
+    if isinstance(scaling, dict):
+        factor, original = scaling.get("factor"), scaling.get("original_max_position_embeddings")
+        if isinstance(factor, (int, float)) and isinstance(original, int):
+            positions = max(positions, int(factor * original))
+    return positions
+
+
 def hub_id_of(name: str) -> str:
     """The canonical name to record as an adapter's base model (hub id when known)."""
     entry = REGISTRY.get(name)

@@ -204,6 +204,29 @@ def truncation_warning(stats: RenderStats, max_length: int, threshold: float) ->
             f"{length_covering(stats.lengths)} would keep 95% of them whole")
 
 
+def positions_warning(examples: Sequence[RenderedExample], model: str) -> str | None:
+    """A message when an example kept for training feeds the model more positions than
+    ``model`` was trained for (:func:`tinkerkit.models.max_positions`); None when none does, or
+    that count is unknown. An example of N tokens feeds N - 1 positions (its last token is only
+    a target).
+
+    Rotary models do not fail past their positions: they train and answer there, untrained.
+    """
+    from tinkerkit.models import max_positions
+
+    positions = max_positions(model) if examples else None
+    if positions is None:
+        return None
+    over = [e.n_tokens + 1 for e in examples if e.n_tokens > positions]
+    if not over:
+        return None
+    return (f"{len(over)} of the {len(examples)} training examples are longer than the "
+            f"{positions} positions {model} was trained for (max_position_embeddings in its "
+            f"config.json; the longest has {max(over)} tokens); the model has never seen the "
+            f"positions past them: lower MAX_SEQUENCE_LENGTH to {positions} or use a "
+            "longer-context model")
+
+
 def plateau_warning(losses: Sequence[float], window: int) -> str | None:
     """A message when the mean of the last ``window`` losses is not below that of the ``window``
     before; checked once per window (when ``len(losses)`` is a multiple of it), never for 0."""
@@ -378,6 +401,9 @@ def load_examples(config: TrainConfig, tokenizer, console: Console) -> list[Rend
         raise ConfigError(f"{warning} (STRICT: stopped before training)")
     if warning:
         console.print(f"[yellow]Warning: {warning}[/yellow]")
+    positions = positions_warning(examples, config.base_model)
+    if positions:
+        console.print(f"[yellow]Warning: {positions}[/yellow]")
     if not examples:
         where, reason = stats.reasons[0]
         over = render_stats_dict(stats, config.max_sequence_length)["over_max_length"]
