@@ -119,6 +119,22 @@ def test_thinking_from_either_field(fields, expected):
     assert normalize_record(record, None, "f:3").messages[-1] == assistant("4", thinking=expected)
 
 
+@pytest.mark.parametrize("content, thinking, answer", [
+    ("<think>\nstep 1\n</think>\n\n4", "step 1", "4"),
+    ("\n<think>step 1</think>4", "step 1", "4"),
+    ("<think>\n\n</think>\n\n4", None, "4"),               # empty block: no reasoning
+    ("<think>\nonly reasoning\n</think>", "only reasoning", ""),
+    ("4 <think>x</think>", None, "4 <think>x</think>"),       # not at the start: left as it is
+    ("<think>unclosed", None, "<think>unclosed"),
+])
+def test_reasoning_written_in_the_answer_is_taken_out(content, thinking, answer):
+    record = {"messages": [{"role": "user", "content": "q"},
+                           {"role": "assistant", "content": content}]}
+    assert normalize_record(record, None, "f:3").messages[-1] == assistant(answer, thinking)
+    completion = normalize_record({"prompt": "q", "completion": content}, None, "f:3")
+    assert completion.messages[-1] == assistant(answer, thinking)
+
+
 @pytest.mark.parametrize("turns, message", [
     ([{"role": "user", "content": "q"},
       {"role": "assistant", "content": "4", "thinking": "A", "reasoning_content": "B"}],
@@ -130,6 +146,8 @@ def test_thinking_from_either_field(fields, expected):
     ([{"role": "user", "content": "q"},
       {"role": "assistant", "content": "", "reasoning_content": "   "}],
      "f:3: field 'messages[1].content': is empty"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think></think>"}],
+     "f:3: field 'messages[1].content': holds only an empty <think></think> block, no answer"),
     ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "4", "thinking": 5}],
      "f:3: field 'messages[1].thinking': expected a string, got number"),
     ([{"role": "user", "content": "q"},

@@ -7,6 +7,7 @@ import pytest
 
 from tinkerkit.config import TrainOn
 from tinkerkit.data.conversation import Conversation, Message
+from tinkerkit.data.formats import normalize_record
 from tinkerkit.errors import DataError
 from tinkerkit.render import Renderer, RenderSkip, end_of_turn_ids
 
@@ -166,6 +167,19 @@ def test_qwen3_thinking_masks(qwen_tokenizer, thinking, expected):
     assert list(whole["input_ids"]) == tokens
     prompt = renderer.build_prompt(c).to_ints()
     assert prompt == [t for t, _ in expected[:len(prompt)]] and expected[len(prompt)][1] == 1
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("<think>\n2+2=4\n</think>\n\n4", QWEN_THINKING),    # DeepSeek-R1 / Qwen3 output style
+    ("<think>\n\n</think>\n\n4", QWEN_NO_THINKING),      # Qwen3 with thinking disabled
+])
+def test_qwen3_reasoning_written_in_the_answer(qwen_tokenizer, content, expected):
+    # Rendered as with a thinking field: one think block, not an empty one before the answer's.
+    record = {"messages": [{"role": "user", "content": "What is 2+2?"},
+                           {"role": "assistant", "content": content}]}
+    c = normalize_record(record, None, "f:1")
+    tokens, weights = Renderer(qwen_tokenizer).render_tokens(c)
+    assert list(zip(tokens, [int(w) for w in weights])) == expected
 
 
 def test_qwen3_no_thinking_prompt_is_qwen3_inference_with_thinking_disabled(qwen_tokenizer):

@@ -318,8 +318,10 @@ def _from_prompt_completion(record: dict, where: str) -> Normalized:
         # TRL's conversational prompt/completion: two lists of messages
         messages = _messages(record, "prompt", where) + _messages(record, "completion", where)
     else:
+        thinking, completion = _inline_thinking(_text(record, "completion", where), where,
+                                                "completion")
         messages = [Message(role="user", content=_text(record, "prompt", where)),
-                    Message(role="assistant", content=_text(record, "completion", where))]
+                    Message(role="assistant", content=completion, thinking=thinking)]
     return messages, _reference_or_extracted(record, messages, where)
 
 
@@ -396,6 +398,8 @@ def _messages(record: dict, key: str, where: str) -> list[Message]:
                          f"unknown role {role!r} (expected {', '.join(ROLES)})")
         thinking = _thinking(turn, role, where, name)
         content = _text(turn, "content", where, prefix=name, allow_empty=bool(thinking))
+        if role == "assistant" and thinking is None:
+            thinking, content = _inline_thinking(content, where, f"{name}.content")
         messages.append(Message(role=role, content=content, thinking=thinking))
     return messages
 
@@ -422,6 +426,25 @@ def _thinking(turn: dict, role: str, where: str, name: str) -> str | None:
         raise _error(where, f"{name}.{key}",
                      f"reasoning on a {role} message; only assistant messages carry reasoning")
     return next(iter(values.values()), None)
+
+
+def _inline_thinking(content: str, where: str, name: str) -> tuple[str | None, str]:
+    """Reasoning written into an answer as ``<think>…</think>answer`` (DeepSeek-R1 and Qwen3
+    outputs) taken out as the message's reasoning, as Qwen3's own template does; an empty think
+    block means none. Other text is returned as it is.
+
+    Raises:
+        DataError: Neither reasoning nor an answer is left.
+    """
+    text = content.lstrip()
+    if not text.startswith("<think>") or "</think>" not in text:
+        return None, content
+    reasoning, _, answer = text[len("<think>"):].partition("</think>")
+    reasoning, answer = reasoning.strip("\n"), answer.lstrip("\n")
+    thinking = reasoning if reasoning.strip() else None
+    if thinking is None and not answer.strip():
+        raise _error(where, name, "holds only an empty <think></think> block, no answer")
+    return thinking, answer
 
 
 def _text(record: dict, key: str, where: str, prefix: str = "", allow_empty: bool = False) -> str:
