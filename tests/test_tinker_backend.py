@@ -296,3 +296,43 @@ def test_a_tinker_dry_run_opens_no_session(tinker_env, tiny_model, tmp_path, cap
                  "--batch-size", "4", "--set", "LORA_DROPOUT=0.1", "--dry-run"]) == 1
     assert "BACKEND=tinker does not support LORA_DROPOUT=0.1" in capfd.readouterr().err
     assert len(sessions) == 1
+
+
+def test_a_server_that_stops_between_steps_fails_the_next_step_in_seconds(tiny_model, tmp_path,
+                                                                           monkeypatch):
+    """Through the real SDK: the server stops after step 1; the SDK retries step 2 for as long
+    as it is waited on, and the Tinker engine fails it once the server has accepted no
+    connection for UNREACHABLE_SECONDS (the run used to wait forever)."""
+    import time
+
+    from tinker import types
+
+    from tinkerkit.engines import create_training_client
+    from tinkerkit.engines import tinker as engine
+    from tinkerkit.errors import EngineError
+
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(engine, "UNREACHABLE_SECONDS", 1.0)
+    monkeypatch.setattr(engine, "POLL_SECONDS", 0.2)
+    monkeypatch.setenv("TINKER_API_KEY", CANARY)
+    tokens = [1, 17, 305, 4431, 9, 28]
+    batch = [types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                         loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * 5})]
+    adam = types.AdamParams(learning_rate=1e-2)
+    with running_server(tmp_path / "root") as running:
+        config = load_config(None, [f"BASE_MODEL={tiny_model}", "LORA_RANK=4", "BACKEND=tinker",
+                                    f"TINKER_BASE_URL={running.url}"])
+        client = create_training_client(config, tmp_path / "run")
+        client.forward_backward(batch, "cross_entropy")
+        assert client.optim_step(adam).result().metrics["step"] == 1.0
+    start = time.monotonic()
+    forward_backward = client.forward_backward(batch, "cross_entropy")
+    with pytest.raises(EngineError) as info:
+        forward_backward.result()
+    assert str(info.value) == (f"Tinker forward_backward: cannot reach the Tinker server at "
+                               f"{running.url} for 1 s (Connection refused); it stopped, or the "
+                               "network is down")
+    client.close()  # no wait for a server that is gone
+    assert time.monotonic() - start < 15

@@ -179,3 +179,87 @@ def test_the_sdks_long_poll_notices_are_dropped_and_its_other_warnings_kept(capl
         sdk_logger.warning("Sampling is paused for sampler s1. Reason: capacity")
     assert [r.getMessage() for r in caplog.records] == [
         "Sampling is paused for sampler s1. Reason: capacity"]
+
+
+def _no_proxy(monkeypatch):
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:  # a port that nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _Pending:
+    """A future that is not done for the first ``polls`` waits, then returns ``value``."""
+
+    def __init__(self, polls: int | None, value=None, error: Exception | None = None) -> None:
+        self.polls, self.value, self.error, self.waits = polls, value, error, 0
+
+    def result(self, timeout=None):
+        if timeout is None and self.polls is not None:  # blocks until done
+            self.waits = max(self.waits, self.polls)
+        if self.polls is None or self.waits < self.polls:
+            self.waits += 1
+            raise TimeoutError
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    def done(self) -> bool:
+        return self.polls is not None and self.waits >= self.polls
+
+
+def test_a_wait_fails_once_the_server_has_accepted_no_connection_for_a_while(monkeypatch):
+    """The SDK retries a lost connection for as long as it is waited on: a training run whose
+    server stopped between two steps waited forever. A wait now checks the server and fails
+    once it has accepted no TCP connection for UNREACHABLE_SECONDS."""
+    _no_proxy(monkeypatch)
+    monkeypatch.setattr(engine, "UNREACHABLE_SECONDS", 0.3)
+    monkeypatch.setattr(engine, "POLL_SECONDS", 0.05)
+    url = f"http://127.0.0.1:{_free_port()}"
+    failures = []
+    never = _Pending(None)
+    with pytest.raises(EngineError) as info:
+        engine.TinkerFuture(never, "optim_step", failures.append, server=url).result()
+    assert str(info.value) == (f"Tinker optim_step: cannot reach the Tinker server at {url} for "
+                               "0 s (Connection refused); it stopped, or the network is down")
+    assert failures == [info.value] and never.waits >= 2
+    # Without a server (a client made elsewhere) or with a timeout, the wait is the SDK's own.
+    slow = _Pending(3, value="done")
+    assert engine.TinkerFuture(slow, "optim_step").result() == "done"
+    with pytest.raises(EngineError, match="Tinker sample: TimeoutError"):
+        engine.TinkerFuture(_Pending(None), "sample", server=url).result(timeout=0.1)
+
+
+def test_a_wait_on_a_server_that_answers_goes_on_and_the_calls_own_timeout_is_kept(monkeypatch):
+    _no_proxy(monkeypatch)
+    monkeypatch.setattr(engine, "UNREACHABLE_SECONDS", 0.0)
+    monkeypatch.setattr(engine, "POLL_SECONDS", 0.01)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(64)
+        url = f"http://127.0.0.1:{listening.getsockname()[1]}"
+        slow = _Pending(5, value="loss")  # a long step on a live server: waits on
+        assert engine.TinkerFuture(slow, "forward_backward", server=url).result() == "loss"
+        assert slow.waits == 5
+        own = _Pending(1, error=TimeoutError("the call timed out"))  # done: its own error
+        with pytest.raises(EngineError) as info:
+            engine.TinkerFuture(own, "sample", server=url).result()
+        assert str(info.value) == "Tinker sample: TimeoutError: the call timed out"
+
+
+def test_a_key_that_no_http_header_can_carry_is_refused_before_the_sdk_hangs_on_it(monkeypatch):
+    """SDK 0.38.0 hangs in ServiceClient creation on a key with a non-ASCII character."""
+    for key in ("tml-caf\u00e9", "tml-abc def", "tml-abc\tdef", "tml-abc\x07"):
+        monkeypatch.setenv("TINKER_API_KEY", key)
+        with pytest.raises(ConfigError) as info:
+            engine.api_key()
+        assert str(info.value) == ("TINKER_API_KEY holds a space, a control character or a "
+                                   "non-ASCII character, which an HTTP header cannot carry; copy "
+                                   "the key again")
+    monkeypatch.setenv("TINKER_API_KEY", f"  {CANARY}\n")  # surrounding whitespace is dropped
+    assert engine.api_key() == CANARY

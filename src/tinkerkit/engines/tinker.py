@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import socket
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,12 @@ EXPORT_TTL_SECONDS = 3600
 shortest TTL the service accepts); it is deleted after the download."""
 _KEY_PATTERN = re.compile(r"tml-[A-Za-z0-9_\-]+")
 _PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+UNREACHABLE_SECONDS = 60.0
+"""How long a call waits on a server that accepts no TCP connection before it fails. The SDK
+itself retries a lost connection for as long as the caller waits: without this, a run whose
+server stopped waited forever."""
+POLL_SECONDS = 5.0
+"""How often a waiting call checks that the server still accepts connections."""
 
 
 # -- credentials and errors -------------------------------------------------------------------
@@ -79,6 +86,10 @@ def api_key() -> str:
                           "127.0.0.1 any key of the form tml-...)")
     if not key.startswith(("tml-", "eyJ")):
         raise ConfigError(f"{API_KEY_ENV} does not hold a Tinker API key (they start with 'tml-')")
+    if not (key.isascii() and key.isprintable()) or any(c.isspace() for c in key):
+        # the SDK cannot put such a key in a header, and then hangs instead of failing
+        raise ConfigError(f"{API_KEY_ENV} holds a space, a control character or a non-ASCII "
+                          "character, which an HTTP header cannot carry; copy the key again")
     return key
 
 
@@ -128,19 +139,24 @@ class TinkerFuture:
         action: The call's name, for error messages.
         on_error: Called once with the error when the call fails (the client records it, to
             finish its session as ``errored``).
+        server: The server's URL: waiting without a timeout fails once it has accepted no
+            connection for :data:`UNREACHABLE_SECONDS` (see :func:`wait_for`); None waits as
+            the SDK does.
     """
 
-    def __init__(self, future: Any, action: str, on_error=None) -> None:
+    def __init__(self, future: Any, action: str, on_error=None, server: str | None = None) -> None:
         self._future, self._action, self._on_error = future, action, on_error
+        self._server = server
 
     def result(self, timeout: float | None = None) -> Any:
         """The call's response (a ``tinker.types`` object).
 
         Raises:
-            EngineError: The call failed (message without the API key).
+            EngineError: The call failed, or the server stopped accepting connections (message
+                without the API key).
         """
         try:
-            return self._future.result(timeout)
+            return wait_for(self._future, self._action, self._server, timeout)
         except Exception as e:
             error = engine_error(e, self._action)
             if self._on_error is not None:
@@ -149,8 +165,52 @@ class TinkerFuture:
 
     def done(self) -> bool:
         """Whether the call has finished."""
-        done = getattr(self._future, "done", None)
-        return bool(done()) if callable(done) else False
+        return _is_done(self._future)
+
+
+def _is_done(future: Any) -> bool:
+    inner = getattr(future, "future", None)  # the SDK's futures wrap a concurrent.futures.Future
+    if callable(inner):
+        try:
+            return bool(inner().done())
+        except Exception:
+            return False
+    done = getattr(future, "done", None)
+    return bool(done()) if callable(done) else False
+
+
+def wait_for(future: Any, action: str, server: str | None, timeout: float | None = None) -> Any:
+    """``future.result(timeout)``; without a timeout, fail when the server has gone away.
+
+    The SDK retries a lost connection for as long as its caller waits, so a run whose server
+    stopped (or whose network went down) waited forever. Here a wait without a timeout checks,
+    every :data:`POLL_SECONDS`, that the server still accepts a TCP connection, and fails once
+    it has accepted none for :data:`UNREACHABLE_SECONDS`. Skipped when ``server`` is None or a
+    proxy is configured (the connection then goes through the proxy).
+
+    Raises:
+        EngineError: The server accepted no connection for :data:`UNREACHABLE_SECONDS`.
+        Exception: Whatever the future raises.
+    """
+    if timeout is not None or server is None or _proxied():
+        return future.result(timeout)
+    down_since: float | None = None
+    while True:
+        try:
+            return future.result(POLL_SECONDS)
+        except TimeoutError:  # concurrent.futures.TimeoutError is this one since Python 3.11
+            if _is_done(future):  # finished meanwhile, or failed with a timeout of its own
+                return future.result(0)
+        reason = _connect_error(server)
+        if reason is None:
+            down_since = None
+            continue
+        now = time.monotonic()
+        down_since = now if down_since is None else down_since
+        if now - down_since >= UNREACHABLE_SECONDS:
+            raise EngineError(f"Tinker {action}: cannot reach the Tinker server at "
+                              f"{_address(server)} for {UNREACHABLE_SECONDS:.0f} s ({reason}); "
+                              "it stopped, or the network is down")
 
 
 def _call(action: str, fn, *args: Any, **kwargs: Any) -> Any:
@@ -176,11 +236,27 @@ class _LongPollNotice(logging.Filter):
         return "because of try_again" not in record.getMessage()
 
 
+class _NoTraceback(logging.Filter):
+    """Keep a record's message, drop its traceback.
+
+    ``tinker.lib.telemetry`` logs "Dropping telemetry batch that failed to send" with the whole
+    exception chain (some 80 lines) each time a batch fails, that is every few seconds while
+    the server is unreachable; the one line says what happened.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
 def quiet_long_polls() -> None:
-    """Install :class:`_LongPollNotice` on the SDK's future logger (once)."""
-    sdk_logger = logging.getLogger("tinker.lib.api_future_impl")
-    if not any(isinstance(f, _LongPollNotice) for f in sdk_logger.filters):
-        sdk_logger.addFilter(_LongPollNotice())
+    """Install :class:`_LongPollNotice` on the SDK's future logger, and :class:`_NoTraceback`
+    on its telemetry logger (once)."""
+    for name, kind in (("tinker.lib.api_future_impl", _LongPollNotice),
+                       ("tinker.lib.telemetry", _NoTraceback)):
+        sdk_logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in sdk_logger.filters):
+            sdk_logger.addFilter(kind())
 
 
 def resolved_base_url(base_url: str | None) -> str:
@@ -191,6 +267,27 @@ def resolved_base_url(base_url: str | None) -> str:
     return resolve_base_url(base_url)
 
 
+def _proxied() -> bool:
+    return any(os.environ.get(name) or os.environ.get(name.lower()) for name in _PROXY_VARIABLES)
+
+
+def _address(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{parts.hostname}:{port}"
+
+
+def _connect_error(base_url: str, timeout_seconds: float = 5.0) -> str | None:
+    """Why no TCP connection to the URL's host and port opens; None when one does."""
+    parts = urlsplit(base_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_seconds).close()
+    except OSError as e:
+        return str(e.strerror or e)
+    return None
+
+
 def check_reachable(base_url: str, timeout_seconds: float = 5.0) -> None:
     """Fail in seconds, not after the SDK's five minutes of retries, when nothing listens there.
 
@@ -199,17 +296,35 @@ def check_reachable(base_url: str, timeout_seconds: float = 5.0) -> None:
     Raises:
         EngineError: No TCP connection to the URL's host and port.
     """
-    if any(os.environ.get(name) or os.environ.get(name.lower()) for name in _PROXY_VARIABLES):
+    if _proxied():
         return
-    parts = urlsplit(base_url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((parts.hostname, port), timeout=timeout_seconds).close()
-    except OSError as e:
+    reason = _connect_error(base_url, timeout_seconds)
+    if reason is not None:
         hint = (" (is `tinkerkit serve` running there? set TINKER_BASE_URL)"
-                if parts.hostname in ("127.0.0.1", "localhost", "::1") else "")
-        raise EngineError(f"cannot reach the Tinker server at {parts.scheme}://{parts.hostname}:"
-                          f"{port}: {e.strerror or e}{hint}") from None
+                if urlsplit(base_url).hostname in ("127.0.0.1", "localhost", "::1") else "")
+        raise EngineError(f"cannot reach the Tinker server at {_address(base_url)}: "
+                          f"{reason}{hint}")
+
+
+_SERVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""The URL of each ``ServiceClient`` / ``RestClient`` made by :func:`connect` and
+:func:`rest_client`, for :func:`wait_for`."""
+
+
+def server_of(client: Any) -> str | None:
+    """The URL an SDK client made here talks to (None for one made elsewhere)."""
+    try:
+        return _SERVERS.get(client)
+    except TypeError:
+        return None
+
+
+def _remember(client: Any, url: str) -> Any:
+    try:
+        _SERVERS[client] = url
+    except TypeError:  # not weakly referenceable: its waits go without the check
+        pass
+    return client
 
 
 def connect(base_url: str | None):
@@ -225,7 +340,7 @@ def connect(base_url: str | None):
     url = resolved_base_url(base_url)
     check_reachable(url)
     quiet_long_polls()
-    return tinker.ServiceClient(base_url=url, api_key=key)
+    return _remember(tinker.ServiceClient(base_url=url, api_key=key), url)
 
 
 def rest_client(base_url: str | None):
@@ -235,20 +350,25 @@ def rest_client(base_url: str | None):
     key = api_key()
     url = resolved_base_url(base_url)
     check_reachable(url)
-    return tinker.RestClient(base_url=url, api_key=key)
+    quiet_long_polls()
+    return _remember(tinker.RestClient(base_url=url, api_key=key), url)
 
 
 def _create(service, action: str, create):
     """Await an SDK client-creation future; on failure finish the session and raise."""
     try:
-        return _call(action, lambda: create().result())
+        return _call(action, lambda: wait_for(create(), action, server_of(service)))
     except EngineError:
         _close_service(service, {"failed": True})
         raise
 
 
 def _close_service(service, state: dict) -> None:
-    """Finish the SDK session (``success`` unless a call failed), at most a few seconds."""
+    """Finish the SDK session (``success`` unless a call failed), at most a few seconds; not
+    at all when its server accepts no connection (the session times out there anyway)."""
+    server = server_of(service)
+    if server is not None and not _proxied() and _connect_error(server, 1.0) is not None:
+        return
     try:
         service.close("errored" if state["failed"] else "success").result(timeout=10)
     except Exception:  # the session times out on the server anyway
@@ -315,10 +435,12 @@ class TinkerSamplingClient:
         tokenizer: The tokenizer, when the caller has it already.
     """
 
-    def __init__(self, client, base_model: str, service=None, tokenizer=None) -> None:
+    def __init__(self, client, base_model: str, service=None, tokenizer=None,
+                 server: str | None = None) -> None:
         self.client, self.base_model = client, base_model
         self._session = _Session(self, service) if service is not None else None
         self._tokenizer = tokenizer
+        self._server = server_of(service) if service is not None else server
 
     def sample(self, prompt: types.ModelInput, num_samples: int,
                sampling_params: types.SamplingParams, **kwargs: Any) -> TinkerFuture:
@@ -326,12 +448,12 @@ class TinkerSamplingClient:
         on_error = self._session.failed if self._session else None
         future = _call("sample", self.client.sample, prompt=prompt, num_samples=num_samples,
                        sampling_params=sampling_params, **kwargs)
-        return TinkerFuture(future, "sample", on_error)
+        return TinkerFuture(future, "sample", on_error, self._server)
 
     def compute_logprobs(self, prompt: types.ModelInput) -> TinkerFuture:
         """``SamplingClient.compute_logprobs``: per-token log-probabilities of the prompt."""
         return TinkerFuture(_call("compute_logprobs", self.client.compute_logprobs, prompt),
-                            "compute_logprobs")
+                            "compute_logprobs", server=self._server)
 
     def get_tokenizer(self):
         """The base model's tokenizer (see :func:`load_tinker_tokenizer`)."""
@@ -405,7 +527,7 @@ class TinkerTrainingClient:
         self._tokenizer = None
 
     def _future(self, action: str, future: Any) -> TinkerFuture:
-        return TinkerFuture(future, action, self._session.failed)
+        return TinkerFuture(future, action, self._session.failed, server_of(self._session.service))
 
     def _submit(self, action: str, fn, *args: Any, **kwargs: Any) -> TinkerFuture:
         return self._future(action, _call(action, fn, *args, **kwargs))
@@ -454,13 +576,15 @@ class TinkerTrainingClient:
         """
         sdk_client = self._future("save_weights_and_get_sampling_client",
                                   self.client.save_weights_and_get_sampling_client()).result()
-        return TinkerSamplingClient(sdk_client, self.base_model, tokenizer=self.get_tokenizer())
+        return TinkerSamplingClient(sdk_client, self.base_model, tokenizer=self.get_tokenizer(),
+                                    server=server_of(self._session.service))
 
     def create_sampling_client(self, model_path: str) -> TinkerSamplingClient:
         """A sampling client on the weights saved at a ``tinker://`` path."""
         sdk_client = self._future("create_sampling_client",
                                   self.client.create_sampling_client(model_path)).result()
-        return TinkerSamplingClient(sdk_client, self.base_model, tokenizer=self.get_tokenizer())
+        return TinkerSamplingClient(sdk_client, self.base_model, tokenizer=self.get_tokenizer(),
+                                    server=server_of(self._session.service))
 
     def get_info(self) -> types.GetInfoResponse:
         """The server's ``GetInfoResponse`` (model id, base model, LoRA rank)."""
@@ -566,7 +690,8 @@ def download_external_weights(rest, path: str, dest: Path,
         CheckpointError: An unsafe name or archive, a failed download, or too many bytes.
         EngineError: The server refused the listing.
     """
-    listing = TinkerFuture(rest.get_external_weights_urls(path), "get_external_weights_urls")
+    listing = TinkerFuture(rest.get_external_weights_urls(path), "get_external_weights_urls",
+                           server=server_of(rest))
     urls = listing.result().urls
     if not urls:
         raise CheckpointError(f"checkpoint {path}: the server lists no files to download")
@@ -617,8 +742,8 @@ def download_adapter(path: str, dest: Path, base_url: str | None = None,
     rest = rest_client(base_url)
     if parsed.checkpoint_type == "external":
         download_external_weights(rest, path, dest, max_bytes)
-        base_model = TinkerFuture(rest.get_weights_info_by_tinker_path(path),
-                                  "get_weights_info").result().base_model
+        base_model = TinkerFuture(rest.get_weights_info_by_tinker_path(path), "get_weights_info",
+                                  server=server_of(rest)).result().base_model
     else:
         service = connect(base_url)
         client = TinkerTrainingClient(service, _create(
@@ -632,7 +757,7 @@ def download_adapter(path: str, dest: Path, base_url: str | None = None,
             finally:
                 try:
                     TinkerFuture(rest.delete_checkpoint_from_tinker_path(export),
-                                 "delete_checkpoint").result()
+                                 "delete_checkpoint", server=server_of(rest)).result()
                 except EngineError:
                     pass  # expires after EXPORT_TTL_SECONDS anyway
         finally:
