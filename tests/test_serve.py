@@ -319,8 +319,34 @@ def test_unknown_base_model_and_models_file(tmp_path, tiny_model):
         assert training.forward(datums(), "cross_entropy").result().metrics["loss:sum"] > 0
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"models": {"x": {"path": tiny_model, "dtype": "int8"}}}))
-    with pytest.raises(ConfigError, match="models.x"):
+    with pytest.raises(ConfigError) as info:
         read_models_file(bad)
+    assert str(info.value) == (f"{bad}: models.x: dtype='int8': Input should be 'float32', "
+                               "'bfloat16' or 'float16'")
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ('[models."Qwen/X"]\npath = "{model}"\ndtyp = "float32"\n',
+     "models.Qwen/X: unknown key 'dtyp' (an entry takes path, dtype and tokenizer_id)"),
+    ('[models."Qwen/X"]\ndtype = "float32"\n', "models.Qwen/X: 'path' is missing"),
+    ('[models."Qwen/X"]\npath = "{model}"\ntokenizer_id = 7\n',
+     "models.Qwen/X: tokenizer_id=7: Input should be a valid string"),
+    ('[models]\n"Qwen/X" = 42\n', "models.Qwen/X: expected a path (a string) or a table with "
+                                    "path, dtype and tokenizer_id, got int"),
+    ('[modelz]\n"Qwen/X" = "{model}"\n', "expected a 'models' table of name = path entries"),
+    ('[models]\n"Qwen/X" = "{model}"\n[extra]\n',
+     "unknown key 'extra' (the file holds one table, 'models')"),
+    ('[models]\n"" = "{model}"\n', "a model name is empty"),
+])
+def test_a_models_file_error_names_the_entry_and_what_is_wrong_with_it(tmp_path, tiny_model,
+                                                                        text, problem):
+    """A table entry with an unknown key, a missing path or a wrong type used to be reported
+    as pydantic's first union branch: 'models.Qwen/X.str: Input should be a valid string'."""
+    models = tmp_path / "models.toml"
+    models.write_text(text.replace("{model}", tiny_model))
+    with pytest.raises(ConfigError) as info:
+        read_models_file(models)
+    assert str(info.value) == f"{models}: {problem}"
 
 
 def test_finished_session_stops_heartbeats(server, tiny_model):
@@ -417,3 +443,24 @@ def test_protobuf_round_trips_through_the_sdk_decoders():
     assert (back.sequences[0].tokens, back.sequences[0].logprobs) == ([4, 5], [-0.5, -1.5])
     assert back.sequences[0].stop_reason == "length" and back.prompt_logprobs == [None, -2.0]
     assert public_pb.SampleResponse.FromString(protobuf.encode_sample_response(sample)).sequences
+
+
+def test_a_model_that_fails_to_load_leaves_no_training_run(tmp_path, tiny_model):
+    """A models file entry whose directory has a config.json but is no model passes the
+    startup check and fails when a client creates a model on it: that failure used to leave a
+    run.json behind, listed by list_training_runs for ever as a run with nothing in it."""
+    broken = tmp_path / "not-a-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    models = tmp_path / "models.toml"
+    models.write_text(f'[models]\n"Broken/Model" = "{broken}"\n"Good/Model" = "{tiny_model}"\n')
+    with running_server(tmp_path / "root", models_file=models) as running, \
+            service(running.url) as client:
+        with pytest.raises(tinker.RequestFailedError, match="could not be loaded"):
+            client.create_lora_training_client("Broken/Model", **LORA).result()
+        good = client.create_lora_training_client("Good/Model", **LORA).result()
+        rest = tinker.RestClient(base_url=running.url, api_key=KEY)
+        runs = rest.list_training_runs().result().training_runs
+        assert [run.training_run_id for run in runs] == [good.model_id]
+        assert [run.base_model for run in runs] == ["Good/Model"]
+        assert sorted(p.name for p in (running.root / "runs").iterdir()) == [good.model_id]

@@ -61,11 +61,6 @@ class _Entry(BaseModel):
     tokenizer_id: str | None = None
 
 
-class _ModelsFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    models: dict[str, str | _Entry]
-
-
 def _is_model_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
@@ -86,6 +81,31 @@ def _source(path_text: str, base: Path, where: str) -> str:
     return str(path.resolve())
 
 
+def _entry(value: object, where: str) -> _Entry:
+    """One entry of the models file: a path, or a table of path, dtype and tokenizer_id.
+
+    Raises:
+        ConfigError: Another type, an unknown or missing key, or an invalid value (named).
+    """
+    if isinstance(value, str):
+        return _Entry(path=value)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a path (a string) or a table with path, dtype and "
+                          f"tokenizer_id, got {type(value).__name__}")
+    try:
+        return _Entry.model_validate(value)
+    except ValidationError as e:
+        error = e.errors()[0]
+        field = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            problem = f"unknown key '{field}' (an entry takes path, dtype and tokenizer_id)"
+        elif error["type"] == "missing":
+            problem = f"'{field}' is missing"
+        else:
+            problem = f"{field}={error['input']!r}: {error['msg']}"
+        raise ConfigError(f"{where}: {problem}") from None
+
+
 def read_models_file(path: str | Path) -> dict[str, ServedModel]:
     """Read a models file (see the module docstring).
 
@@ -102,17 +122,19 @@ def read_models_file(path: str | Path) -> dict[str, ServedModel]:
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: "
                           f"{e}") from e
-    try:
-        parsed = _ModelsFile.model_validate(raw)
-    except ValidationError as e:
-        error = e.errors()[0]
-        where = ".".join(str(part) for part in error["loc"])
-        raise ConfigError(f"{path}: {where}: {error['msg']}") from e
+    if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict):
+        raise ConfigError(f"{path}: expected a 'models' table of name = path entries")
+    unknown = sorted(set(raw) - {"models"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key '{unknown[0]}' (the file holds one table, "
+                          "'models')")
     served = {}
-    for name, entry in parsed.models.items():
-        if isinstance(entry, str):
-            entry = _Entry(path=entry)
-        source = _source(entry.path, path.parent, f"{path}: models.{name}")
+    for name, value in raw["models"].items():
+        where = f"{path}: models.{name}"
+        if not name.strip():
+            raise ConfigError(f"{path}: a model name is empty")
+        entry = _entry(value, where)
+        source = _source(entry.path, path.parent, where)
         served[name] = ServedModel(name, source, entry.dtype, entry.tokenizer_id or name)
     return served
 

@@ -368,6 +368,7 @@ class ServerState:
             except Exception as e:
                 message, category = describe_error(e)
                 log.warning("model %s failed to load: %s", record.model_id, message)
+                self.store.discard_run(record.model_id)  # not listed as a run with nothing in it
                 runner.fail(f"model {record.model_id} failed to load: {message}")
                 future.set_error(message, category)
                 return

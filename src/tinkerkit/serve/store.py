@@ -199,6 +199,18 @@ class CheckpointStore:
         atomic_write_json(directory / RUN_FILE, record.to_json())
         return directory
 
+    def discard_run(self, model_id: str) -> None:
+        """Remove a run whose model never loaded: its ``run.json`` and the directories left
+        empty. Anything else in it stays."""
+        directory = self.run_dir(model_id)
+        (directory / RUN_FILE).unlink(missing_ok=True)
+        for path in [*sorted(directory.rglob("*"), reverse=True), directory]:
+            if path.is_dir() and not path.is_symlink():
+                try:
+                    path.rmdir()  # only when empty
+                except OSError:
+                    pass
+
     def read_run(self, model_id: str, owner: str) -> RunRecord:
         """The run ``model_id`` if ``owner`` owns it.
 
