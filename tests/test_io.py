@@ -42,3 +42,28 @@ def test_read_jsonl_skips_a_torn_last_line_and_names_a_damaged_one(tmp_path):
     log.write_bytes(b'{"step": 1}\n\xff\n')
     with pytest.raises(DataError, match=r"metrics.jsonl: invalid UTF-8 at byte offset 12"):
         io.read_jsonl(log)
+
+
+def test_a_staged_directory_gets_umask_permissions_even_for_safetensors_files(tmp_path):
+    """safetensors' save_file creates 0600 files whatever the umask, so checkpoints and exported
+    models were readable by their owner only (a model server running as another user could not
+    load an export); a staged directory's entries now get the umask's permissions."""
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(0o022)
+    try:
+        target = tmp_path / "export"
+        with io.atomic_directory(target) as staging:
+            save_file({"a": torch.zeros(2)}, staging / "model.safetensors")
+            (staging / "sub").mkdir(mode=0o700)
+            save_file({"b": torch.ones(1)}, staging / "sub" / "adapter_model.safetensors")
+            (staging / "note.txt").write_text("x")
+            os.chmod(staging / "note.txt", 0o600)
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(target).as_posix(): oct(p.stat().st_mode & 0o777)
+             for p in sorted(target.rglob("*"))}
+    assert modes == {"model.safetensors": oct(io.FILE_MODE), "note.txt": oct(io.FILE_MODE),
+                     "sub": oct(io.DIR_MODE),
+                     "sub/adapter_model.safetensors": oct(io.FILE_MODE)}

@@ -167,9 +167,16 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield staging
         for child in staging.rglob("*"):
+            if child.is_symlink():
+                continue
             if child.is_file():
+                # safetensors' save_file creates its files 0600 whatever the umask: a checkpoint
+                # or an exported model would be unreadable to a server running as another user
+                os.chmod(child, FILE_MODE)
                 with open(child, "rb") as f:
                     os.fsync(f.fileno())
+            elif child.is_dir():
+                os.chmod(child, DIR_MODE)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old")
