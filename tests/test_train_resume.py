@@ -129,3 +129,30 @@ def test_a_moved_run_directory_resumes_from_its_own_checkpoints(config, tmp_path
     assert [e["path"] for e in entries] == ["checkpoints/step_000002", "checkpoints/step_000004"]
     resumed = train(config, resume=str(tmp_path / "b"))  # MAX_STEPS from the config: 6
     assert resumed.final_checkpoint == str(tmp_path / "b" / "checkpoints" / "step_000006")
+
+
+def test_resume_says_which_newer_checkpoint_it_passes_over_and_why(config, tmp_path):
+    """The latest checkpoint lost a file (a crash while it was written, or damage): --resume
+    used to go back to the one before without a word, then train over the damaged one."""
+    import io as _io
+
+    from rich.console import Console
+
+    full = train(config, run_dir=tmp_path / "full")
+    run_dir = tmp_path / "damaged"
+    train(config, run_dir=run_dir)
+    damaged, before = run_dir / "checkpoints" / "step_000006", run_dir / "checkpoints" / "step_000004"
+    (damaged / "adapter_config.json").unlink()
+    out = Console(file=_io.StringIO(), width=400)
+    resumed = train(config, resume=str(run_dir), console=out)
+    lines = out.file.getvalue().splitlines()
+    start = lines.index(f"Resuming {run_dir} from step 4 ({before})")
+    assert lines[start + 1] == (f"skipped the newer checkpoint {damaged}: adapter_config.json is "
+                                "missing (incomplete checkpoint?); the steps after 4 are trained "
+                                "and saved again")
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in metrics(run_dir)] == [r["loss"] for r in metrics(tmp_path / "full")]
+    assert (damaged / "adapter_config.json").is_file()
+    final, expected = adapter(resumed.final_checkpoint), adapter(full.final_checkpoint)
+    assert final.keys() == expected.keys()
+    assert all((final[k] - expected[k]).abs().max().item() == 0 for k in expected)

@@ -133,20 +133,22 @@ def latest_checkpoint(run_dir: str | Path) -> dict:
     """The newest complete checkpoint listed in ``run_dir/checkpoints.jsonl``.
 
     Returns:
-        The entry, with ``path`` resolved against ``run_dir``.
+        The entry, with ``path`` resolved against ``run_dir``, and ``skipped``: why each newer
+        listed checkpoint was passed over (incomplete or damaged), newest first.
 
     Raises:
         CheckpointError: None is listed, or none of those listed is complete on disk.
     """
+    skipped: list[str] = []
     for entry in reversed(io.read_jsonl(Path(run_dir) / CHECKPOINTS_FILE)):
-        resolved = {**entry, "path": checkpoint_path(run_dir, entry)}
+        resolved = {**entry, "path": checkpoint_path(run_dir, entry), "skipped": skipped}
         if is_tinker_path(resolved["path"]):  # on the server; the server checks it when loading
             return resolved
         try:
             read_checkpoint_meta(resolved["path"])
             return resolved
-        except CheckpointError:
-            continue
+        except CheckpointError as e:
+            skipped.append(str(e))
     raise CheckpointError(f"{run_dir}: no complete checkpoint listed in {CHECKPOINTS_FILE}")
 
 

@@ -537,6 +537,9 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
     if resume:
         truncate_logs(run_dir, start_step)
         console.print(f"Resuming {run_dir} from step {start_step} ({entry['path']})")
+        for reason in entry.get("skipped", []):
+            console.print(f"skipped the newer {reason}; the steps after {start_step} are "
+                          "trained and saved again")
     io.atomic_write_json(run_dir / CONFIG_FILE,
                          config.model_copy(update={"run_dir": str(run_dir)}).dump())
     console.print(f"Training {total_steps} steps ({per_epoch} per epoch, batch {config.batch_size}) "
