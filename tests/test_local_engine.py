@@ -17,7 +17,9 @@ from tinkerkit.engines.local import (
     MICROBATCH_OVERHEAD_TOKENS,
     LocalTrainingClient,
     _Example,
+    _MicroBatch,
     _microbatches,
+    _packs,
     adapter_parameters,
     create_training_client_from_state,
     token_logprobs,
@@ -118,9 +120,14 @@ def test_chunked_projection_equals_full_logits_in_values_and_gradients(tiny_mode
     assert_grads_close(chunked_grads, grads(client))
 
 
-def test_padding_and_microbatches_change_nothing(tiny_model, token_lists, tmp_path):
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("budget", [40, 8192])  # several micro-batches, one
+def test_packing_padding_and_microbatches_change_nothing(tiny_model, token_lists, tmp_path,
+                                                         packing, budget):
     data = [make_datum(t) for t in token_lists]
-    batched = make_client(tiny_model, tmp_path, microbatch_tokens=40)  # several micro-batches
+    batched = make_client(tiny_model, tmp_path, microbatch_tokens=budget)
+    assert batched.packing  # a Llama on SDPA attention packs
+    batched.packing = packing  # False: the right-padded micro-batches of models that cannot pack
     together = batched.forward_backward(data).result()
     single = make_client(tiny_model, tmp_path)
     alone = [single.forward_backward([d]).result() for d in data]  # one at a time, accumulated
@@ -131,6 +138,59 @@ def test_padding_and_microbatches_change_nothing(tiny_model, token_lists, tmp_pa
     assert together.metrics["loss:sum"] == pytest.approx(
         sum(r.metrics["loss:sum"] for r in alone), rel=1e-6)
     assert_grads_close(grads(batched), grads(single))
+
+
+def test_packs_fill_up_to_the_budget_in_order():
+    def cut(lengths: list[int], budget: int) -> list[list[int]]:
+        examples = [_Example(i, torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64),
+                             torch.ones(n)) for i, n in enumerate(lengths)]
+        return [[e.index for e in pack] for pack in _packs(examples, budget)]
+
+    assert cut([109, 233, 159, 215], 8192) == [[0, 1, 2, 3]]  # a GSM8K batch: one pass of 716
+    assert cut([300, 10, 290, 95, 100], 400) == [[0, 1], [2, 3], [4]]
+    assert cut([100] * 4, 200) == [[0, 1], [2, 3]]  # exactly the budget fits
+    assert cut([50, 500, 50], 400) == [[0], [1], [2]]  # a datum over the budget runs alone
+
+
+def test_packed_micro_batch_inputs():
+    examples = [_Example(i, torch.arange(n) + 10 * i, torch.arange(n) + 1, torch.full((n,), 0.5))
+                for i, n in enumerate([3, 1, 2])]
+    batch = _MicroBatch.packed(examples)
+    assert batch.tokens.tolist() == [[0, 1, 2, 10, 20, 21]]
+    assert batch.targets.tolist() == [[1, 2, 3, 1, 1, 2]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 0, 1]]  # each datum from position 0
+    assert batch.segments == [3, 1, 2] and batch.valid.all()
+    assert [(e.index, row, start) for e, row, start in batch.places] == [(0, 0, 0), (1, 0, 3),
+                                                                         (2, 0, 4)]
+    padded = _MicroBatch.padded(examples)
+    assert padded.tokens.tolist() == [[0, 1, 2], [10, 0, 0], [20, 21, 0]]
+    assert padded.valid.tolist() == [[True] * 3, [True, False, False], [True, True, False]]
+    assert padded.position_ids is None and padded.segments is None
+
+
+def test_models_with_sliding_windows_or_eager_attention_do_not_pack(tmp_path):
+    from tinkerkit.engines.packing import packed_sdpa_attention, supports_packing
+
+    def tiny(config_class, **extra):
+        config = config_class(vocab_size=64, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              **extra)
+        return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+    assert supports_packing(tiny(transformers.LlamaConfig))
+    assert supports_packing(tiny(transformers.Qwen3Config))  # sliding window configured, unused
+    assert not supports_packing(tiny(transformers.MistralConfig, sliding_window=16))
+    assert not supports_packing(tiny(transformers.Qwen3Config, use_sliding_window=True,
+                                     sliding_window=16, max_window_layers=1))
+    eager = transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=4),
+        attn_implementation="eager")
+    assert not supports_packing(eager)
+    query = torch.zeros(1, 4, 6, 8)
+    with pytest.raises(EngineError, match="sliding_window=16; this model needs padded"):
+        packed_sdpa_attention(torch.nn.Module(), query, query, query, None,
+                              sliding_window=16, tinkerkit_segments=[3, 3])
 
 
 def test_microbatches_trade_padding_against_passes():
@@ -373,7 +433,7 @@ def test_activation_checkpointing_changes_nothing_but_recomputes(tiny_qwen3, qwe
                                                       seen.append(module))
         monkeypatch.setattr(local, "ACTIVATION_CHECKPOINTING_MIN_TOKENS", 300)
         monkeypatch.setattr(local, "MICROBATCH_OVERHEAD_TOKENS", 10**6)  # both datums in one micro-batch
-        out = client.forward_backward(qwen_datums).result()  # micro-batch of 2 x 300 tokens
+        out = client.forward_backward(qwen_datums).result()  # one micro-batch of 471 tokens
         results[setting] = (out.metrics["loss:sum"], grads(client), len(calls))
         client.forward_backward(qwen_datums[1:]).result()  # 171 tokens: auto turns it off
         assert local.causal_lm(client.model).is_activation_checkpointing == (setting is True)
@@ -398,8 +458,14 @@ def test_attention_is_sdpa_causal_without_a_mask(tiny_qwen3, qwen_datums, tmp_pa
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     monkeypatch.setattr(local, "MICROBATCH_OVERHEAD_TOKENS", 10**6)  # both datums in one micro-batch
-    make_client(tiny_qwen3, tmp_path).forward_backward(qwen_datums).result()  # padded rows
-    assert seen == [(True, True, 300)] * 2  # 2 layers, no [T, T] mask, the causal kernel
+    client = make_client(tiny_qwen3, tmp_path)
+    client.forward_backward(qwen_datums).result()  # one packed row of 300 + 171 tokens
+    # 2 layers, each datum on its own: no [T, T] mask, the causal kernel
+    assert seen == [(True, True, 300), (True, True, 171)] * 2
+    seen.clear()
+    client.packing = False
+    client.forward_backward(qwen_datums).result()  # padded rows
+    assert seen == [(True, True, 300)] * 2
 
 
 def test_bf16_mixed_precision_is_close_to_float32(tiny_qwen3, qwen_datums, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from tinkerkit.engines.lora_linear import FusedLoraLinear, LoraLinearFunction
+from tinkerkit.engines.lora_linear import FusedLoraLinear, LoraLinearFunction, autocast_weight
 
 
 class TwoLayers(torch.nn.Module):
@@ -114,3 +114,19 @@ def test_fused_layer_under_bf16_autocast_is_as_close_to_float32_as_peft():
     assert len(fused_error) == 6 and 0 < max(fused_error) < 0.02  # bf16 rounding, no more
     # One rounding fewer (the LoRA product is added inside addmm): no less accurate than PEFT.
     assert sum(fused_error) <= 1.5 * sum(peft_error)
+
+
+def test_autocast_weight_is_cast_once_per_value_of_the_weight():
+    weight = torch.nn.Parameter(torch.tensor([[1.0, 1.0 + 2**-10]]), requires_grad=False)
+    first = autocast_weight(weight, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and first.tolist() == [[1.0, 1.0]]  # bf16 rounding
+    assert autocast_weight(weight, torch.bfloat16) is first  # kept, not cast again
+    assert autocast_weight(weight, torch.float16).tolist() == [[1.0, 1.0 + 2**-10]]
+    with torch.no_grad():
+        weight.mul_(3.0)  # an in-place change moves the version counter on: cast anew
+    assert autocast_weight(weight, torch.bfloat16).tolist() == [[3.0, 3.0]]
+    weight.data = torch.tensor([[5.0, 7.0]])  # another storage
+    assert autocast_weight(weight, torch.bfloat16).tolist() == [[5.0, 7.0]]
+    cast = autocast_weight(weight, torch.bfloat16)
+    snapshot = copy.deepcopy({"w": weight}, {id(weight): weight})["w"]  # as share_base_copy does
+    assert snapshot is weight and autocast_weight(snapshot, torch.bfloat16) is cast

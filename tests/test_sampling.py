@@ -9,6 +9,7 @@ from tinker import types
 
 from tinkerkit.engines.local import LocalTrainingClient
 from tinkerkit.engines.local_sampling import LocalSamplingClient
+from tinkerkit.engines.packing import PACKED_ATTENTION
 from tinkerkit.errors import EngineError
 
 PROMPTS = ["The quick brown fox", "Hello", "Two plus two is four, and three plus three is", "Why?"]
@@ -148,6 +149,20 @@ def test_training_snapshots_and_saved_adapters_sample_alike(tiny_model, prompts,
     assert fresh.result()[1:] == pytest.approx(before[1:], abs=1e-5)
     base = LocalSamplingClient(tiny_model, device="cpu").compute_logprobs(prompts[0]).result()
     assert base[1:] != pytest.approx(before[1:], abs=1e-3)  # the adapter changed the model
+
+    # The snapshot keeps the training model's packed attention (tinkerkit.engines.packing); in a
+    # left-padded batch with an attention mask it is transformers' SDPA attention unchanged.
+    assert snapshot._model.config._attn_implementation == PACKED_ATTENTION
+    fresh_sampler = LocalSamplingClient(tiny_model, path, device="cpu")
+    assert fresh_sampler._model.config._attn_implementation == "sdpa"
+    gate = threading.Event()
+    snapshot._worker.submit(gate.wait)  # hold the worker: the four prompts become one batch
+    pending = [snapshot.sample(p, 1, greedy(8, stop=[])) for p in prompts]
+    gate.set()
+    batched = [f.result().sequences[0].tokens for f in pending]
+    alone = [fresh_sampler.sample(p, 1, greedy(8, stop=[])).result().sequences[0].tokens
+             for p in prompts]
+    assert batched == alone
 
 
 def test_bad_requests_raise_engine_error(sampler, prompts):

@@ -19,14 +19,16 @@ Semantics (those of Tinker):
 Memory (long sequences; figures in ``benchmarks/long_context.py`` and
 ``docs/QUICK_START_LONG_TEXT.md``):
 
-* Datums are sorted by length and run in right-padded micro-batches of at most
-  ``microbatch_tokens`` padded tokens, cut where padding would cost more than another pass
-  through the model (:func:`_microbatches`), so examples of very different lengths never share
-  one.
-* Attention: right padding needs no attention mask under causal attention (no real token attends
-  to a later pad), so transformers calls PyTorch's ``scaled_dot_product_attention`` with
-  ``is_causal=True`` and no mask, whose flash/memory-efficient kernels never build the
-  ``[T, T]`` score matrix.
+* Datums are packed end to end, without padding, into micro-batches of at most
+  ``microbatch_tokens`` tokens (:func:`_packs`; a longer datum runs alone). Each keeps its own
+  positions and attends only within itself (:mod:`tinkerkit.engines.packing`: PyTorch's
+  ``scaled_dot_product_attention`` once per datum with ``is_causal=True`` and no mask, whose
+  flash/memory-efficient kernels never build the ``[T, T]`` score matrix).
+* Models that cannot pack (sliding-window attention, logit soft-capping, attention outside
+  transformers' SDPA path) run right-padded micro-batches of at most ``microbatch_tokens`` padded
+  tokens instead, the datums sorted by length and cut where padding would cost more than
+  another pass (:func:`_microbatches`). Right padding needs no attention mask under causal
+  attention (no real token attends to a later pad).
 * Loss: the decoder's last hidden states are projected to the vocabulary in chunks of at most
   :data:`LOGIT_CHUNK_ELEMENTS` logits (:func:`token_logprobs`), so neither the forward nor the
   backward pass holds more than one ``[positions, vocab]`` block. Only positions with non-zero
@@ -62,6 +64,7 @@ from __future__ import annotations
 import base64
 import copy
 import datetime as _dt
+import itertools
 import math
 import os
 import threading
@@ -83,6 +86,7 @@ from tinkerkit.checkpoint import (
     read_checkpoint_meta,
     read_safetensors,
 )
+from tinkerkit.engines.packing import SEGMENTS_KWARG, enable_packing, packed_positions
 from tinkerkit.errors import (
     CheckpointError,
     EngineError,
@@ -169,11 +173,17 @@ def check_plain_lm_head(model: torch.nn.Module) -> None:
 
 def last_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor,
                        attention_mask: torch.Tensor | None = None,
-                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Final hidden states ``[B, T, H]`` of the decoder, without the vocabulary projection."""
+                       position_ids: torch.Tensor | None = None,
+                       segments: list[int] | None = None) -> torch.Tensor:
+    """Final hidden states ``[B, T, H]`` of the decoder, without the vocabulary projection.
+
+    ``segments``: the lengths of the datums packed into the single row of ``input_ids`` (a
+    model switched to packed attention, :mod:`tinkerkit.engines.packing`), or None.
+    """
     decoder = causal_lm(model).get_decoder()
+    packed = {} if segments is None else {SEGMENTS_KWARG: segments}
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  use_cache=False)
+                  use_cache=False, **packed)
     return out.last_hidden_state
 
 
@@ -249,7 +259,9 @@ def logit_chunk_positions(vocab_size: int) -> int:
 
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor,
                    chunk: int | None = None, *, grad_mask: torch.Tensor | None = None,
-                   valid_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   valid_mask: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None,
+                   segments: list[int] | None = None) -> torch.Tensor:
     """``log p(targets[b, t] | input_ids[b, :t+1])`` without materializing ``[B, T, vocab]``.
 
     The decoder runs once; its last hidden states are projected to the vocabulary ``chunk``
@@ -268,11 +280,14 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, targets: tor
             loss weights); None: every valid position.
         valid_mask: bool ``[B, T]``: positions to compute at all (False on padding, which comes
             back as 0); None: every position.
+        position_ids: int64 ``[B, T]``, or None for ``0 .. T-1`` in every row.
+        segments: Lengths of the datums packed into the single row (``B == 1``), each attending
+            only within itself (:mod:`tinkerkit.engines.packing`); None: one sequence per row.
 
     Returns:
         float32 ``[B, T]`` log-probabilities.
     """
-    hidden = last_hidden_states(model, input_ids)
+    hidden = last_hidden_states(model, input_ids, position_ids=position_ids, segments=segments)
     batch, length, width = hidden.shape
     flat_hidden, flat_targets = hidden.reshape(-1, width), targets.reshape(-1)
     head = causal_lm(model).get_output_embeddings()
@@ -501,7 +516,7 @@ def _to_example(index: int, datum: types.Datum, vocab_size: int) -> _Example:
 
 
 def _microbatches(examples: list[_Example], budget: int) -> list[list[_Example]]:
-    """Right-padded micro-batches that waste little on padding.
+    """Right-padded micro-batches that waste little on padding (models that cannot pack).
 
     The datums are sorted longest first and cut into runs of consecutive ones; of all such
     cuts, the one with the fewest padded tokens plus :data:`MICROBATCH_OVERHEAD_TOKENS` per
@@ -524,6 +539,58 @@ def _microbatches(examples: list[_Example], budget: int) -> list[list[_Example]]
         batches.append(ordered[start_of[end]:end])
         end = start_of[end]
     return batches[::-1]
+
+
+def _packs(examples: list[_Example], budget: int) -> list[list[_Example]]:
+    """Packed micro-batches: the datums in order, each pack filled while it holds at most
+    ``budget`` tokens (a datum longer than ``budget`` runs alone)."""
+    packs: list[list[_Example]] = []
+    filled = budget
+    for example in examples:
+        if filled + len(example.tokens) > budget:
+            packs.append([])
+            filled = 0
+        packs[-1].append(example)
+        filled += len(example.tokens)
+    return packs
+
+
+@dataclass
+class _MicroBatch:
+    """The model inputs of one pass.
+
+    ``tokens``/``targets`` int64, ``weights`` float32 and ``valid`` bool (False on padding), all
+    ``[B, T]``; for a packed row (``B == 1``) ``position_ids`` int64 ``[1, T]`` and ``segments``
+    (the datums' lengths), else None; ``places``: each datum with its row and first position.
+    """
+
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    weights: torch.Tensor
+    valid: torch.Tensor
+    position_ids: torch.Tensor | None
+    segments: list[int] | None
+    places: list[tuple[_Example, int, int]]
+
+    @classmethod
+    def padded(cls, batch: list[_Example]) -> _MicroBatch:
+        length = max(len(e.tokens) for e in batch)
+        return cls(_pad([e.tokens for e in batch], length, torch.int64),
+                   _pad([e.targets for e in batch], length, torch.int64),
+                   _pad([e.weights for e in batch], length, torch.float32),
+                   _pad([torch.ones(len(e.tokens), dtype=torch.bool) for e in batch], length,
+                        torch.bool),
+                   None, None, [(example, row, 0) for row, example in enumerate(batch)])
+
+    @classmethod
+    def packed(cls, batch: list[_Example]) -> _MicroBatch:
+        lengths = [len(e.tokens) for e in batch]
+        starts = [0, *itertools.accumulate(lengths)][:-1]
+        tokens = torch.cat([e.tokens for e in batch])[None]
+        return cls(tokens, torch.cat([e.targets for e in batch])[None],
+                   torch.cat([e.weights for e in batch])[None],
+                   torch.ones_like(tokens, dtype=torch.bool), packed_positions(lengths), lengths,
+                   [(example, 0, start) for example, start in zip(batch, starts)])
 
 
 def _pad(rows: list[torch.Tensor], length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -568,7 +635,8 @@ class LocalTrainingClient:
         dtype: Base-model dtype (``float32``, ``bfloat16``, ``float16``); LoRA weights, the
             loss and the optimizer state stay float32.
         checkpoint_root: Directory under which ``save_state`` names live.
-        microbatch_tokens: Most padded tokens per forward pass.
+        microbatch_tokens: Most tokens per forward pass (padded tokens for a model that cannot
+            pack; a longer datum runs alone).
         activation_checkpointing: ``True``, ``False`` or ``"auto"`` (on for micro-batches of at
             least :data:`ACTIVATION_CHECKPOINTING_MIN_TOKENS` tokens); see
             :func:`set_activation_checkpointing`. Results are the same either way.
@@ -614,6 +682,7 @@ class LocalTrainingClient:
                             target_modules=names, bias="none", task_type="CAUSAL_LM")
         config._register_custom_module({torch.nn.Linear: FusedLoraLinear})  # PEFT's own hook
         self.model = wrap_lora(base, config, seed).to(self.device)
+        self.packing = enable_packing(causal_lm(self.model))
         self._params = adapter_parameters(self.model)
         self._optimizer = self._new_optimizer()
         self._step = 0
@@ -721,32 +790,39 @@ class LocalTrainingClient:
         loss_sum = 0.0
         with torch.random.fork_rng(devices=self._rng_devices()), torch.set_grad_enabled(backward):
             self._restore_rng(self._rng)
-            for batch in _microbatches(examples, self.microbatch_tokens):
-                length = len(batch[0].tokens)
-                tokens = _pad([e.tokens for e in batch], length, torch.int64).to(self.device)
-                targets = _pad([e.targets for e in batch], length, torch.int64).to(self.device)
-                weights = _pad([e.weights for e in batch], length, torch.float32).to(self.device)
-                valid = _pad([torch.ones(len(e.tokens), dtype=torch.bool) for e in batch], length,
-                             torch.bool).to(self.device)
+            for batch in self._micro_batches(examples):
+                inputs = [t.to(self.device) for t in (batch.tokens, batch.targets,
+                                                     batch.weights, batch.valid)]
+                tokens, targets, weights, valid = inputs
+                positions = (None if batch.position_ids is None
+                             else batch.position_ids.to(self.device))
                 if backward:
                     set_activation_checkpointing(self.model, self._checkpointing(tokens.numel()))
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                     batch_logprobs = token_logprobs(self.model, tokens, targets,
-                                                    grad_mask=weights != 0, valid_mask=valid)
+                                                    grad_mask=weights != 0, valid_mask=valid,
+                                                    position_ids=positions,
+                                                    segments=batch.segments)
                 loss = -(batch_logprobs * weights).sum()
                 if backward and loss.requires_grad:  # a micro-batch without weights has no graph
                     loss.backward()
                 loss_sum += loss.item()
-                for row, example in enumerate(batch):
-                    logprobs[example.index] = batch_logprobs[row, :len(example.tokens)].detach()
+                for example, row, start in batch.places:
+                    end = start + len(example.tokens)
+                    logprobs[example.index] = batch_logprobs[row, start:end].detach()
             self._rng = self._capture_rng()
         outputs = [{"logprobs": types.TensorData.from_torch(lp.float().cpu())} for lp in logprobs]
         return types.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord",
                                            loss_fn_outputs=outputs, metrics={"loss:sum": loss_sum})
 
-    def _checkpointing(self, padded_tokens: int) -> bool:
+    def _micro_batches(self, examples: list[_Example]) -> list[_MicroBatch]:
+        if self.packing:
+            return [_MicroBatch.packed(b) for b in _packs(examples, self.microbatch_tokens)]
+        return [_MicroBatch.padded(b) for b in _microbatches(examples, self.microbatch_tokens)]
+
+    def _checkpointing(self, tokens: int) -> bool:
         if self.activation_checkpointing == "auto":
-            return padded_tokens >= ACTIVATION_CHECKPOINTING_MIN_TOKENS
+            return tokens >= ACTIVATION_CHECKPOINTING_MIN_TOKENS
         return bool(self.activation_checkpointing)
 
     def _restore_rng(self, rng: dict[str, torch.Tensor | None]) -> None:

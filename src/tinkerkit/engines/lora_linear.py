@@ -15,7 +15,9 @@ adapter's parameters, names, saved files, merging and unloading are PEFT's own; 
 pass differs, and it falls back to PEFT's whenever the fused one does not apply (dropout, DoRA or
 another variant, a LoRA bias, several or disabled adapters, merged weights, mixed dtypes outside
 autocast, extra arguments). Under autocast every operand is cast to the autocast dtype, as
-autocast casts a ``torch.nn.Linear``'s.
+autocast casts a ``torch.nn.Linear``'s; the frozen base weight's cast is kept
+(:func:`autocast_weight`) instead of being redone on every call, as autocast itself does only for
+weights that require gradients.
 
 Example::
 
@@ -72,6 +74,26 @@ class LoraLinearFunction(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
+def autocast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight.to(dtype)`` for a frozen weight, computed once per value of the weight.
+
+    The copy is kept on the weight itself (attribute ``_tinkerkit_cast``), so it goes with the
+    weight and a model copy that shares its frozen weights (a sampling snapshot) shares the cast
+    copies too. It is made anew when another dtype is asked for or the weight changed: another
+    storage, or an in-place change that autograd tracks (its version counter moved on). Costs
+    ``weight.numel()`` elements of ``dtype`` per weight (bf16 copies of float32 weights: half
+    the weights' memory again).
+    """
+    key = (weight.data_ptr(), weight._version, dtype)
+    cached = getattr(weight, "_tinkerkit_cast", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        cast = weight.to(dtype)
+    weight._tinkerkit_cast = (key, cast)
+    return cast
+
+
 class FusedLoraLinear(PeftLoraLinear):
     """PEFT's ``lora.Linear`` with the forward of :class:`LoraLinearFunction` where it applies."""
 
@@ -106,6 +128,7 @@ class FusedLoraLinear(PeftLoraLinear):
         # two linear layers would: the casts are recorded by autograd, so the float32 LoRA
         # weights get float32 gradients.
         dtype = torch.get_autocast_dtype(device)
-        cast = [None if t is None else t.to(dtype) for t in operands]
+        weight = autocast_weight(base.weight, dtype)
+        x, _, bias, lora_a, lora_b = [None if t is None else t.to(dtype) for t in operands]
         with torch.autocast(device, enabled=False):
-            return LoraLinearFunction.apply(*cast, self.scaling[adapter])
+            return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, self.scaling[adapter])
