@@ -43,7 +43,8 @@ Memory (long sequences; figures in ``benchmarks/long_context.py`` and
   ``torch.autocast(dtype=torch.bfloat16)``; LoRA weights, gradients, the loss and the optimizer
   stay float32.
 * LoRA layers are PEFT's with a fused forward and backward pass
-  (:class:`~tinkerkit.engines.lora_linear.FusedLoraLinear`).
+  (:class:`~tinkerkit.engines.lora_linear.FusedLoraLinear`), RMSNorm layers compute their
+  gradient in fewer passes (:mod:`tinkerkit.engines.fused_norm`).
 
 Determinism: ``seed`` fixes the LoRA initialization (drawn on the CPU, so it does not depend on
 the device); LoRA dropout draws from the client's own RNG state, which ``save_state`` stores and
@@ -86,6 +87,7 @@ from tinkerkit.checkpoint import (
     read_checkpoint_meta,
     read_safetensors,
 )
+from tinkerkit.engines.fused_norm import fuse_rms_norms
 from tinkerkit.engines.packing import SEGMENTS_KWARG, enable_packing, packed_positions
 from tinkerkit.errors import (
     CheckpointError,
@@ -683,6 +685,8 @@ class LocalTrainingClient:
         config._register_custom_module({torch.nn.Linear: FusedLoraLinear})  # PEFT's own hook
         self.model = wrap_lora(base, config, seed).to(self.device)
         self.packing = enable_packing(causal_lm(self.model))
+        self._train_mode: bool | None = None  # what self.model.train() was last called with
+        fuse_rms_norms(self.model)
         self._params = adapter_parameters(self.model)
         self._optimizer = self._new_optimizer()
         self._step = 0
@@ -785,7 +789,9 @@ class LocalTrainingClient:
             return self._run_locked(examples, backward)
 
     def _run_locked(self, examples: list[_Example], backward: bool) -> types.ForwardBackwardOutput:
-        self.model.train(backward)
+        if self._train_mode != backward:  # train() walks every module: not on every call
+            self.model.train(backward)
+            self._train_mode = backward
         logprobs: list[torch.Tensor | None] = [None] * len(examples)
         loss_sum = 0.0
         with torch.random.fork_rng(devices=self._rng_devices()), torch.set_grad_enabled(backward):
