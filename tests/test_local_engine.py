@@ -456,9 +456,9 @@ def test_attention_is_sdpa_causal_without_a_mask(tiny_qwen3, qwen_datums, tmp_pa
 
     import tinkerkit.engines.local as local
 
+    client = make_client(tiny_qwen3, tmp_path)  # (its layer checks call attention too)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     monkeypatch.setattr(local, "MICROBATCH_OVERHEAD_TOKENS", 10**6)  # both datums in one micro-batch
-    client = make_client(tiny_qwen3, tmp_path)
     client.forward_backward(qwen_datums).result()  # one packed row of 300 + 171 tokens
     # 2 layers, each datum on its own: no [T, T] mask, the causal kernel
     assert seen == [(True, True, 300), (True, True, 171)] * 2

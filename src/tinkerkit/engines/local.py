@@ -43,8 +43,8 @@ Memory (long sequences; figures in ``benchmarks/long_context.py`` and
   ``torch.autocast(dtype=torch.bfloat16)``; LoRA weights, gradients, the loss and the optimizer
   stay float32.
 * LoRA layers are PEFT's with a fused forward and backward pass
-  (:class:`~tinkerkit.engines.lora_linear.FusedLoraLinear`), RMSNorm layers compute their
-  gradient in fewer passes (:mod:`tinkerkit.engines.fused_norm`).
+  (:class:`~tinkerkit.engines.lora_linear.FusedLoraLinear`); RMSNorm layers and rotary
+  embeddings compute their gradients in fewer passes (:mod:`tinkerkit.engines.fused_layers`).
 
 Determinism: ``seed`` fixes the LoRA initialization (drawn on the CPU, so it does not depend on
 the device); LoRA dropout draws from the client's own RNG state, which ``save_state`` stores and
@@ -87,7 +87,7 @@ from tinkerkit.checkpoint import (
     read_checkpoint_meta,
     read_safetensors,
 )
-from tinkerkit.engines.fused_norm import fuse_rms_norms
+from tinkerkit.engines.fused_layers import fuse_layers
 from tinkerkit.engines.packing import SEGMENTS_KWARG, enable_packing, packed_positions
 from tinkerkit.errors import (
     CheckpointError,
@@ -686,7 +686,7 @@ class LocalTrainingClient:
         self.model = wrap_lora(base, config, seed).to(self.device)
         self.packing = enable_packing(causal_lm(self.model))
         self._train_mode: bool | None = None  # what self.model.train() was last called with
-        fuse_rms_norms(self.model)
+        fuse_layers(self.model)
         self._params = adapter_parameters(self.model)
         self._optimizer = self._new_optimizer()
         self._step = 0
