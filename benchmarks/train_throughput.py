@@ -80,6 +80,35 @@ first 40 GSM8K examples in batches of 4, the variants interleaved batch by batch
 * The fused LoRA layer also under bf16 autocast (operands cast to bf16 as autocast casts a
   linear layer's; before, it fell back to PEFT's path): bf16 runs 80.7/90.3 -> 97.2/107.2 tokens
   per CPU-second (two alternations, 10 GSM8K batches of 4, under load 3-4: rough).
+
+Later changes, measured on the quiet machine (load average 1-2, the benchmark's own workers):
+
+* Profile first (torch.profiler, float32, a GSM8K batch of 4): matrix products were 53% of the
+  time at ~85% of the 2048 x 2048 peak; each step ran two padded micro-batches of ~420 tokens;
+  per 860 tokens a decoder layer spent 5.9 ms in RMSNorm, 3.0 ms in the rotary embedding and
+  3.9 ms in SiLU-times-up, forward and backward, against ~25 ms of matrix products.
+* Datums packed end to end into one row with attention once per datum
+  (``engines/packing.py``) instead of padded micro-batches: decoder forward and backward alone
+  322/330 -> 385/373 tokens/s (alternating runs); this benchmark, 40 examples: ours 245.9 ->
+  309.8 tokens/s (1.70x -> 1.82x TRL); 200 examples: 1.86x (327.1 vs 175.9 tokens/s), 54.0% of
+  the peak. Peak memory 2.52 -> 2.96 GiB (one ~860-token pass instead of two).
+* RMSNorm with a hand-written backward (``engines/fused_layers.py``): 3.52 -> 1.35 ms per layer
+  forward and backward on ``[860, 576]``; 200 examples: 1.96x (346.9 vs 176.8 tokens/s), 53.0%
+  of the peak. Skipping ``model.train()`` when the mode does not change: ~8 ms per call.
+* The rotary embedding with a hand-written backward (same module): 3.01 -> 1.19 ms per layer
+  (queries and keys); whole steps, two clients in one process alternating batch by batch, CPU
+  seconds over 9 GSM8K batches: 46.18 -> 44.93 (1.028x). Losses within 6e-7.
+* Tried and left out: one matrix product for q/k/v (and for gate/up) with their LoRA products
+  (0.94x-1.06x per layer, the strided output slices cost what the shared reads save); a fused
+  SiLU-times-up (autograd's five passes are already the minimum); ``log_softmax`` or
+  ``logsumexp`` in the frozen head (no faster); smaller logit chunks (64-256 positions: slower);
+  the math SDPA kernel or repeated key/value heads (slower than the flash kernel with grouped
+  heads); ``OMP_WAIT_POLICY=ACTIVE`` (no change); foreach AdamW (7 ms of a ~2.5 s step).
+* bf16 autocast (``--precision bf16``) keeps each frozen weight's bf16 copy instead of casting it
+  in every call (``autocast_weight``). It is not the faster comparison here: TRL gains more from
+  bf16 than ours (40 examples: ours 380.2 vs TRL 223.1 tokens/s, 1.70x; 9.8% of the bf16 peak of
+  2,377 GFLOP/s), because at these shapes the bf16 matrix products are only ~3x faster and the
+  casts, the bf16 flash-attention backward and zero-filled outputs take back much of it.
 """
 
 from __future__ import annotations
