@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -114,8 +115,6 @@ class _FusedRotaryAttention:
             query, key = self.q_norm(query), self.k_norm(key)
         query, key = query.transpose(1, 2), key.transpose(1, 2)
         if query.dtype != cos.dtype:  # bf16 autocast: keep transformers' type promotion
-            from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
             query, key = apply_rotary_pos_emb(query, key, cos, sin)
         else:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
