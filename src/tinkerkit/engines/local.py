@@ -562,17 +562,21 @@ class _MicroBatch:
     """The model inputs of one pass.
 
     ``tokens``/``targets`` int64, ``weights`` float32 and ``valid`` bool (False on padding), all
-    ``[B, T]``; for a packed row (``B == 1``) ``position_ids`` int64 ``[1, T]`` and ``segments``
-    (the datums' lengths), else None; ``places``: each datum with its row and first position.
+    ``[B, T]``; for a packed row (``B == 1``) ``segments``, the datums' lengths, else None;
+    ``places``: each datum with its row and first position.
     """
 
     tokens: torch.Tensor
     targets: torch.Tensor
     weights: torch.Tensor
     valid: torch.Tensor
-    position_ids: torch.Tensor | None
     segments: list[int] | None
     places: list[tuple[_Example, int, int]]
+
+    @property
+    def position_ids(self) -> torch.Tensor | None:
+        """int64 ``[1, T]`` positions restarting at 0 per packed datum; None for padded rows."""
+        return None if self.segments is None else packed_positions(self.segments)
 
     @classmethod
     def padded(cls, batch: list[_Example]) -> _MicroBatch:
@@ -582,7 +586,7 @@ class _MicroBatch:
                    _pad([e.weights for e in batch], length, torch.float32),
                    _pad([torch.ones(len(e.tokens), dtype=torch.bool) for e in batch], length,
                         torch.bool),
-                   None, None, [(example, row, 0) for row, example in enumerate(batch)])
+                   None, [(example, row, 0) for row, example in enumerate(batch)])
 
     @classmethod
     def packed(cls, batch: list[_Example]) -> _MicroBatch:
@@ -591,7 +595,7 @@ class _MicroBatch:
         tokens = torch.cat([e.tokens for e in batch])[None]
         return cls(tokens, torch.cat([e.targets for e in batch])[None],
                    torch.cat([e.weights for e in batch])[None],
-                   torch.ones_like(tokens, dtype=torch.bool), packed_positions(lengths), lengths,
+                   torch.ones_like(tokens, dtype=torch.bool), lengths,
                    [(example, 0, start) for example, start in zip(batch, starts)])
 
 
@@ -803,8 +807,8 @@ class LocalTrainingClient:
                 inputs = [t.to(self.device) for t in (batch.tokens, batch.targets,
                                                      batch.weights, batch.valid)]
                 tokens, targets, weights, valid = inputs
-                positions = (None if batch.position_ids is None
-                             else batch.position_ids.to(self.device))
+                positions = batch.position_ids
+                positions = None if positions is None else positions.to(self.device)
                 if backward:
                     set_activation_checkpointing(self.model, self._checkpointing(tokens.numel()))
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
