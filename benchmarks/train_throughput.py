@@ -60,6 +60,17 @@ Figures:
 Goals (issue 7): ours >= 2.0x TRL's real tokens/s at equal or lower peak memory; the same losses
 within noise; >= 40% of the measured peak matrix-multiply FLOP/s.
 
+Reading the ratio: TRL's speed depends on what page faults cost on the machine at the time,
+ours hardly. TRL allocates and frees its padded ``[4, T, 49152]`` logits and their log-softmax
+every step (glibc's default ``malloc`` hands such blocks back to the kernel), 0.7-1.1 million
+minor page faults per step against ours' ~27,000. On this shared 2-core virtual machine that
+made TRL run 115-177 tokens/s across runs and days while ours ran 288-347. One run with
+glibc's allocator told to keep freed memory for both workers (``GLIBC_TUNABLES`` set to
+``glibc.malloc.arena_max=1``, ``glibc.malloc.mmap_threshold=33554432`` and
+``glibc.malloc.trim_threshold=2147483647``, joined by colons; TRL's faults down to
+25,000-300,000 per step): ours 334.0, TRL 167.8 tokens/s, 1.99x; the same day at glibc's
+defaults: 2.40x-2.51x.
+
 Needs TRL (``pip install -e '.[bench]'``, which pins ``trl==1.16.0``; it changes no pinned
 dependency). The machine may be shared: run it when it is quiet, and compare only the ratio
 measured in one run.
