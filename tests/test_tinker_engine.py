@@ -8,9 +8,19 @@ import pytest
 import tinker
 
 from tinkerkit import models
+from tinkerkit.checkpoint import is_tinker_path, parse_tinker_path, resolve_checkpoint
 from tinkerkit.config import load_config
+from tinkerkit.data.demo import write_demo_data
 from tinkerkit.engines import tinker as engine
-from tinkerkit.errors import ConfigError, EngineError, ModelError, NonFiniteGradientError
+from tinkerkit.errors import (
+    CheckpointError,
+    ConfigError,
+    EngineError,
+    ModelError,
+    NonFiniteGradientError,
+)
+from tinkerkit.evaluate import run_evaluation
+from tinkerkit.serve.store import CheckpointStore
 
 CANARY = "tml-canary-7f3a9c2e51d84b6f"
 
@@ -263,3 +273,35 @@ def test_a_key_that_no_http_header_can_carry_is_refused_before_the_sdk_hangs_on_
                                    "the key again")
     monkeypatch.setenv("TINKER_API_KEY", f"  {CANARY}\n")  # surrounding whitespace is dropped
     assert engine.api_key() == CANARY
+
+
+def test_the_tinker_scheme_is_recognized_in_any_case():
+    """URI schemes are case-insensitive (RFC 3986 section 3.1); the SDK and servers get the
+    lowercase form."""
+    assert is_tinker_path("TINKER://run-1/weights/step_000002")
+    assert not is_tinker_path("tinker:/run-1/weights/x") and not is_tinker_path("runs/tinker://x")
+    assert resolve_checkpoint("TINKER://run-1/weights/step_2") == "tinker://run-1/weights/step_2"
+    parsed = parse_tinker_path("Tinker://run-1/sampler_weights/s")
+    assert (parsed.tinker_path, parsed.training_run_id, parsed.checkpoint_type) == (
+        "tinker://run-1/sampler_weights/s", "run-1", "sampler")
+    assert CheckpointStore.parse_tinker_path("TINKER://a:train:0/external_weights/e") == (
+        "a:train:0", "external_weights", "e")
+
+
+@pytest.mark.parametrize("path", ["tinker://run-1/checkpoints/x", "tinker://run-1/weights",
+                                  "tinker://run-1/weights/", "TINKER:///weights/x",
+                                  "tinker://run-1/weights/a/b"])
+def test_a_malformed_tinker_path_is_refused_before_any_server_is_contacted(path, monkeypatch,
+                                                                           tmp_path):
+    def no_call(*args, **kwargs):
+        raise AssertionError("a server was contacted")
+
+    monkeypatch.setattr(engine, "connect", no_call)
+    monkeypatch.setattr(engine, "rest_client", no_call)
+    data = write_demo_data(tmp_path / "test.jsonl", n=2, seed=0)
+    with pytest.raises(CheckpointError) as info:
+        run_evaluation(load_config(None, ["DEVICE=cpu"]), [str(data)], checkpoint=path,
+                       output=tmp_path / "results.json")
+    assert str(info.value) == (f"checkpoint {path}: not a tinker://<run>/"
+                               "{weights|sampler_weights|external_weights}/<name> path")
+    assert not (tmp_path / "results.json").exists()

@@ -113,8 +113,38 @@ def read_lora_config(path: str | Path):
 
 
 def is_tinker_path(path: str | Path | None) -> bool:
-    """Whether ``path`` names a checkpoint on a Tinker server (``tinker://...``), not on disk."""
-    return isinstance(path, str) and path.startswith(TINKER_SCHEME)
+    """Whether ``path`` names a checkpoint on a Tinker server (``tinker://...``), not on disk.
+
+    The scheme is matched in any case (``TINKER://``): URI schemes are case-insensitive
+    (RFC 3986 section 3.1). This is the one test of tinkerkit for a Tinker path.
+    """
+    return isinstance(path, str) and path[:len(TINKER_SCHEME)].lower() == TINKER_SCHEME
+
+
+def parse_tinker_path(path: str):
+    """The parts of a ``tinker://<run>/<kind>/<name>`` checkpoint path, checked before any
+    server is asked about it.
+
+    Returns:
+        ``tinker.types.ParsedCheckpointTinkerPath``: ``tinker_path`` (the path with its scheme
+        in lowercase, the form the SDK and servers take), ``training_run_id``,
+        ``checkpoint_type`` (``training``, ``sampler`` or ``external``) and ``checkpoint_id``
+        (``<kind>/<name>``).
+
+    Raises:
+        CheckpointError: Not ``tinker://`` (any case), then a run, a kind of ``weights``,
+            ``sampler_weights`` or ``external_weights`` and a name, none empty.
+    """
+    from tinker import types
+
+    canonical = TINKER_SCHEME + path[len(TINKER_SCHEME):] if is_tinker_path(path) else path
+    try:
+        if "" in canonical[len(TINKER_SCHEME):].split("/"):
+            raise ValueError(path)
+        return types.ParsedCheckpointTinkerPath.from_tinker_path(canonical)
+    except (ValueError, TypeError, AttributeError):
+        raise CheckpointError(f"checkpoint {path}: not a tinker://<run>/"
+                              "{weights|sampler_weights|external_weights}/<name> path") from None
 
 
 def checkpoint_path(run_dir: str | Path, entry: dict) -> str:
@@ -155,13 +185,15 @@ def latest_checkpoint(run_dir: str | Path) -> dict:
 def resolve_checkpoint(path: str | Path) -> str:
     """A checkpoint argument as a checkpoint directory: a run directory means its latest one.
 
-    A ``tinker://`` path is returned as it is (the Tinker server resolves it).
+    A ``tinker://`` path (any case) is checked for its shape and returned with its scheme in
+    lowercase (:func:`parse_tinker_path`); the Tinker server resolves it.
 
     Raises:
-        CheckpointError: ``path`` does not exist or is not a directory.
+        CheckpointError: ``path`` does not exist or is not a directory, or is a malformed
+            ``tinker://`` path.
     """
     if is_tinker_path(path):
-        return str(path)
+        return parse_tinker_path(path).tinker_path
     path = Path(path)
     if (path / CHECKPOINTS_FILE).is_file():
         return latest_checkpoint(path)["path"]

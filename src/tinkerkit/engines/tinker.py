@@ -44,7 +44,12 @@ from urllib.parse import urlsplit
 from tinker import types
 
 from tinkerkit.archive import MAX_EXTRACTED_BYTES, extract_tar, is_archive_name, safe_relative_path
-from tinkerkit.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_tinker_path
+from tinkerkit.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    is_tinker_path,
+    parse_tinker_path,
+)
 from tinkerkit.config import TrainConfig
 from tinkerkit.errors import (
     NON_FINITE_GRADIENT,
@@ -633,6 +638,8 @@ def create_training_client(config: TrainConfig, state: str | None = None,
     if state is not None and not is_tinker_path(state):
         raise ConfigError(f"BACKEND=tinker starts from tinker:// checkpoints only, not {state} "
                           "(train on from a local checkpoint with BACKEND=local)")
+    if state is not None:
+        state = parse_tinker_path(state).tinker_path
     service = connect(config.tinker_base_url)
     if state is None:
         sdk_client = _create(service, "create_lora_training_client", lambda: (
@@ -729,13 +736,8 @@ def download_adapter(path: str, dest: Path, base_url: str | None = None,
         ConfigError: No usable API key.
         EngineError: The server cannot be reached or refuses a request.
     """
-    import tinker
-
-    try:
-        parsed = tinker.ParsedCheckpointTinkerPath.from_tinker_path(path)
-    except ValueError:
-        raise CheckpointError(f"checkpoint {path}: not a tinker://<run>/weights/<name> or "
-                              "tinker://<run>/external_weights/<name> path") from None
+    parsed = parse_tinker_path(path)
+    path = parsed.tinker_path
     if parsed.checkpoint_type == "sampler":
         raise CheckpointError(f"checkpoint {path}: sampler weights cannot be downloaded; export "
                               "the training checkpoint (tinker://<run>/weights/<name>) instead")

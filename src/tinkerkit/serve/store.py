@@ -33,7 +33,8 @@ from pathlib import Path
 from tinker import types
 
 from tinkerkit.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, STATE_FILE
-from tinkerkit.errors import RequestError
+from tinkerkit.checkpoint import parse_tinker_path as parse_checkpoint_path
+from tinkerkit.errors import CheckpointError, RequestError
 from tinkerkit.io import atomic_write_json, read_json
 
 RUN_FILE = "run.json"
@@ -50,7 +51,6 @@ EXTERNAL_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MODEL_ID = re.compile(rf"(?P<session>{SESSION_ID.pattern}):train:(?P<seq>[0-9]{{1,9}})")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-TINKER_PATH = re.compile(r"tinker://(?P<model>[^/]+)/(?P<segment>[a-z_]+)/(?P<name>[^/]+)")
 
 
 def now_utc() -> _dt.datetime:
@@ -179,17 +179,20 @@ class CheckpointStore:
 
     @staticmethod
     def parse_tinker_path(path: str) -> tuple[str, str, str]:
-        """``(model_id, segment, name)`` of a ``tinker://`` checkpoint path.
+        """``(model_id, segment, name)`` of a ``tinker://`` checkpoint path (scheme in any case;
+        :func:`tinkerkit.checkpoint.parse_tinker_path`).
 
         Raises:
             RequestError: 400 when the path is not ``tinker://<model>/<segment>/<name>`` with
                 a known segment and a valid name.
         """
-        match = TINKER_PATH.fullmatch(path) if isinstance(path, str) else None
-        if match is None or match["segment"] not in SEGMENTS:
+        try:
+            parsed = parse_checkpoint_path(path)
+        except CheckpointError:
             raise RequestError(400, f"checkpoint path {path!r} is not tinker://<model id>/"
-                                    "{weights|sampler_weights|external_weights}/<name>")
-        return match["model"], match["segment"], check_name(match["name"])
+                                    "{weights|sampler_weights|external_weights}/<name>") from None
+        segment, name = parsed.checkpoint_id.split("/")
+        return parsed.training_run_id, segment, check_name(name)
 
     # -- runs
 
