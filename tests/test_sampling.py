@@ -174,6 +174,24 @@ def test_bad_requests_raise_engine_error(sampler, prompts):
         sampler.compute_logprobs(types.ModelInput.from_ints([1, 10**6]))
 
 
+
+def test_prompts_past_the_models_positions_are_refused_and_max_tokens_is_capped(sampler):
+    """The tiny model has 512 positions (max_position_embeddings): a prompt must leave one to
+    sample into, a scored prompt may fill them all; a sample that would run past the last one
+    ends there with stop_reason "length" (as when max_tokens is reached)."""
+    with pytest.raises(EngineError) as info:
+        sampler.sample(types.ModelInput.from_ints([17] * 512), 1, greedy(3))
+    assert str(info.value) == ("prompt of 512 tokens is too long: the model has 512 positions "
+                               "(max_position_embeddings), so it takes at most 511 to sample from")
+    with pytest.raises(EngineError) as info:
+        sampler.compute_logprobs(types.ModelInput.from_ints([17] * 513))
+    assert str(info.value) == ("prompt of 513 tokens is too long: the model has 512 positions "
+                               "(max_position_embeddings), so it takes at most 512 to score")
+    assert len(sampler.compute_logprobs(types.ModelInput.from_ints([17] * 512)).result()) == 512
+    capped = sampler.sample(types.ModelInput.from_ints([17] * 509), 2, greedy(10, stop=[]))
+    assert [(len(s.tokens), s.stop_reason) for s in capped.result().sequences] == [
+        (3, "length"), (3, "length")]
+
 @pytest.mark.slow
 def test_real_smollm2_answers_and_stops_at_im_end():
     sampler = LocalSamplingClient("smollm2-135m-instruct", device="cpu")

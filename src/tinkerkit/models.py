@@ -350,6 +350,12 @@ def max_positions(name: str) -> int | None:
         config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
     except (ModelError, OSError, ValueError, TypeError):
         return None
+    return positions_in(config)
+
+
+def positions_in(config: object) -> int | None:
+    """The positions of a model config given as a dict (``config.json``, or a transformers
+    config's ``to_dict()``), as :func:`max_positions` counts them; None when unknown."""
     if not isinstance(config, dict):
         return None
     if not isinstance(config.get("max_position_embeddings"), int):

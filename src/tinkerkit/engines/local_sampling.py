@@ -9,7 +9,13 @@ are dropped from the cache), so it costs no more compute.
 
 ``SamplingParams`` as in Tinker:
 
-* ``max_tokens``: ``None`` means :data:`DEFAULT_MAX_TOKENS` (256).
+* ``max_tokens``: ``None`` means :data:`DEFAULT_MAX_TOKENS` (256). A prompt must leave at least
+  one of the model's positions (``max_position_embeddings``, :func:`tinkerkit.models.positions_in`)
+  free to sample into, or the request is refused (``EngineError``: past its positions a model
+  computes garbage). A sample that would run past the last position ends there, with
+  ``stop_reason`` ``"length"`` as at ``max_tokens``, rather than the request being refused: one
+  ``max_tokens`` then serves prompts of every length (an evaluation's longest prompts are cut,
+  and counted as cut, not failed), and the sample says that it was cut.
 * ``temperature``: 0 is greedy (argmax); otherwise logits / temperature, then ``top_k``
   (``-1`` or ``0``: off), then ``top_p`` (smallest set of tokens whose probability reaches
   ``top_p``), then a draw.
@@ -62,7 +68,7 @@ from tinkerkit.engines.local import (
     wrap_lora,
 )
 from tinkerkit.errors import EngineError
-from tinkerkit.models import load_model, load_tokenizer
+from tinkerkit.models import load_model, load_tokenizer, positions_in
 from tinkerkit.render import end_of_turn_ids
 
 DEFAULT_MAX_TOKENS = 256
@@ -245,6 +251,7 @@ class LocalSamplingClient:
         self.device = next(model.parameters()).device
         self._tokenizer = tokenizer if tokenizer is not None else load_tokenizer(base_model)
         self._vocab = causal_lm(model).get_output_embeddings().out_features
+        self._positions = positions_in(causal_lm(model).config.to_dict())
         self._default_stop = self._end_token_ids()
         self._pending: list[_Request] = []
         self._lock = threading.Lock()
@@ -283,13 +290,18 @@ class LocalSamplingClient:
 
     # -- requests
 
-    def _prompt_ids(self, prompt: types.ModelInput) -> list[int]:
+    def _prompt_ids(self, prompt: types.ModelInput, to_sample: bool) -> list[int]:
         try:
             tokens = prompt.to_ints()
         except ValueError as e:
             raise EngineError(f"prompt holds non-token chunks: {e}") from e
         if not tokens:
             raise EngineError("prompt is empty")
+        most = None if self._positions is None else self._positions - to_sample
+        if most is not None and len(tokens) > most:
+            raise EngineError(f"prompt of {len(tokens)} tokens is too long: the model has "
+                              f"{self._positions} positions (max_position_embeddings), so it "
+                              f"takes at most {most} to {'sample from' if to_sample else 'score'}")
         bad = [t for t in tokens if not 0 <= t < self._vocab]
         if bad:
             raise EngineError(f"prompt holds token id {bad[0]} outside [0, {self._vocab})")
@@ -323,16 +335,20 @@ class LocalSamplingClient:
             Future of ``tinker.types.SampleResponse``.
 
         Raises:
-            EngineError: An empty prompt, token ids outside the vocabulary or parameters out of
-                range (at once).
+            EngineError: An empty prompt, a prompt that leaves none of the model's positions to
+                sample into, token ids outside the vocabulary or parameters out of range (at
+                once). ``max_tokens`` past the last position is cut to it (module docstring).
         """
         _check_params(sampling_params, num_samples)
         if topk_prompt_logprobs < 0:
             raise EngineError(f"topk_prompt_logprobs={topk_prompt_logprobs} must be >= 0")
         stop_ids, stop_strings = self._stops(sampling_params.stop)
         seed = secrets.randbits(64) if sampling_params.seed is None else sampling_params.seed
-        request = _Request(Future(), self._prompt_ids(prompt), sampling_params,
-                           sampling_params.max_tokens or DEFAULT_MAX_TOKENS, stop_ids,
+        tokens = self._prompt_ids(prompt, to_sample=True)
+        max_tokens = sampling_params.max_tokens or DEFAULT_MAX_TOKENS
+        if self._positions is not None:
+            max_tokens = min(max_tokens, self._positions - len(tokens))
+        request = _Request(Future(), tokens, sampling_params, max_tokens, stop_ids,
                            stop_strings, include_prompt_logprobs, topk_prompt_logprobs)
         for index in range(num_samples):
             generator = torch.Generator(device=self.device).manual_seed(_row_seed(seed, index))
@@ -345,8 +361,12 @@ class LocalSamplingClient:
         Returns:
             Future of a list with one entry per prompt token: None for the first (it has no
             context), then floats.
+
+        Raises:
+            EngineError: An empty prompt, one longer than the model's positions, or token ids
+                outside the vocabulary (at once).
         """
-        return self._enqueue(_Request(Future(), self._prompt_ids(prompt)))
+        return self._enqueue(_Request(Future(), self._prompt_ids(prompt, to_sample=False)))
 
     def _enqueue(self, request: _Request) -> Future:
         with self._lock:
