@@ -175,6 +175,14 @@ def test_malformed_bodies_get_4xx_with_a_detail(world):
         "seed 2**70": post(url, "create_model", json={
             "session_id": world.session_id, "model_seq_id": 9, "base_model": world.model,
             "lora_config": {"rank": 4, "seed": 2**70}}),
+        "rank true": post(url, "create_model", json={  # not LoRA rank 1
+            "session_id": world.session_id, "model_seq_id": 9, "base_model": world.model,
+            "lora_config": {"rank": True}}),
+        "optim_step: seq_id -1": post(url, "optim_step", json={
+            "model_id": mid, "seq_id": -1, "adam_params": {"learning_rate": 1e-3}}),
+        "sample: seq_id -1": sample(seq_id=-1),
+        "prompt past the model's positions": sample(prompt={"chunks": [
+            {"type": "encoded_text", "tokens": [17] * 600}]}),
     }
     statuses = {name: answer.status_code for name, answer in cases.items()}
     assert statuses == {name: 400 for name in cases}
@@ -184,6 +192,13 @@ def test_malformed_bodies_get_4xx_with_a_detail(world):
     assert details["num_samples 2**70"] == "num_samples=1180591620717411303424 must be in [1, 1024]"
     assert details["rank 2**70"].startswith("lora_config.rank=1180591620717411303424 must be in")
     assert "adam_params" in details["optim_step: learning_rate is text"]
+    assert details["rank true"] == (
+        "CreateModelRequest: lora_config.rank: Input should be a valid integer")
+    assert details["optim_step: seq_id -1"] == "seq_id=-1 must be in [1, 9223372036854775807]"
+    assert details["sample: seq_id -1"] == "seq_id=-1 must be in [0, 9223372036854775807]"
+    assert details["prompt past the model's positions"] == (
+        "prompt of 600 tokens is too long: the model has 512 positions "
+        "(max_position_embeddings), so it takes at most 511 to sample from")
     assert all("\n" not in detail and "Traceback" not in detail for detail in details.values())
     still_serving(world)
 

@@ -65,7 +65,9 @@ class Request:
     base_url: str = ""
 
     def json(self, model: type[pydantic.BaseModel]) -> Any:
-        """The body validated as ``model`` (a SDK request type).
+        """The body validated as ``model`` (a SDK request type), in pydantic's strict mode for
+        JSON: no conversion between JSON types, so ``true`` is not the integer 1 nor ``"4"`` the
+        integer 4 (the conversions JSON needs, a string to an enum or a date, still apply).
 
         Raises:
             RequestError: 400 naming the first invalid field.
@@ -77,7 +79,7 @@ class Request:
         if not isinstance(data, dict):
             raise RequestError(400, f"body must be a JSON object, got {type(data).__name__}")
         try:
-            return model.model_validate(data)
+            return model.model_validate_json(self.body or b"{}", strict=True)
         except pydantic.ValidationError as e:
             raise RequestError.invalid(model.__name__, e) from e
 

@@ -78,6 +78,9 @@ MAX_SAMPLE_TOKENS = 131072
 """Largest ``max_tokens`` of a sample (the KV cache is allocated for prompt + max_tokens)."""
 MAX_TOPK = 1024
 """Largest ``topk_prompt_logprobs``."""
+MAX_SEQ_ID = 2**63 - 1
+"""Largest ``seq_id`` (a signed 64-bit integer: the SDK numbers a cloned sampler's requests from
+its clone id times 10**9, which it keeps below this)."""
 _SEEN_SEQ_IDS = 1024
 """How many past seq ids of a model (or sampler) are remembered to answer retries."""
 
@@ -430,9 +433,12 @@ class ServerState:
         """Submit a model's request in ``seq_id`` order (see :meth:`ModelRunner.submit`).
 
         Raises:
-            RequestError: The request started at once and was refused (its 4xx); its
-                ``seq_id`` is consumed all the same.
+            RequestError: 400 for a ``seq_id`` outside [1, :data:`MAX_SEQ_ID`] (the SDK numbers
+                a model's requests from 1); the request started at once and was refused (its
+                4xx), its ``seq_id`` consumed all the same.
         """
+        if seq_id is not None:
+            _check_range("seq_id", seq_id, 1, MAX_SEQ_ID)
         future = runner.submit(seq_id, self.futures.create(owner), start)
         future.raise_if_rejected()
         return future
@@ -778,15 +784,18 @@ class ServerState:
 
         Raises:
             RequestError: 404 unknown sampler; 400 an unsupported option, ``num_samples``,
-                ``max_tokens`` or ``topk_prompt_logprobs`` out of the server's bounds, or
-                (when the sampler is loaded, so the request starts at once) a prompt or
-                parameters the engine refuses.
+                ``max_tokens``, ``topk_prompt_logprobs`` or ``seq_id`` out of the server's
+                bounds, or (when the sampler is loaded, so the request starts at once) a prompt
+                or parameters the engine refuses (a prompt past the model's positions
+                included).
         """
         _check_range("num_samples", request.num_samples, 1, MAX_NUM_SAMPLES)
         if request.sampling_params.max_tokens is not None:
             _check_range("sampling_params.max_tokens", request.sampling_params.max_tokens, 1,
                          MAX_SAMPLE_TOKENS)
         _check_range("topk_prompt_logprobs", request.topk_prompt_logprobs, 0, MAX_TOPK)
+        if request.seq_id is not None:  # a sampler's requests are numbered from 0
+            _check_range("seq_id", request.seq_id, 0, MAX_SEQ_ID)
         if request.sampling_session_id is None:
             raise RequestError(400, "tinkerkit serve samples through sampling sessions "
                                     "(sampling_session_id)")
