@@ -10,6 +10,7 @@ import json
 import socket
 import urllib.request
 import warnings
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -316,6 +317,9 @@ def test_unknown_base_model_and_models_file(tmp_path, tiny_model):
             'directory on the server"}')
         training = client.create_lora_training_client("Qwen/Qwen3-8B", **LORA).result()
         assert training.get_info().model_data.model_name == "Qwen/Qwen3-8B"
+        # no tokenizer_id in the entry: the model directory's own tokenizer, offline
+        assert training.get_info().model_data.tokenizer_id == str(Path(tiny_model).resolve())
+        assert training.get_tokenizer().encode("Hello world") == [19556, 905]
         assert training.forward(datums(), "cross_entropy").result().metrics["loss:sum"] > 0
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"models": {"x": {"path": tiny_model, "dtype": "int8"}}}))

@@ -11,7 +11,8 @@ file (``--models FILE``, JSON or TOML) maps such names to local models::
     path = "/models/Llama-3.2-1B"                    # directory (relative: to this file) or
                                                      # a tinkerkit registry name
     dtype = "bfloat16"                               # float32 (default), bfloat16, float16
-    tokenizer_id = "meta-llama/Llama-3.2-1B"         # reported by get_info (default: the name)
+    tokenizer_id = "meta-llama/Llama-3.2-1B"         # reported by get_info (default: see
+                                                     # ModelRegistry.tokenizer_id)
 
 or the same as JSON: ``{"models": {"Qwen/Qwen3-8B": "/models/Qwen3-8B", "...": {"path": ...}}}``.
 
@@ -33,6 +34,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tinkerkit.errors import ConfigError, RequestError
 from tinkerkit.models import REGISTRY, hub_id_of, resolve_model
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+"""Files of a saved Hugging Face tokenizer (``save_pretrained`` writes both): a model directory
+with one of them holds its own tokenizer."""
+
 
 @dataclass(frozen=True)
 class ServedModel:
@@ -44,8 +49,8 @@ class ServedModel:
             registry name.
         dtype: Base-model dtype (``float32``, ``bfloat16``, ``float16``).
         tokenizer_id: The tokenizer that ``get_info`` reports (the SDK's ``get_tokenizer``
-            loads it with ``AutoTokenizer.from_pretrained``); None: see
-            :meth:`ModelRegistry.tokenizer_id`.
+            loads it with ``AutoTokenizer.from_pretrained``); None (the models file names none):
+            see :meth:`ModelRegistry.tokenizer_id`.
     """
 
     name: str
@@ -135,7 +140,7 @@ def read_models_file(path: str | Path) -> dict[str, ServedModel]:
             raise ConfigError(f"{path}: a model name is empty")
         entry = _entry(value, where)
         source = _source(entry.path, path.parent, where)
-        served[name] = ServedModel(name, source, entry.dtype, entry.tokenizer_id or name)
+        served[name] = ServedModel(name, source, entry.dtype, entry.tokenizer_id)
     return served
 
 
@@ -177,12 +182,15 @@ class ModelRegistry:
     def tokenizer_id(self, served: ServedModel) -> str:
         """The tokenizer ``get_info`` reports for a served model.
 
-        The models file's ``tokenizer_id`` (default: the name); for a tinkerkit registry name,
-        its local directory on a loopback bind (clients share this machine, so the SDK's
-        ``get_tokenizer()`` works offline), else its hub id.
+        The models file's ``tokenizer_id``; else, on a loopback bind (clients share this
+        machine, so the SDK's ``get_tokenizer()`` works offline), the model's own directory
+        when it holds a tokenizer (a registry model's cached one included); else the name
+        clients use (a tinkerkit registry name: its hub id).
         """
         if served.tokenizer_id is not None:
             return served.tokenizer_id
         if self._allow_paths:
-            return str(resolve_model(served.source))
-        return hub_id_of(served.source)
+            directory = Path(resolve_model(served.source))
+            if any((directory / name).is_file() for name in TOKENIZER_FILES):
+                return str(directory)
+        return hub_id_of(served.name)
