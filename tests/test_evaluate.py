@@ -176,6 +176,23 @@ def test_evaluate_rejects_bad_settings_and_short_responses(tokenizer):
         run_four(tokenizer, num_samples=2)  # the canned answers hold one sample each
 
 
+def test_a_refused_request_names_its_example(tokenizer):
+    class Refusing(FakeSamplingClient):
+        def sample(self, prompt, num_samples, sampling_params):
+            if self.tokenizer.decode(prompt.to_ints()) == QUESTIONS[2][0]:
+                raise EngineError("prompt of 9 tokens is too long: the model has 8 positions")
+            return super().sample(prompt, num_samples, sampling_params)
+
+    client = Refusing(tokenizer, {q: [(out, stop)] for q, _, out, stop in QUESTIONS})
+    with pytest.raises(EngineError) as caught:
+        evaluate([conversation(q, ref) for q, ref, _, _ in QUESTIONS], client,
+                 build_prompt_for(tokenizer), tokenizer, EvalSettings(),
+                 console=Console(record=True, width=120))
+    assert str(caught.value) == ("example 2 (test:What is ): prompt of 9 tokens is too long: "
+                                 "the model has 8 positions")
+    assert client.log == ["sample", "sample"]  # nothing awaited before the refusal
+
+
 def test_results_round_trip_and_report(tokenizer, tmp_path):
     _, result = run_four(tokenizer)
     path = tmp_path / "evaluation_results.json"

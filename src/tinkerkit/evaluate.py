@@ -152,14 +152,22 @@ def _progress(console: Console, enabled: bool) -> Progress:
                     TimeElapsedColumn(), console=console, disable=not enabled)
 
 
-def _sample_all(sampling_client, prompts: list, settings: EvalSettings, console: Console,
-                progress: bool) -> list:
-    """Submit every request, then await the responses in order."""
-    futures = [
-        sampling_client.sample(prompt=prompt, num_samples=settings.num_samples,
-                               sampling_params=_sampling_params(settings, i))
-        for i, prompt in enumerate(prompts)
-    ]
+def _sample_all(sampling_client, prompts: list, sources: list, settings: EvalSettings,
+                console: Console, progress: bool) -> list:
+    """Submit every request, then await the responses in order.
+
+    Raises:
+        EngineError: The client refused a request (say, a prompt longer than the model's
+            positions), naming the example (index from 0, and its source).
+    """
+    futures = []
+    for i, (prompt, source) in enumerate(zip(prompts, sources)):
+        try:
+            futures.append(sampling_client.sample(
+                prompt=prompt, num_samples=settings.num_samples,
+                sampling_params=_sampling_params(settings, i)))
+        except EngineError as e:
+            raise EngineError(f"example {i} ({source}): {e}") from e
     responses = []
     with _progress(console, progress) as bar:
         task = bar.add_task("Sampling", total=len(futures))
@@ -268,14 +276,16 @@ def evaluate(conversations: Sequence[Conversation], sampling_client,
 
     Raises:
         ConfigError: an invalid setting.
-        EngineError: the client returned a different number of sequences than requested.
+        EngineError: the client refused a request (naming the example) or returned a different
+            number of sequences than requested.
     """
     settings.validate()
     console = console or Console()
     selected = list(conversations)[:settings.limit]
     prompts = [build_prompt(c) for c in selected]
     start = time.perf_counter()
-    responses = _sample_all(sampling_client, prompts, settings, console, progress)
+    responses = _sample_all(sampling_client, prompts, [c.source for c in selected], settings,
+                            console, progress)
     wall_seconds = time.perf_counter() - start
 
     examples = []
