@@ -266,6 +266,44 @@ def test_resume_with_optimizer_is_bitwise_exact(tiny_model, token_lists, tmp_pat
         assert torch.equal(weights_of(resumed)[key], value), key
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resumed_optimizer_state_is_the_uninterrupted_one(tiny_model, token_lists, tmp_path,
+                                                          device):
+    """Restored AdamW state equals the state the optimizer built itself, tensor by tensor.
+
+    Fused AdamW keeps ``step`` on the parameter's device; a CPU ``step`` beside CUDA
+    parameters makes its next step fail ("Expected all tensors to be on the same device").
+    """
+    adam = types.AdamParams(learning_rate=1e-2)
+    data = [make_datum(t) for t in token_lists]
+    first = make_client(tiny_model, tmp_path, device=device)
+    first.forward_backward([data[0]])
+    first.optim_step(adam)
+    path = first.save_state("one").result().path
+    resumed = create_training_client_from_state(path, with_optimizer=True, device=device,
+                                                checkpoint_root=tmp_path / "ckpt2")
+    expected, got = first._optimizer.state_dict(), resumed._optimizer.state_dict()
+    # (the group's hyperparameters are set from AdamParams at every step, so they are not compared)
+    assert [g["params"] for g in got["param_groups"]] == [g["params"] for g in
+                                                          expected["param_groups"]]
+    assert list(got["state"]) == list(range(len(first._params))) == list(expected["state"])
+    for index, state in expected["state"].items():
+        assert got["state"][index].keys() == state.keys() == {"step", "exp_avg", "exp_avg_sq"}
+        for name, value in state.items():
+            restored = got["state"][index][name]
+            assert (restored.device, restored.dtype) == (value.device, value.dtype), name
+            assert torch.equal(restored, value), (index, name)
+    for client in (first, resumed):
+        client.forward_backward([data[1]])
+        assert client.optim_step(adam).result().metrics["step"] == 2.0
+    for key, value in weights_of(first).items():
+        assert torch.equal(weights_of(resumed)[key], value), key
+
+
 def test_load_state_restores_weights_and_restarts_optimizer(tiny_model, token_lists, tmp_path):
     client = make_client(tiny_model, tmp_path)
     client.forward_backward([make_datum(token_lists[0])])

@@ -1037,14 +1037,20 @@ class LocalTrainingClient:
         stray = [key for key in moments if not key.endswith(suffixes)]
         if stray:
             raise CheckpointError(f"checkpoint {path}: {file.name}: unexpected key '{stray[0]}'")
-        states = {param: {"step": torch.tensor(float(step))} for param in self._params.values()}
+        states = [{"step": torch.tensor(float(step))} for _ in self._params]
         for suffix in suffixes:
             buffers = {key: torch.zeros_like(param) for key, param in self._params.items()}
             assign_tensors(buffers, {k: v for k, v in moments.items() if k.endswith(suffix)},
                            file, suffix)
-            for key, param in self._params.items():
-                states[param][suffix[1:]] = buffers[key]
-        self._optimizer.state.update(states)
+            for state, buffer in zip(states, buffers.values()):
+                state[suffix[1:]] = buffer
+        # Through load_state_dict: it puts ``step`` where this optimizer's kernel reads it (on
+        # the parameter's device for the fused kernel, which refuses a CPU step next to CUDA
+        # parameters; on the CPU for the per-tensor loop). The state is keyed by position in the
+        # single param group, which holds ``self._params`` in order.
+        groups = self._optimizer.state_dict()["param_groups"]
+        self._optimizer.load_state_dict({"state": dict(enumerate(states)),
+                                         "param_groups": groups})
         self._step = step
 
     # -- sampling
