@@ -53,6 +53,14 @@ def test_mistyped_key_suggests_closest(tmp_path):
     ("DATA_FILES=missing.jsonl", "DATA_FILES='missing.jsonl': file not found: missing.jsonl"),
     ("LR_SCHEDULE=step", "LR_SCHEDULE='step'"),
     ("BATCH_SIZE=x", "BATCH_SIZE='x'"),
+    # non-finite numbers: inf passed every bound and failed only at the first step (or as a NaN
+    # loss for LORA_ALPHA), after the model was loaded and the run directory written
+    ("LEARNING_RATE=inf", "LEARNING_RATE=inf: Input should be a finite number"),
+    ("LEARNING_RATE=1e400", "LEARNING_RATE=inf: Input should be a finite number"),
+    ("LORA_ALPHA=.inf", "LORA_ALPHA=inf: Input should be a finite number"),
+    ("ADAM_EPS=inf", "ADAM_EPS=inf: Input should be a finite number"),
+    ("WEIGHT_DECAY=inf", "WEIGHT_DECAY=inf: Input should be a finite number"),
+    ("LEARNING_RATE=nan", "LEARNING_RATE=nan: Input should be a finite number"),
 ])
 def test_invalid_values_name_key_and_value(override, message):
     with pytest.raises(ConfigError) as error:

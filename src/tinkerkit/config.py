@@ -49,7 +49,8 @@ class LRSchedule(StrEnum):
 class TrainConfig(BaseModel):
     """Every setting of a training run, with its default. Field ``x`` is ``X`` in ``config.py``."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False,
+                              allow_inf_nan=False)  # an infinite rate or alpha is never meant
 
     # Data
     data_files: list[str] = Field(default_factory=list, description="Training data files (JSON, JSON Lines).")
