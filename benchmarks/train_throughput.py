@@ -40,9 +40,10 @@ Figures:
 * peak memory: ``ru_maxrss`` of each worker (model loading included), and its RSS before the
   first step.
 * faults/step (per round): minor page faults of each worker per optimizer step (``ru_minflt``),
-  i.e. pages the kernel had to map and zero because the process had handed them back after an
-  earlier step. Not a goal; it shows how much of an engine's time depends on the machine's
-  page-fault cost, which varies on a shared virtual machine.
+  i.e. pages the kernel had to map and zero: in the first steps memory the process touches for
+  the first time, after that mostly memory it handed back after an earlier step and allocates
+  again. Not a goal; it shows how much of an engine's time depends on the machine's page-fault
+  cost, which varies on a shared virtual machine.
 * achieved FLOP/s: model FLOPs per sequence of ``L`` tokens, for LoRA training with a frozen
   base model, ``4 * N * L + 6 * N_lora * L + 12 * n_layer * n_head * d_head * L**2``: the forward
   pass costs 2 FLOPs per weight per token and the backward pass twice that (Kaplan et al. 2020,
@@ -60,16 +61,18 @@ Figures:
 Goals (issue 7): ours >= 2.0x TRL's real tokens/s at equal or lower peak memory; the same losses
 within noise; >= 40% of the measured peak matrix-multiply FLOP/s.
 
-Reading the ratio: TRL's speed depends on what page faults cost on the machine at the time,
-ours hardly. TRL allocates and frees its padded ``[4, T, 49152]`` logits and their log-softmax
-every step (glibc's default ``malloc`` hands such blocks back to the kernel), 0.7-1.1 million
-minor page faults per step against ours' ~27,000. On this shared 2-core virtual machine that
-made TRL run 115-177 tokens/s across runs and days while ours ran 288-347. One run with
+Reading the ratio: the ratio depends on what page faults cost on the machine at the time,
+because TRL's speed does and the local engine's hardly does. TRL allocates and frees its padded
+``[4, T, 49152]`` logits and their log-softmax every step (glibc's default ``malloc`` hands such
+blocks back to the kernel): 0.7-1.1 million minor page faults per step, against ~27,000 for
+the local engine. On this shared 2-core virtual machine TRL ran 115-177 tokens/s across runs
+and days, the local engine 288-347, and the ratio in one run 1.95x-2.51x. One run with
 glibc's allocator told to keep freed memory for both workers (``GLIBC_TUNABLES`` set to
 ``glibc.malloc.arena_max=1``, ``glibc.malloc.mmap_threshold=33554432`` and
 ``glibc.malloc.trim_threshold=2147483647``, joined by colons; TRL's faults down to
-25,000-300,000 per step): ours 334.0, TRL 167.8 tokens/s, 1.99x; the same day at glibc's
-defaults: 2.40x-2.51x.
+25,000-300,000 per step): ours 334.0, TRL 167.8 tokens/s, 1.99x, just under the 2.0x goal;
+the same day at glibc's defaults: 2.40x-2.51x. The goal is met against TRL as it runs by
+default, not against a TRL whose allocator is tuned this way.
 
 Needs TRL (``pip install -e '.[bench]'``, which pins ``trl==1.16.0``; it changes no pinned
 dependency). The machine may be shared: run it when it is quiet, and compare only the ratio
@@ -123,9 +126,10 @@ Later changes, measured on the quiet machine (load average 1-2, the benchmark's 
   step for SmolLM2's 420 LoRA matrices (2 threads, alone); parameters within 7.5e-9 of the
   loop's after 5 steps.
 * Tried and left out: glibc ``malloc`` keeping freed memory (``mallopt``: one arena, mmap and
-  trim thresholds raised), which takes ours from ~27,000 minor page faults per step to none:
-  1.00x (this benchmark with both workers running ours, alternating, one with and one without:
-  293.9 vs 293.6 tokens/s over 200 examples), peak memory 2.73 vs 2.62 GiB.
+  trim thresholds raised), which takes ours from ~27,000 minor page faults per step to none
+  after the first round: 1.00x (this benchmark with both workers running ours, alternating:
+  293.9 tokens/s with the setting, 293.6 without, over 200 examples); peak memory 2.73 GiB with
+  it, 2.62 without.
 * bf16 autocast (``--precision bf16``) keeps each frozen weight's bf16 copy instead of casting it
   in every call (``autocast_weight``). It is not the faster comparison here: TRL gains more from
   bf16 than ours (40 examples: ours 380.2 vs TRL 223.1 tokens/s, 1.70x; 9.8% of the bf16 peak of
