@@ -40,9 +40,10 @@ from tinker import types
 from transformers import GenerationConfig
 
 from tinkerkit.data.formats import load_conversations
-from tinkerkit.engines.local_sampling import LocalSamplingClient
-from tinkerkit.evaluate import EVAL_BATCH_SIZE
-from tinkerkit.models import load_model, load_tokenizer
+from tinkerkit.engines import EVAL_BATCH_SIZE
+from tinkerkit.engines.local import LocalSamplingClient
+from tinkerkit.engines.local.model import load_model
+from tinkerkit.models import load_tokenizer
 from tinkerkit.render import Renderer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"

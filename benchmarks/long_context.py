@@ -96,7 +96,7 @@ def run_naive(args, data: dict, rss_loaded: list[int]) -> tuple[list[float], lis
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from tinkerkit.models import load_model
+    from tinkerkit.engines.local.model import load_model
 
     base = load_model(args.model)
     targets = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]

@@ -62,9 +62,8 @@ from safetensors.torch import load_file
 from tinker import types
 
 from tinkerkit.checkpoint import ADAPTER_WEIGHTS, OPTIMIZER_STATE, read_checkpoint_meta
-from tinkerkit.engines.local import LocalTrainingClient
-from tinkerkit.engines.local_sampling import LocalSamplingClient
-from tinkerkit.models import load_model
+from tinkerkit.engines.local import LocalSamplingClient, LocalTrainingClient
+from tinkerkit.engines.local.model import load_model
 
 RANK = 4
 ADAM = types.AdamParams(learning_rate=5e-3)

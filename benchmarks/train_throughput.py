@@ -238,7 +238,7 @@ def sequence_tokens(example) -> int:
 
 def model_shape(model) -> dict:
     """Parameter counts and attention shape for the FLOP estimate (of a ``PeftModel``)."""
-    from tinkerkit.engines.local import causal_lm
+    from tinkerkit.engines.local.model import causal_lm
 
     config = causal_lm(model).config
     params = {id(p): p for p in model.parameters()}.values()  # tied weights once
@@ -289,7 +289,7 @@ def run_trl(args: argparse.Namespace, channel: Channel) -> None:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from tinkerkit.engines.local import ATTENTION_MODULES, MLP_MODULES
+    from tinkerkit.engines.local.model import ATTENTION_MODULES, MLP_MODULES
     from tinkerkit.models import resolve_model
 
     _, tokenizer, examples = rendered_examples(args.data_file, args.model)

@@ -9,7 +9,11 @@ import torch
 import transformers
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm
 
-from tinkerkit.engines.fused_layers import RMSNormFunction, RotaryFunction, fuse_layers
+from tinkerkit.engines.local.kernels.fused_layers import (
+    RMSNormFunction,
+    RotaryFunction,
+    fuse_layers,
+)
 
 
 def test_function_gradient_is_exact_in_float64():

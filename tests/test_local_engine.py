@@ -14,16 +14,20 @@ from tinker import types
 
 from helpers import VOCAB
 from tinkerkit.engines.local import (
-    MICROBATCH_OVERHEAD_TOKENS,
     LocalTrainingClient,
-    _Example,
-    _MicroBatch,
-    _microbatches,
-    _packs,
-    adapter_parameters,
+    batching,
     create_training_client_from_state,
-    token_logprobs,
+    training,
 )
+from tinkerkit.engines.local.batching import (
+    MICROBATCH_OVERHEAD_TOKENS,
+    Example,
+    MicroBatch,
+    plan_packs,
+    plan_padded,
+)
+from tinkerkit.engines.local.kernels.logprobs import token_logprobs
+from tinkerkit.engines.local.model import adapter_parameters, causal_lm
 from tinkerkit.errors import CheckpointError, EngineError
 from tinkerkit.models import load_tokenizer
 
@@ -142,9 +146,9 @@ def test_packing_padding_and_microbatches_change_nothing(tiny_model, token_lists
 
 def test_packs_fill_up_to_the_budget_in_order():
     def cut(lengths: list[int], budget: int) -> list[list[int]]:
-        examples = [_Example(i, torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64),
+        examples = [Example(i, torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64),
                              torch.ones(n)) for i, n in enumerate(lengths)]
-        return [[e.index for e in pack] for pack in _packs(examples, budget)]
+        return [[e.index for e in pack] for pack in plan_packs(examples, budget)]
 
     assert cut([109, 233, 159, 215], 8192) == [[0, 1, 2, 3]]  # a GSM8K batch: one pass of 716
     assert cut([300, 10, 290, 95, 100], 400) == [[0, 1], [2, 3], [4]]
@@ -153,23 +157,23 @@ def test_packs_fill_up_to_the_budget_in_order():
 
 
 def test_packed_micro_batch_inputs():
-    examples = [_Example(i, torch.arange(n) + 10 * i, torch.arange(n) + 1, torch.full((n,), 0.5))
+    examples = [Example(i, torch.arange(n) + 10 * i, torch.arange(n) + 1, torch.full((n,), 0.5))
                 for i, n in enumerate([3, 1, 2])]
-    batch = _MicroBatch.packed(examples)
+    batch = MicroBatch.packed(examples)
     assert batch.tokens.tolist() == [[0, 1, 2, 10, 20, 21]]
     assert batch.targets.tolist() == [[1, 2, 3, 1, 1, 2]]
     assert batch.position_ids.tolist() == [[0, 1, 2, 0, 0, 1]]  # each datum from position 0
     assert batch.segments == [3, 1, 2] and batch.valid.all()
     assert [(e.index, row, start) for e, row, start in batch.places] == [(0, 0, 0), (1, 0, 3),
                                                                          (2, 0, 4)]
-    padded = _MicroBatch.padded(examples)
+    padded = MicroBatch.padded(examples)
     assert padded.tokens.tolist() == [[0, 1, 2], [10, 0, 0], [20, 21, 0]]
     assert padded.valid.tolist() == [[True] * 3, [True, False, False], [True, True, False]]
     assert padded.position_ids is None and padded.segments is None
 
 
 def test_models_with_sliding_windows_or_eager_attention_do_not_pack(tmp_path):
-    from tinkerkit.engines.packing import packed_sdpa_attention, supports_packing
+    from tinkerkit.engines.local.kernels.packing import packed_sdpa_attention, supports_packing
 
     def tiny(config_class, **extra):
         config = config_class(vocab_size=64, hidden_size=32, intermediate_size=64,
@@ -195,9 +199,9 @@ def test_models_with_sliding_windows_or_eager_attention_do_not_pack(tmp_path):
 
 def test_microbatches_trade_padding_against_passes():
     def cut(lengths: list[int], budget: int = 8192) -> list[list[int]]:
-        examples = [_Example(i, torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64),
+        examples = [Example(i, torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64),
                              torch.ones(n)) for i, n in enumerate(lengths)]
-        return [[e.index for e in batch] for batch in _microbatches(examples, budget)]
+        return [[e.index for e in batch] for batch in plan_padded(examples, budget)]
 
     assert MICROBATCH_OVERHEAD_TOKENS == 64
     # A GSM8K batch: 4 * 233 = 932 padded tokens in one pass, 2 * 233 + 2 * 159 = 784 in two.
@@ -460,21 +464,20 @@ def test_only_weighted_positions_are_projected_under_autograd(tiny_qwen3, tmp_pa
 
 def test_activation_checkpointing_changes_nothing_but_recomputes(tiny_qwen3, qwen_datums,
                                                                  tmp_path, monkeypatch):
-    import tinkerkit.engines.local as local
 
     results = {}
     for setting in (False, True, "auto"):
         client = make_client(tiny_qwen3, tmp_path, activation_checkpointing=setting, dropout=0.1)
         calls: list[str] = []
-        for layer in local.causal_lm(client.model).model.layers:
+        for layer in causal_lm(client.model).model.layers:
             layer.self_attn.register_forward_pre_hook(lambda module, args, seen=calls:
                                                       seen.append(module))
-        monkeypatch.setattr(local, "ACTIVATION_CHECKPOINTING_MIN_TOKENS", 300)
-        monkeypatch.setattr(local, "MICROBATCH_OVERHEAD_TOKENS", 10**6)  # both datums in one micro-batch
+        monkeypatch.setattr(training, "ACTIVATION_CHECKPOINTING_MIN_TOKENS", 300)
+        monkeypatch.setattr(batching, "MICROBATCH_OVERHEAD_TOKENS", 10**6)  # both datums in one micro-batch
         out = client.forward_backward(qwen_datums).result()  # one micro-batch of 471 tokens
         results[setting] = (out.metrics["loss:sum"], grads(client), len(calls))
         client.forward_backward(qwen_datums[1:]).result()  # 171 tokens: auto turns it off
-        assert local.causal_lm(client.model).is_activation_checkpointing == (setting is True)
+        assert causal_lm(client.model).is_activation_checkpointing == (setting is True)
     loss, reference_grads, calls = results[False]
     assert calls == 2  # one forward per layer; checkpointing recomputes each layer once more
     for setting in (True, "auto"):
@@ -492,11 +495,9 @@ def test_attention_is_sdpa_causal_without_a_mask(tiny_qwen3, qwen_datums, tmp_pa
         return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                     is_causal=is_causal, **kwargs)
 
-    import tinkerkit.engines.local as local
-
     client = make_client(tiny_qwen3, tmp_path)  # (its layer checks call attention too)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    monkeypatch.setattr(local, "MICROBATCH_OVERHEAD_TOKENS", 10**6)  # both datums in one micro-batch
+    monkeypatch.setattr(batching, "MICROBATCH_OVERHEAD_TOKENS", 10**6)  # both datums in one micro-batch
     client.forward_backward(qwen_datums).result()  # one packed row of 300 + 171 tokens
     # 2 layers, each datum on its own: no [T, T] mask, the causal kernel
     assert seen == [(True, True, 300), (True, True, 171)] * 2

@@ -8,7 +8,11 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from tinkerkit.engines.lora_linear import FusedLoraLinear, LoraLinearFunction, autocast_weight
+from tinkerkit.engines.local.kernels.lora_linear import (
+    FusedLoraLinear,
+    LoraLinearFunction,
+    autocast_weight,
+)
 
 
 class TwoLayers(torch.nn.Module):

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from helpers import SHARED_DATA
+from tinkerkit.engines.local.model import load_model
 from tinkerkit.errors import ModelError
 from tinkerkit.models import (
     QWEN3_VOCAB_SIZE,
-    load_model,
     load_tokenizer,
     qwen3_tiny_config,
     resolve_model,

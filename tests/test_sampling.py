@@ -7,9 +7,8 @@ import threading
 import pytest
 from tinker import types
 
-from tinkerkit.engines.local import LocalTrainingClient
-from tinkerkit.engines.local_sampling import LocalSamplingClient
-from tinkerkit.engines.packing import PACKED_ATTENTION
+from tinkerkit.engines.local import LocalSamplingClient, LocalTrainingClient
+from tinkerkit.engines.local.kernels.packing import PACKED_ATTENTION
 from tinkerkit.errors import EngineError
 
 PROMPTS = ["The quick brown fox", "Hello", "Two plus two is four, and three plus three is", "Why?"]
@@ -150,7 +149,7 @@ def test_training_snapshots_and_saved_adapters_sample_alike(tiny_model, prompts,
     base = LocalSamplingClient(tiny_model, device="cpu").compute_logprobs(prompts[0]).result()
     assert base[1:] != pytest.approx(before[1:], abs=1e-3)  # the adapter changed the model
 
-    # The snapshot keeps the training model's packed attention (tinkerkit.engines.packing); in a
+    # The snapshot keeps the training model's packed attention (tinkerkit.engines.local.kernels.packing); in a
     # left-padded batch with an attention mask it is transformers' SDPA attention unchanged.
     assert snapshot._model.config._attn_implementation == PACKED_ATTENTION
     fresh_sampler = LocalSamplingClient(tiny_model, path, device="cpu")

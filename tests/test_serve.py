@@ -24,8 +24,7 @@ from tinker.proto.request_conv import forward_backward_request_to_proto
 from tinker.proto.response_conv import deserialize_proto_response
 
 from helpers import KEY, checkpoint_dir, running_server, service
-from tinkerkit.engines.local import LocalTrainingClient
-from tinkerkit.engines.local_sampling import LocalSamplingClient
+from tinkerkit.engines.local import LocalSamplingClient, LocalTrainingClient
 from tinkerkit.errors import ConfigError
 from tinkerkit.export import export_adapter
 from tinkerkit.serve import make_server, protobuf

@@ -15,8 +15,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from tinkerkit.engines.local import adapter_parameters, wrap_lora
-from tinkerkit.models import load_model
+from tinkerkit.engines.local.model import adapter_parameters, load_model, wrap_lora
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 

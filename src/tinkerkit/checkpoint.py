@@ -21,6 +21,7 @@ one line per checkpoint, so that the same resume logic serves the local and the 
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 from pathlib import Path
 
@@ -60,6 +61,28 @@ def read_checkpoint_meta(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is unreadable: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path}: {STATE_FILE} has an unknown format")
+    return meta
+
+
+def write_checkpoint_meta(directory: str | Path, kind: str, base_model: str, **fields) -> dict:
+    """Write a checkpoint's ``tinkerkit_state.json`` (atomically) and return what was written.
+
+    Args:
+        directory: The checkpoint directory (usually a staging directory of
+            :func:`tinkerkit.io.atomic_directory`).
+        kind: ``"state"`` (weights and optimizer state) or ``"sampler"`` (weights only).
+        base_model: The base model argument the adapter was trained on.
+        **fields: The engine's fields (``rank``, ``alpha``, ``dropout``, ``target_modules``,
+            ``train_unembed``, ``optimizer_step``, ``rng_state``); JSON values.
+
+    Raises:
+        ValueError: ``kind`` is neither (a programming error).
+    """
+    if kind not in ("state", "sampler"):
+        raise ValueError(f"checkpoint kind '{kind}' is not 'state' or 'sampler'")
+    meta = {"format": CHECKPOINT_FORMAT, "kind": kind, "base_model": base_model, **fields,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+    io.atomic_write_json(Path(directory) / STATE_FILE, meta)
     return meta
 
 

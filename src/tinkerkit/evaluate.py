@@ -29,10 +29,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from tinkerkit.checkpoint import resolve_checkpoint
 from tinkerkit.data.conversation import Conversation
+from tinkerkit.data.formats import load_conversations
+from tinkerkit.engines import check_engine, create_sampling_client
 from tinkerkit.errors import ConfigError, DataError, EngineError
 from tinkerkit.grading import grade
 from tinkerkit.io import atomic_write_json, atomic_write_text
+from tinkerkit.render import Renderer, end_of_turn_ids
 
 __all__ = [
     "CRITERIA",
@@ -508,28 +512,11 @@ def compare_results(a: dict, b: dict, console: Console) -> dict:
             "regressed": len(changed) - improved, "changed": changed}
 
 
-# Sequences generated together. Decoding a small model on CPU is bound by reading the weights once
-# per step, so a wide batch costs little more per step than a narrow one (measured on SmolLM2-135M:
-# about 0.15 s per decode step at 8 sequences and 0.2 s at 40).
-EVAL_BATCH_SIZE = 64
-
-
 def settings_from_config(config, num_samples: int = 1) -> EvalSettings:
     """The evaluation settings of a :class:`~tinkerkit.config.TrainConfig`."""
     return EvalSettings(max_tokens=config.max_tokens, temperature=config.temperature,
                         top_p=config.top_p, top_k=config.top_k, stop=config.stop,
                         num_samples=num_samples, seed=config.seed, limit=config.eval_limit)
-
-
-def _base_model_of(checkpoint: str | None, default: str) -> str:
-    """The base model recorded in a checkpoint (tinkerkit or exported PEFT adapter), else default."""
-    if checkpoint is None:
-        return default
-    from tinkerkit.checkpoint import STATE_FILE, read_checkpoint_meta
-
-    if (Path(checkpoint) / STATE_FILE).is_file():
-        return read_checkpoint_meta(checkpoint)["base_model"]
-    return default
 
 
 def _check_writable(path: Path, inputs: Sequence[str | Path] = ()) -> None:
@@ -563,41 +550,29 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
         config: Sampling settings and the base model (``BASE_MODEL``) come from it.
         data: Test files in any format the loader knows.
         checkpoint: A tinkerkit checkpoint, a run directory (its latest checkpoint), an
-            exported adapter directory, or a ``tinker://`` checkpoint (sampled on the server
-            at ``TINKER_BASE_URL`` through the SDK); None = the base model.
+            exported adapter directory, or a ``tinker://`` checkpoint; None = the base model.
+            The engine is :func:`tinkerkit.engines.backend_of`'s: a ``tinker://`` checkpoint,
+            or any model with ``BACKEND = "tinker"``, is sampled on the server at
+            ``TINKER_BASE_URL`` through the SDK.
         output: Where ``evaluation_results.json`` goes.
         num_samples: Samples per problem (pass@k with the unbiased estimator).
         console: Where to print.
-        base_model: Overrides both the config and the checkpoint's recorded base model.
+        base_model: Overrides both the config and the checkpoint's recorded base model
+            (:func:`tinkerkit.engines.create_sampling_client`).
 
     Raises:
         DataError, ModelError, CheckpointError, ConfigError: Bad data, model or checkpoint.
     """
-    from tinkerkit.checkpoint import is_tinker_path
-    from tinkerkit.data.formats import load_conversations
-    from tinkerkit.engines import check_device
-    from tinkerkit.engines.local_sampling import LocalSamplingClient
-    from tinkerkit.render import Renderer
-
     console = console or Console()
-    check_device(config.device)
+    check_engine(config, checkpoint)  # a bad BACKEND or DEVICE stops here, before any work
     if checkpoint is not None:
-        from tinkerkit.checkpoint import resolve_checkpoint
-
         checkpoint = resolve_checkpoint(checkpoint)
     _check_writable(Path(output), [*data, *([checkpoint] if checkpoint else [])])
     settings = settings_from_config(config, num_samples)
     settings.validate()
     loaded = load_conversations(data, format=config.data_format, on_error=config.on_error)
-    if is_tinker_path(checkpoint):  # sampled on its Tinker server, through the SDK
-        from tinkerkit.engines.tinker import create_sampling_client
-
-        client = create_sampling_client(checkpoint, config.tinker_base_url)
-        base = base_model or client.base_model
-    else:
-        base = base_model or _base_model_of(checkpoint, config.base_model)
-        client = LocalSamplingClient(base, adapter_path=checkpoint, device=config.device,
-                                     dtype=config.dtype, max_batch_size=EVAL_BATCH_SIZE)
+    client = create_sampling_client(config, checkpoint, base_model)
+    base = client.base_model
     tokenizer = client.get_tokenizer()
     settings.stop = with_end_of_turn(settings.stop, tokenizer)
     renderer = Renderer(tokenizer, config.train_on)
@@ -633,8 +608,6 @@ def training_eval_settings(config, tokenizer, limit: int) -> EvalSettings:
 def with_end_of_turn(stop: list[str] | None, tokenizer) -> list[str] | None:
     """Explicit stop strings replace the sampler's default stops (Tinker's ``SamplingParams.stop``
     semantics), so add the end-of-turn tokens back; None keeps the defaults."""
-    from tinkerkit.render import end_of_turn_ids
-
     if not stop:
         return stop
     return [*stop, *tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))]

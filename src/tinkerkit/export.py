@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
 
 from tinkerkit.checkpoint import (
     ADAPTER_CONFIG,
@@ -38,19 +40,25 @@ from tinkerkit.checkpoint import (
     STATE_FILE,
     is_tinker_path,
     read_checkpoint_meta,
-    read_lora_config,
-    read_safetensors,
 )
+from tinkerkit.engines.local.model import (
+    DTYPE_ALIASES,
+    Adapter,
+    apply_adapter,
+    base_model_of,
+    load_model,
+    merge_lora,
+    read_adapter,
+    torch_dtype,
+)
+from tinkerkit.engines.tinker import download_adapter
 from tinkerkit.errors import CheckpointError, ConfigError, ExportError
 from tinkerkit.io import atomic_directory, atomic_write_json, atomic_write_text
-from tinkerkit.models import hub_id_of, load_model, load_tokenizer, registry_name_of
+from tinkerkit.models import hub_id_of, load_tokenizer
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+EXPORT_DTYPES = tuple(DTYPE_ALIASES)
+"""The merged model's dtype names (``EXPORT_DTYPE``, ``--dtype``): ``fp32``, ``bf16``, ``fp16``."""
 
-# Unit roundoff u = 2^-p of each dtype, p = significand bits including the implicit one
-# (IEEE 754-2008 binary32 p=24, binary16 p=11; bfloat16 p=8). Rounding a weight to the dtype
-# changes it by at most a relative u: bf16 0.39%, fp16 0.049%, fp32 6e-8.
-_UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11, "fp32": 2.0**-24}
 # Headroom over u * (logit scale); logit_tolerance says how these were measured and chosen.
 _ROUNDOFF_FACTOR = {"bf16": 8.0, "fp16": 8.0, "fp32": 2.0**10}
 
@@ -116,8 +124,6 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, merge: boo
             raise ExportError(f"--output {output_dir}: inside the checkpoint {checkpoint}; "
                               "export next to it, not into it")
         return _export(Path(checkpoint), output_dir, merge, dtype)
-    from tinkerkit.engines.tinker import download_adapter
-
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=output_dir) as download:
         download_adapter(str(checkpoint), Path(download), base_url)
@@ -158,15 +164,14 @@ def export_adapter(checkpoint: str | Path, output_dir: str | Path) -> Path:
         ModelError: The base model's tokenizer cannot be loaded.
     """
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
-    config, tensors = _read_adapter(checkpoint)  # checks tinkerkit_state.json when present
-    if (checkpoint / STATE_FILE).is_file():
-        _check_meta_agrees(checkpoint, read_checkpoint_meta(checkpoint), config)
-    base_model = _recorded_base_model(checkpoint, config)
+    adapter = _read_adapter(checkpoint)
+    config = adapter.config
+    base_model = _recorded_base_model(checkpoint)
     tokenizer = load_tokenizer(base_model)
     config.base_model_name_or_path = hub_id_of(base_model)
     config.inference_mode = True  # as PeftModel.save_pretrained records it
     with atomic_directory(output_dir) as staging:
-        _save_tensors(tensors, staging / ADAPTER_WEIGHTS)
+        _save_tensors(adapter.tensors, staging / ADAPTER_WEIGHTS)
         atomic_write_json(staging / ADAPTER_CONFIG, _config_dict(config))
         tokenizer.save_pretrained(staging)
         atomic_write_text(staging / "README.md", _model_card(config))
@@ -216,16 +221,15 @@ def merge_adapter(checkpoint_or_adapter: str | Path, output_dir: str | Path, dty
     """
     _check_dtype(dtype)
     source, output_dir = Path(checkpoint_or_adapter), Path(output_dir)
-    config, tensors = _read_adapter(source)
-    base_name = base_model or _recorded_base_model(source, config)
+    adapter = _read_adapter(source)
+    base_name = base_model or _recorded_base_model(source)
     model = load_model(base_name, "float32")
     tokenizer = load_tokenizer(base_name)
     input_ids = _check_input_ids(tokenizer)
-    _untie_adapted_embeddings(model, tensors)
-    peft_model = _apply_adapter(model, config, tensors, source, base_name)
+    peft_model = _apply_adapter(model, adapter, base_name)
     with torch.no_grad():
         reference = peft_model(input_ids).logits.float()
-    merged = _merge(peft_model, source).to(DTYPES[dtype])
+    merged = _merge(peft_model, source).to(torch_dtype(dtype))
     _require_finite(merged.state_dict(), f"merged model of {source} in {dtype}")
     tolerance = logit_tolerance(dtype, reference)
     with atomic_directory(output_dir) as staging:
@@ -263,29 +267,31 @@ def logit_tolerance(dtype: str, reference_logits: torch.Tensor) -> float:
     Returns:
         The tolerance in logit units.
     """
+    # Unit roundoff u = 2^-p (p significand bits, the implicit one included) is half of
+    # torch.finfo's eps (2^(1-p)): bf16 2^-8, fp16 2^-11, fp32 2^-24 (IEEE 754-2008).
+    unit_roundoff = torch.finfo(torch_dtype(dtype)).eps / 2
     scale = max(1.0, reference_logits.abs().max().item())
-    return _ROUNDOFF_FACTOR[dtype] * _UNIT_ROUNDOFF[dtype] * scale
+    return _ROUNDOFF_FACTOR[dtype] * unit_roundoff * scale
 
 
 def _check_dtype(dtype: str) -> None:
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}")
+    if dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"dtype '{dtype}' is not supported; use one of "
+                          f"{', '.join(EXPORT_DTYPES)}")
 
 
-def _read_adapter(path: Path):
-    """The validated LoraConfig and float tensors of a checkpoint or adapter directory."""
+def _read_adapter(path: Path) -> Adapter:
+    """The validated adapter of a checkpoint or adapter directory; a non-finite tensor is an
+    :class:`ExportError` here (nothing non-finite is exported)."""
+    try:
+        adapter = read_adapter(path)
+    except CheckpointError as e:
+        if "non-finite" in str(e):
+            raise ExportError(f"{e}; refusing to export it") from e
+        raise
     if (path / STATE_FILE).is_file():
-        read_checkpoint_meta(path)  # checks the checkpoint is complete
-    if not (path / ADAPTER_WEIGHTS).is_file():
-        raise CheckpointError(f"{path}: {ADAPTER_WEIGHTS} is missing (not an adapter or checkpoint?)")
-    config = read_lora_config(path)
-    tensors = read_safetensors(path / ADAPTER_WEIGHTS, require_finite=False)
-    foreign = [k for k in tensors if not k.startswith("base_model.model.")]
-    if foreign or not tensors:
-        raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: not in PEFT's key layout "
-                              f"(first foreign key: {foreign[0] if foreign else 'no tensors'})")
-    _require_finite(tensors, str(path / ADAPTER_WEIGHTS))
-    return config, tensors
+        _check_meta_agrees(path, read_checkpoint_meta(path), adapter.config)
+    return adapter
 
 
 def _require_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -303,14 +309,12 @@ def _check_meta_agrees(path: Path, meta: dict, config) -> None:
                                   f"{meta[field]} but {ADAPTER_CONFIG} says {value}")
 
 
-def _recorded_base_model(path: Path, config) -> str:
-    if (path / STATE_FILE).is_file():
-        return read_checkpoint_meta(path)["base_model"]
-    recorded = config.base_model_name_or_path
-    if not recorded:
+def _recorded_base_model(path: Path) -> str:
+    recorded = base_model_of(path)
+    if recorded is None:
         raise CheckpointError(f"{path / ADAPTER_CONFIG}: no base_model_name_or_path; "
                               f"pass base_model=")
-    return registry_name_of(recorded) or recorded
+    return recorded
 
 
 def _config_dict(config) -> dict:
@@ -319,8 +323,6 @@ def _config_dict(config) -> dict:
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
     # Inside a staged directory (tinkerkit.io.atomic_directory), so the write is atomic.
     save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
@@ -368,49 +370,26 @@ def _check_input_ids(tokenizer) -> torch.Tensor:
     return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
 
 
-def _untie_adapted_embeddings(model, tensors: dict[str, torch.Tensor]) -> None:
-    """Give the output embedding its own copy when tied and adapted, so a merge changes one."""
-    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
-    if outputs is None or outputs.weight is not inputs.weight:
-        return
-    names = [name for name, module in model.named_modules() if module in (inputs, outputs)]
-    if not any(key.startswith(f"base_model.model.{name}.") for key in tensors for name in names):
-        return
-    outputs.weight = torch.nn.Parameter(inputs.weight.detach().clone())
-    model.config.tie_word_embeddings = False
-
-
-def _apply_adapter(model, config, tensors: dict[str, torch.Tensor], source: Path, base_name: str):
-    """Base model + adapter via PEFT; every adapter tensor must land, every LoRA weight be set."""
-    from peft import get_peft_model, set_peft_model_state_dict
-
-    config.base_model_name_or_path = None  # the base is the one loaded here (no rename warning)
-    peft_model = get_peft_model(model, config)
+def _apply_adapter(model, adapter: Adapter, base_name: str):
+    """Base model + adapter (:func:`~tinkerkit.engines.local.model.apply_adapter`, strict)."""
     try:
-        result = set_peft_model_state_dict(peft_model, tensors)
-    except RuntimeError as e:  # size mismatch: another base model or rank
-        raise ExportError(f"adapter {source} does not fit base model '{base_name}': "
-                          f"{str(e).splitlines()[-1].strip()}") from e
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if missing or result.unexpected_keys:
-        raise ExportError(f"adapter {source} does not fit base model '{base_name}': "
-                          f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
-    return peft_model.eval()
+        return apply_adapter(model, adapter, share_base=False)
+    except CheckpointError as e:  # missing, unexpected or misshapen keys: another base or rank
+        raise ExportError(f"adapter {adapter.path} does not fit base model '{base_name}': "
+                          f"{e}") from e
 
 
 def _merge(peft_model, source: Path):
     try:
-        return peft_model.merge_and_unload(safe_merge=True)
-    except ValueError as e:  # PEFT's safe_merge: NaNs in the merged weights
-        raise ExportError(f"merging {source}: {e}") from e
+        return merge_lora(peft_model, source)
+    except CheckpointError as e:  # PEFT's safe_merge: NaNs in the merged weights
+        raise ExportError(str(e)) from e
 
 
 def _reloaded_logit_diff(model_dir: Path, dtype: str, input_ids: torch.Tensor,
                          reference: torch.Tensor) -> float:
     """Max |logit difference| of the saved model (dtype weights, float32 compute) vs reference."""
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype],
+    model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype),
                                                        output_loading_info=True)
     if info["missing_keys"] or info["unexpected_keys"]:
         raise ExportError(f"the saved merged model does not load back: missing "

@@ -395,26 +395,34 @@ out with ``lm_head`` still on the meta device, or failed), so a server loading s
 at once loads them one after another."""
 
 
-def _from_pretrained(loader: Callable, name: str, **kwargs):
-    source = resolve_model(name)
-    try:
-        if isinstance(source, str):  # a hub id: the local HF cache first, then the network
-            try:
-                return loader(source, local_files_only=True, **kwargs)
-            except OSError:
-                if not hub_reachable():
-                    raise ModelError(f"model '{name}' is not in the local Hugging Face cache and "
-                                     "the hub cannot be reached (offline?); use a local model "
-                                     "directory or a registry name: "
-                                     f"{', '.join(sorted(REGISTRY))}") from None
-        return loader(source, **kwargs)
-    except ModelError:
-        raise
-    except (OSError, ValueError, SafetensorError) as e:  # missing or damaged files, unknown ids
-        damaged = _damaged_file(source) if isinstance(source, Path) else None
-        reason = f"{damaged} is damaged: " if damaged else ""
-        raise ModelError(f"model '{name}' could not be loaded from {source}: {reason}"
-                         f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
+def load_pretrained(loader: Callable, name: str, **kwargs):
+    """``loader(source, **kwargs)`` for the model argument ``name`` (a transformers
+    ``from_pretrained``), one load at a time; a hub id tries the local HF cache first.
+
+    Raises:
+        ModelError: The name does not resolve, the hub is unreachable for a model not cached, or
+            the files are missing or damaged (the damaged file is named).
+    """
+    with _LOAD_LOCK:
+        source = resolve_model(name)
+        try:
+            if isinstance(source, str):  # a hub id: the local HF cache first, then the network
+                try:
+                    return loader(source, local_files_only=True, **kwargs)
+                except OSError:
+                    if not hub_reachable():
+                        raise ModelError(f"model '{name}' is not in the local Hugging Face cache and "
+                                         "the hub cannot be reached (offline?); use a local model "
+                                         "directory or a registry name: "
+                                         f"{', '.join(sorted(REGISTRY))}") from None
+            return loader(source, **kwargs)
+        except ModelError:
+            raise
+        except (OSError, ValueError, SafetensorError) as e:  # missing or damaged files, unknown ids
+            damaged = _damaged_file(source) if isinstance(source, Path) else None
+            reason = f"{damaged} is damaged: " if damaged else ""
+            raise ModelError(f"model '{name}' could not be loaded from {source}: {reason}"
+                             f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
 def _damaged_file(directory: Path) -> str | None:
@@ -450,31 +458,4 @@ def load_tokenizer(name: str):
         from transformers import AutoTokenizer
 
         local = None if _is_model_dir(Path(name).expanduser()) else offline_tokenizer(name)
-        return _from_pretrained(AutoTokenizer.from_pretrained, local or name)
-
-
-def load_model(name: str, dtype: str = "float32"):
-    """Load a causal LM of a model argument, in evaluation mode.
-
-    Args:
-        name: As for :func:`resolve_model`.
-        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
-
-    Raises:
-        ModelError: The model cannot be resolved or loaded.
-    """
-    import torch
-
-    entry = REGISTRY.get(name)
-    if entry is not None and entry.tokenizer_only:
-        models = ", ".join(sorted(n for n, e in REGISTRY.items() if not e.tokenizer_only))
-        raise ModelError(f"'{name}' is a tokenizer only (for token counts); give a model "
-                         f"directory, a hub id or one of: {models}")
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                   "float16": torch.float16}[dtype]
-    with _LOAD_LOCK:
-        from transformers import AutoModelForCausalLM
-
-        model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, dtype=torch_dtype)
-    model.eval()
-    return model
+        return load_pretrained(AutoTokenizer.from_pretrained, local or name)

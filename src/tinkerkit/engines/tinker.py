@@ -51,6 +51,7 @@ from tinkerkit.checkpoint import (
     parse_tinker_path,
 )
 from tinkerkit.config import TrainConfig
+from tinkerkit.engines.local.model import preset_switches
 from tinkerkit.errors import (
     NON_FINITE_GRADIENT,
     CheckpointError,
@@ -472,16 +473,19 @@ class TinkerSamplingClient:
             self._session.close()
 
 
-def create_sampling_client(model_path: str, base_url: str | None) -> TinkerSamplingClient:
-    """A sampling client on the weights at a ``tinker://`` path, in a session of its own.
+def create_sampling_client(model_path: str | None, base_url: str | None,
+                           base_model: str | None = None) -> TinkerSamplingClient:
+    """A sampling client in a session of its own: on the weights at a ``tinker://`` path, or on
+    a base model the server serves (``model_path`` None).
 
     Raises:
         ConfigError: No usable API key.
-        EngineError: The server cannot be reached or refuses the path.
+        EngineError: The server cannot be reached or refuses the path or model.
     """
     service = connect(base_url)
     sdk_client = _create(service, "create_sampling_client",
-                         lambda: service.create_sampling_client(model_path=model_path))
+                         lambda: service.create_sampling_client(model_path=model_path,
+                                                                base_model=base_model))
     return TinkerSamplingClient(sdk_client, sdk_client.get_base_model(), service)
 
 
@@ -499,13 +503,13 @@ def lora_options(config: TrainConfig) -> dict[str, bool]:
                         "leave it None)")
     if config.lora_dropout:
         problems.append(f"LORA_DROPOUT={config.lora_dropout} (Tinker trains without dropout)")
-    presets = {"attention": (True, False), "mlp": (False, True), "all-linear": (True, True)}
-    if config.lora_targets not in presets:
+    switches = preset_switches(config.lora_targets)
+    if switches is None:
         problems.append(f"LORA_TARGETS={config.lora_targets!r} (Tinker takes attention, mlp or "
                         "all-linear)")
     if problems:
         raise ConfigError("BACKEND=tinker does not support " + "; ".join(problems))
-    train_attn, train_mlp = presets[config.lora_targets]
+    train_attn, train_mlp = switches
     return {"train_attn": train_attn, "train_mlp": train_mlp,
             "train_unembed": config.train_unembed}
 

@@ -2,7 +2,7 @@
 
 :class:`ServerState` implements the Tinker API's operations on
 :class:`tinkerkit.engines.local.LocalTrainingClient` and
-:class:`tinkerkit.engines.local_sampling.LocalSamplingClient`, with the SDK's own request and
+:class:`tinkerkit.engines.local.LocalSamplingClient`, with the SDK's own request and
 response types; :mod:`tinkerkit.serve.app` only maps HTTP onto it.
 
 Ordering. The SDK numbers the requests of a training model (``seq_id`` 1, 2, ...; 0 is a load
@@ -47,8 +47,12 @@ import numpy as np
 from tinker import types
 
 from tinkerkit.checkpoint import read_checkpoint_meta
-from tinkerkit.engines.local import LocalTrainingClient, create_training_client_from_state
-from tinkerkit.engines.local_sampling import LocalSamplingClient
+from tinkerkit.engines.local import (
+    LocalSamplingClient,
+    LocalTrainingClient,
+    create_training_client_from_state,
+)
+from tinkerkit.engines.local.model import load_model, preset_of_switches, resolve_device
 from tinkerkit.errors import RequestError
 from tinkerkit.serve.futures import FutureStore, ServerFuture, describe_error
 from tinkerkit.serve.registry import ModelRegistry, ServedModel
@@ -86,10 +90,9 @@ _SEEN_SEQ_IDS = 1024
 
 
 def _target_modules(lora: types.LoraConfig) -> str:
-    if lora.train_attn and lora.train_mlp:
-        return "all-linear"
-    if lora.train_attn or lora.train_mlp:
-        return "attention" if lora.train_attn else "mlp"
+    preset = preset_of_switches(lora.train_attn, lora.train_mlp)
+    if preset is not None:
+        return preset
     raise RequestError(400, "LoraConfig trains neither attention nor MLP layers; tinkerkit serve "
                             "needs train_attn or train_mlp")
 
@@ -692,8 +695,6 @@ class ServerState:
 
     def _base_model(self, served: ServedModel) -> Future:
         """Future of the shared sampling copy of a base model (loaded once)."""
-        from tinkerkit.engines.local import resolve_device
-        from tinkerkit.models import load_model
 
         key = (served.source, served.dtype)
         with self._lock:

@@ -20,22 +20,17 @@ Memory (long sequences; figures in ``benchmarks/long_context.py`` and
 ``docs/QUICK_START_LONG_TEXT.md``):
 
 * Datums are packed end to end, without padding, into micro-batches of at most
-  ``microbatch_tokens`` tokens (:func:`_packs`; a longer datum runs alone). Each keeps its own
-  positions and attends only within itself (:mod:`tinkerkit.engines.packing`: PyTorch's
+  ``microbatch_tokens`` tokens, or, for models that cannot pack (sliding-window attention, logit
+  soft-capping, attention outside transformers' SDPA path), cut into right-padded micro-batches
+  (:mod:`tinkerkit.engines.local.batching`). A packed datum keeps its own positions and attends
+  only within itself (:mod:`tinkerkit.engines.local.kernels.packing`: PyTorch's
   ``scaled_dot_product_attention`` once per datum with ``is_causal=True`` and no mask, whose
   flash/memory-efficient kernels never build the ``[T, T]`` score matrix).
-* Models that cannot pack (sliding-window attention, logit soft-capping, attention outside
-  transformers' SDPA path) run right-padded micro-batches of at most ``microbatch_tokens`` padded
-  tokens instead, the datums sorted by length and cut where padding would cost more than
-  another pass (:func:`_microbatches`). Right padding needs no attention mask under causal
-  attention (no real token attends to a later pad).
-* Loss: the decoder's last hidden states are projected to the vocabulary in chunks of at most
-  :data:`LOGIT_CHUNK_ELEMENTS` logits (:func:`token_logprobs`), so neither the forward nor the
-  backward pass holds more than one ``[positions, vocab]`` block. Only positions with non-zero
-  weight are projected under autograd; the others (weight 0: prompts, padding aside) get their
-  log-probabilities without it. A frozen output projection computes each position's gradient
-  row while the chunk's logits are at hand (:class:`_FrozenHeadLogprobs`); a trainable one
-  (``train_unembed``) recomputes each chunk in the backward pass (``torch.utils.checkpoint``).
+* Loss: the decoder's last hidden states are projected to the vocabulary chunk by chunk
+  (:mod:`tinkerkit.engines.local.kernels.logprobs`), so neither the forward nor the backward
+  pass holds more than one ``[positions, vocab]`` block. Only positions with non-zero weight are
+  projected under autograd; the others (weight 0: prompts, padding aside) get their
+  log-probabilities without it.
 * Activation checkpointing (``activation_checkpointing``): each decoder layer keeps only its input
   and recomputes the rest in the backward pass; ``"auto"`` turns it on for micro-batches of at
   least :data:`ACTIVATION_CHECKPOINTING_MIN_TOKENS` tokens.
@@ -43,8 +38,9 @@ Memory (long sequences; figures in ``benchmarks/long_context.py`` and
   ``torch.autocast(dtype=torch.bfloat16)``; LoRA weights, gradients, the loss and the optimizer
   stay float32.
 * LoRA layers are PEFT's with a fused forward and backward pass
-  (:class:`~tinkerkit.engines.lora_linear.FusedLoraLinear`); RMSNorm layers and rotary
-  embeddings compute their gradients in fewer passes (:mod:`tinkerkit.engines.fused_layers`).
+  (:class:`~tinkerkit.engines.local.kernels.lora_linear.FusedLoraLinear`); RMSNorm layers and
+  rotary embeddings compute their gradients in fewer passes
+  (:mod:`tinkerkit.engines.local.kernels.fused_layers`).
   AdamW runs PyTorch's fused kernel on the CPU and CUDA.
 
 Determinism: ``seed`` fixes the LoRA initialization (drawn on the CPU, so it does not depend on
@@ -65,249 +61,70 @@ from __future__ import annotations
 
 import base64
 import copy
-import datetime as _dt
-import itertools
 import math
 import os
-import threading
-import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
 from tinker import types
 
 from tinkerkit.checkpoint import (
     ADAPTER_WEIGHTS,
-    CHECKPOINT_FORMAT,
     OPTIMIZER_STATE,
-    STATE_FILE,
     read_checkpoint_meta,
     read_safetensors,
+    write_checkpoint_meta,
 )
-from tinkerkit.engines.fused_layers import fuse_layers
-from tinkerkit.engines.packing import SEGMENTS_KWARG, enable_packing, packed_positions
+from tinkerkit.engines.local.batching import (
+    Example,
+    MicroBatch,
+    plan_packs,
+    plan_padded,
+    to_example,
+)
+from tinkerkit.engines.local.kernels.fused_layers import fuse_layers
+from tinkerkit.engines.local.kernels.logprobs import token_logprobs
+from tinkerkit.engines.local.kernels.lora_linear import FusedLoraLinear
+from tinkerkit.engines.local.kernels.packing import enable_packing
+from tinkerkit.engines.local.model import (
+    ADAPTER_NAME,
+    GLOBAL_RNG_LOCK,
+    adapter_parameters,
+    apply_adapter,
+    assign_tensors,
+    causal_lm,
+    check_base_model,
+    check_plain_lm_head,
+    load_adapter_weights,
+    load_model,
+    resolve_device,
+    resolve_target_modules,
+    same_base_model,
+    share_base_copy,
+    torch_dtype,
+    wrap_lora,
+)
+from tinkerkit.engines.local.sampling import LocalSamplingClient
 from tinkerkit.errors import (
     CheckpointError,
     EngineError,
-    ModelError,
     NonFiniteGradientError,
     non_finite_gradient_message,
 )
-from tinkerkit.io import atomic_directory, atomic_write_json
-from tinkerkit.models import hub_id_of, load_model, load_tokenizer, resolve_model
+from tinkerkit.io import atomic_directory
+from tinkerkit.models import hub_id_of, load_tokenizer
 
-if TYPE_CHECKING:
-    from tinkerkit.engines.local_sampling import LocalSamplingClient
-
-LOGIT_CHUNK = 1024
-"""Most positions projected to the vocabulary at once."""
-LOGIT_CHUNK_ELEMENTS = 1 << 25
-"""Most logits alive at once in the loss: 2**25 float32 values (128 MiB), i.e. 220 positions of
-Qwen's 151,936-entry vocabulary or 682 of SmolLM2's 49,152. Smaller chunks cost speed (more,
-thinner matrix products), larger ones memory."""
 ACTIVATION_CHECKPOINTING_MIN_TOKENS = 2048
 """``activation_checkpointing="auto"`` turns checkpointing on for micro-batches of at least this
 many (padded) tokens. Measured with ``benchmarks/long_context.py``: see
 ``docs/QUICK_START_LONG_TEXT.md``."""
 MIXED_PRECISION = ("auto", "bf16", "no")
-MICROBATCH_OVERHEAD_TOKENS = 64
-"""What one more micro-batch costs, in padded tokens (another pass through the model in Python,
-smaller matrix products); :func:`_microbatches` trades it against padding."""
 SUPPORTED_LOSSES = ("cross_entropy",)
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-ADAPTER_NAME = "default"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# ----------------------------------------------------------------------------- model helpers
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else as ``torch.device``.
-
-    Raises:
-        EngineError: The device string is not one torch knows.
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise EngineError(f"device '{device}' is not a torch device: {e}") from e
-
-
-def check_dtype(dtype: str) -> str:
-    """Validate a dtype name (``float32``, ``bfloat16``, ``float16``).
-
-    Raises:
-        EngineError: Any other name.
-    """
-    if dtype not in _DTYPES:
-        raise EngineError(f"dtype '{dtype}' is not supported; use one of {', '.join(_DTYPES)}")
-    return dtype
-
-
-def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers ``*ForCausalLM`` inside a ``PeftModel`` (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def check_plain_lm_head(model: torch.nn.Module) -> None:
-    """Refuse models whose logits are not ``lm_head(last_hidden_state)``.
-
-    The chunked log-probabilities below call the decoder and the output projection directly,
-    which would silently drop a logit soft-cap (Gemma 2) or a logit scale (Cohere).
-
-    Raises:
-        EngineError: The config has ``final_logit_softcapping`` or ``logit_scale``.
-    """
-    config = causal_lm(model).config
-    for field in ("final_logit_softcapping", "logit_scale"):
-        if getattr(config, field, None) not in (None, 1.0):
-            raise EngineError(f"model type '{config.model_type}' sets {field}; the local engine "
-                              "supports models whose logits are lm_head(hidden states) only")
-
-
-def last_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor | None = None,
-                       position_ids: torch.Tensor | None = None,
-                       segments: list[int] | None = None) -> torch.Tensor:
-    """Final hidden states ``[B, T, H]`` of the decoder, without the vocabulary projection.
-
-    ``segments``: the lengths of the datums packed into the single row of ``input_ids`` (a
-    model switched to packed attention, :mod:`tinkerkit.engines.packing`), or None.
-    """
-    decoder = causal_lm(model).get_decoder()
-    packed = {} if segments is None else {SEGMENTS_KWARG: segments}
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  use_cache=False, **packed)
-    return out.last_hidden_state
-
-
-def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor,
-                    targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()  # [chunk, vocab]
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
-
-
-class _FrozenHeadLogprobs(torch.autograd.Function):
-    """``log_softmax(hidden @ weight.T + bias)[targets]`` per position, chunked, for a frozen head.
-
-    Position ``n``'s log-probability depends on ``hidden[n]`` alone, so its gradient is the row
-    ``J[n] = weight[targets[n]] - softmax(logits[n]) @ weight`` (``[H]``; the gradient of
-    log-softmax). The forward pass computes ``J`` chunk by chunk while the chunk's logits are at
-    hand, and the backward pass is ``grad_output[:, None] * J``: two matrix products per chunk, as
-    for full logits, and never more than one ``[chunk, vocab]`` block alive.
-
-    Inputs: ``hidden`` ``[N, H]``, ``weight`` ``[V, H]`` and ``bias`` ``[V]`` or None (not
-    trainable), ``targets`` int64 ``[N]``, ``chunk`` positions per block. Output: float32 ``[N]``.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk):
-        logprobs = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
-        jacobian = torch.empty_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
-        for start in range(0, len(hidden), chunk):
-            rows = slice(start, start + chunk)
-            logits = torch.nn.functional.linear(hidden[rows], weight, bias).float()
-            picked = logits.gather(-1, targets[rows, None]).squeeze(-1)
-            # logsumexp and softmax from one exp, in place of the logits (one [chunk, vocab] block)
-            peak = logits.amax(-1, keepdim=True)
-            exp = logits.sub_(peak).exp_()
-            total = exp.sum(-1, keepdim=True)
-            logprobs[rows] = picked - (peak + total.log()).squeeze(-1)
-            if jacobian is not None:
-                probs = exp.div_(total).to(weight.dtype)
-                jacobian[rows] = weight[targets[rows]].float() - (probs @ weight).float()
-        ctx.save_for_backward(jacobian)
-        ctx.hidden_dtype = hidden.dtype
-        return logprobs
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (jacobian,) = ctx.saved_tensors
-        grad_hidden = (grad_output[:, None] * jacobian).to(ctx.hidden_dtype)
-        return grad_hidden, None, None, None, None
-
-
-def _project(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-             chunk: int) -> torch.Tensor:
-    """float32 ``[N]`` log-probabilities of ``targets`` (``[N]``) under ``head(hidden)``.
-
-    A frozen ``nn.Linear`` head (the usual case) goes through :class:`_FrozenHeadLogprobs`; a
-    trainable one (LoRA on ``lm_head``) through autograd, one chunk at a time inside
-    ``torch.utils.checkpoint`` (the backward pass recomputes each chunk's logits).
-    """
-    frozen = isinstance(head, torch.nn.Linear) and not any(p.requires_grad
-                                                           for p in head.parameters())
-    if frozen:
-        return _FrozenHeadLogprobs.apply(hidden, head.weight, head.bias, targets, chunk)
-    pieces = [torch.utils.checkpoint.checkpoint(_chunk_logprobs, head, h, t, use_reentrant=False)
-              if torch.is_grad_enabled() else _chunk_logprobs(head, h, t)
-              for h, t in zip(hidden.split(chunk), targets.split(chunk))]
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-
-
-def logit_chunk_positions(vocab_size: int) -> int:
-    """Positions per vocabulary projection: :data:`LOGIT_CHUNK_ELEMENTS` logits, at most
-    :data:`LOGIT_CHUNK` positions, at least one."""
-    return max(1, min(LOGIT_CHUNK, LOGIT_CHUNK_ELEMENTS // vocab_size))
-
-
-def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor,
-                   chunk: int | None = None, *, grad_mask: torch.Tensor | None = None,
-                   valid_mask: torch.Tensor | None = None,
-                   position_ids: torch.Tensor | None = None,
-                   segments: list[int] | None = None) -> torch.Tensor:
-    """``log p(targets[b, t] | input_ids[b, :t+1])`` without materializing ``[B, T, vocab]``.
-
-    The decoder runs once; its last hidden states are projected to the vocabulary ``chunk``
-    positions at a time (:func:`_project`). With gradients on, only the positions in
-    ``grad_mask`` are projected under autograd; the other valid positions are projected without
-    it (their log-probabilities carry no gradient) and padding not at all. The results are
-    those of ``log_softmax(model(input_ids).logits)`` up to float summation order, in values and
-    gradients.
-
-    Args:
-        model: A causal LM (``PeftModel`` or transformers ``*ForCausalLM``).
-        input_ids: int64 ``[B, T]``; right padding only (no attention mask is used).
-        targets: int64 ``[B, T]``, valid token ids (padding positions any valid id).
-        chunk: Positions per vocabulary projection; None: :func:`logit_chunk_positions`.
-        grad_mask: bool ``[B, T]``: positions whose log-probabilities need gradients (those the
-            loss weights); None: every valid position.
-        valid_mask: bool ``[B, T]``: positions to compute at all (False on padding, which comes
-            back as 0); None: every position.
-        position_ids: int64 ``[B, T]``, or None for ``0 .. T-1`` in every row.
-        segments: Lengths of the datums packed into the single row (``B == 1``), each attending
-            only within itself (:mod:`tinkerkit.engines.packing`); None: one sequence per row.
-
-    Returns:
-        float32 ``[B, T]`` log-probabilities.
-    """
-    hidden = last_hidden_states(model, input_ids, position_ids=position_ids, segments=segments)
-    batch, length, width = hidden.shape
-    flat_hidden, flat_targets = hidden.reshape(-1, width), targets.reshape(-1)
-    head = causal_lm(model).get_output_embeddings()
-    chunk = chunk or logit_chunk_positions(head.out_features)
-    valid = (torch.ones_like(flat_targets, dtype=torch.bool) if valid_mask is None
-             else valid_mask.reshape(-1).to(hidden.device))
-    graded = torch.zeros_like(valid)
-    if torch.is_grad_enabled():
-        graded = valid if grad_mask is None else valid & grad_mask.reshape(-1).to(hidden.device)
-    out = torch.zeros(batch * length, dtype=torch.float32, device=hidden.device)
-    with torch.no_grad():
-        rows = (valid & ~graded).nonzero().squeeze(1)
-        out[rows] = _project(head, flat_hidden[rows], flat_targets[rows], chunk)
-    rows = graded.nonzero().squeeze(1)
-    if rows.numel():
-        out = out.index_put((rows,), _project(head, flat_hidden[rows], flat_targets[rows], chunk))
-    return out.reshape(batch, length)
 
 
 def set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
@@ -349,124 +166,6 @@ def resolve_mixed_precision(mixed_precision: str, device: torch.device) -> bool:
     return mixed_precision == "bf16" or (mixed_precision == "auto" and cuda_bf16)
 
 
-def wrap_lora(model: torch.nn.Module, config, seed: int) -> torch.nn.Module:
-    """``peft.get_peft_model(model, config)`` with the LoRA init drawn from ``seed``.
-
-    Call it on a CPU model: the init is then the same whatever device the model moves to. The
-    global RNG is left as it was, and no other thread draws from it meanwhile (two models built
-    at once in a server drew each other's numbers). PEFT's warning about LoRA on a tied
-    ``lm_head`` is silenced (see ``train_unembed`` in :class:`LocalTrainingClient` for what that
-    adapter does).
-    """
-    from peft import get_peft_model
-
-    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        torch.manual_seed(seed)
-        return get_peft_model(model, config)
-
-
-def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The LoRA parameters of a ``PeftModel``, keyed as in PEFT's saved state dict.
-
-    PEFT saves ``...q_proj.lora_A.weight`` for the parameter ``...q_proj.lora_A.default.weight``
-    (``get_peft_model_state_dict`` drops the adapter name); the keys here are the saved ones.
-    """
-    marker = f".{ADAPTER_NAME}."
-    return {name.replace(marker, "."): param for name, param in model.named_parameters()
-            if ".lora_" in name}
-
-
-def assign_tensors(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
-                   file: Path, suffix: str = "") -> None:
-    """Copy ``tensors[key + suffix]`` into ``params[key]`` for every key, strictly.
-
-    Raises:
-        CheckpointError: A key is missing or unexpected, or a shape differs.
-    """
-    expected = {key + suffix for key in params}
-    missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {file.parent}: {file.name} does not match this model "
-                              f"({len(missing)} missing keys, e.g. {missing[:1]}; "
-                              f"{len(unexpected)} unexpected, e.g. {unexpected[:1]})")
-    with torch.no_grad():
-        for key, param in params.items():
-            tensor = tensors[key + suffix]
-            if tensor.shape != param.shape:
-                raise CheckpointError(f"checkpoint {file.parent}: {file.name}: '{key + suffix}' "
-                                      f"has shape {list(tensor.shape)}, the model "
-                                      f"{list(param.shape)} (another rank?)")
-            param.copy_(tensor)
-
-
-def load_adapter_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load ``adapter_model.safetensors`` of a checkpoint into a ``PeftModel`` of the same shape.
-
-    Raises:
-        CheckpointError: Missing/corrupted file, missing or unexpected keys, other shapes.
-    """
-    file = Path(path) / ADAPTER_WEIGHTS
-    assign_tensors(adapter_parameters(model), read_safetensors(file), file)
-
-
-def share_base_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` in eval mode whose frozen base weights are shared, not copied.
-
-    Only the trainable (LoRA) parameters and the buffers are duplicated, so a sampling snapshot
-    of a training model costs the adapter's memory, not the base model's. Base weights are never
-    written by training, so sharing them between threads is safe.
-    """
-    memo = {id(p): p for p in model.parameters() if not p.requires_grad}
-    snapshot = copy.deepcopy(model, memo)
-    for param in snapshot.parameters():
-        param.requires_grad_(False)
-        param.grad = None
-    return snapshot.eval()
-
-
-def resolve_target_modules(model: torch.nn.Module, target_modules: str | list[str],
-                           train_unembed: bool) -> list[str]:
-    """Module names to wrap with LoRA.
-
-    Args:
-        model: The transformers causal LM.
-        target_modules: ``"attention"`` (q/k/v/o projections), ``"mlp"`` (gate/up/down
-            projections), ``"all-linear"`` (both), or explicit ``nn.Linear`` names.
-        train_unembed: Also wrap the output projection (``lm_head``).
-
-    Returns:
-        Sorted module names (last name component), as PEFT's ``target_modules`` takes them.
-
-    Raises:
-        EngineError: A name matches no linear layer of the model, or nothing is selected.
-    """
-    head = causal_lm(model).get_output_embeddings()
-    linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-              if isinstance(module, torch.nn.Linear) and module is not head}
-    presets = {"attention": ATTENTION_MODULES, "mlp": MLP_MODULES,
-               "all-linear": ATTENTION_MODULES + MLP_MODULES}
-    if isinstance(target_modules, str):
-        if target_modules not in presets:
-            raise EngineError(f"target_modules '{target_modules}' is not one of "
-                              f"{', '.join(presets)} (or a list of module names)")
-        names = sorted(linear & set(presets[target_modules]))
-    else:
-        unknown = sorted(set(target_modules) - linear)
-        if unknown:
-            raise EngineError(f"target_modules {unknown} are not linear layers of this model; "
-                              f"its linear layers: {', '.join(sorted(linear))}")
-        names = sorted(set(target_modules))
-    if not names:
-        raise EngineError(f"target_modules {target_modules!r} selects no layer of this model; "
-                          f"its linear layers: {', '.join(sorted(linear))}")
-    return names + (["lm_head"] if train_unembed else [])
-
-
-_GLOBAL_RNG_LOCK = threading.Lock()
-"""Held while torch's process-wide CPU RNG is seeded, swapped or drawn from (the LoRA init, a
-client's dropout RNG), so that clients in other threads neither see nor disturb it."""
 
 
 def _encode_rng(state: torch.Tensor | None) -> str | None:
@@ -479,132 +178,6 @@ def _decode_rng(text: str | None) -> torch.Tensor | None:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
 
 
-# ------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class _Example:
-    """One validated datum: int64 ``tokens``/``targets`` and float32 ``weights``, all ``[T]``."""
-
-    index: int
-    tokens: torch.Tensor
-    targets: torch.Tensor
-    weights: torch.Tensor
-
-
-def _to_example(index: int, datum: types.Datum, vocab_size: int) -> _Example:
-    where = f"datum {index}"
-    try:
-        tokens = torch.tensor(datum.model_input.to_ints(), dtype=torch.int64)
-    except ValueError as e:
-        raise EngineError(f"{where}: model_input holds non-token chunks: {e}") from e
-    inputs = datum.loss_fn_inputs
-    if "target_tokens" not in inputs:
-        raise EngineError(f"{where}: loss_fn_inputs['target_tokens'] is missing")
-    targets = inputs["target_tokens"].to_torch().to(torch.int64)
-    weights = (inputs["weights"].to_torch().to(torch.float32) if "weights" in inputs
-               else torch.ones(len(targets)))
-    if tokens.numel() == 0:
-        raise EngineError(f"{where}: model_input is empty")
-    for field, tensor in (("target_tokens", targets), ("weights", weights)):
-        if tensor.shape != tokens.shape:
-            raise EngineError(f"{where}: loss_fn_inputs['{field}'] has shape "
-                              f"{list(tensor.shape)}, model_input has [{tokens.numel()}]")
-    for field, tensor in (("model_input", tokens), ("target_tokens", targets)):
-        if tensor.min() < 0 or tensor.max() >= vocab_size:
-            raise EngineError(f"{where}: {field} holds a token id outside [0, {vocab_size})")
-    if not torch.isfinite(weights).all():
-        raise EngineError(f"{where}: loss_fn_inputs['weights'] holds a non-finite value")
-    return _Example(index, tokens, targets, weights)
-
-
-def _microbatches(examples: list[_Example], budget: int) -> list[list[_Example]]:
-    """Right-padded micro-batches that waste little on padding (models that cannot pack).
-
-    The datums are sorted longest first and cut into runs of consecutive ones; of all such
-    cuts, the one with the fewest padded tokens plus :data:`MICROBATCH_OVERHEAD_TOKENS` per
-    micro-batch is taken (dynamic programming over the cut points, ``O(n^2)`` for ``n``
-    datums). A micro-batch holds at most ``budget`` padded tokens, or a single datum.
-    """
-    ordered = sorted(examples, key=lambda e: -len(e.tokens))
-    cost = [0.0] + [math.inf] * len(ordered)  # cost[i]: the best cut of ordered[:i]
-    start_of = [0] * (len(ordered) + 1)  # start_of[i]: where the last micro-batch begins
-    for end in range(1, len(ordered) + 1):
-        for start in range(end - 1, -1, -1):
-            padded = (end - start) * len(ordered[start].tokens)
-            if padded > budget and end - start > 1:
-                break
-            candidate = cost[start] + padded + MICROBATCH_OVERHEAD_TOKENS
-            if candidate < cost[end]:
-                cost[end], start_of[end] = candidate, start
-    batches, end = [], len(ordered)
-    while end:
-        batches.append(ordered[start_of[end]:end])
-        end = start_of[end]
-    return batches[::-1]
-
-
-def _packs(examples: list[_Example], budget: int) -> list[list[_Example]]:
-    """Packed micro-batches: the datums in order, each pack filled while it holds at most
-    ``budget`` tokens (a datum longer than ``budget`` runs alone)."""
-    packs: list[list[_Example]] = []
-    filled = budget
-    for example in examples:
-        if filled + len(example.tokens) > budget:
-            packs.append([])
-            filled = 0
-        packs[-1].append(example)
-        filled += len(example.tokens)
-    return packs
-
-
-@dataclass
-class _MicroBatch:
-    """The model inputs of one pass.
-
-    ``tokens``/``targets`` int64, ``weights`` float32 and ``valid`` bool (False on padding), all
-    ``[B, T]``; for a packed row (``B == 1``) ``segments``, the datums' lengths, else None;
-    ``places``: each datum with its row and first position.
-    """
-
-    tokens: torch.Tensor
-    targets: torch.Tensor
-    weights: torch.Tensor
-    valid: torch.Tensor
-    segments: list[int] | None
-    places: list[tuple[_Example, int, int]]
-
-    @property
-    def position_ids(self) -> torch.Tensor | None:
-        """int64 ``[1, T]`` positions restarting at 0 per packed datum; None for padded rows."""
-        return None if self.segments is None else packed_positions(self.segments)
-
-    @classmethod
-    def padded(cls, batch: list[_Example]) -> _MicroBatch:
-        length = max(len(e.tokens) for e in batch)
-        return cls(_pad([e.tokens for e in batch], length, torch.int64),
-                   _pad([e.targets for e in batch], length, torch.int64),
-                   _pad([e.weights for e in batch], length, torch.float32),
-                   _pad([torch.ones(len(e.tokens), dtype=torch.bool) for e in batch], length,
-                        torch.bool),
-                   None, [(example, row, 0) for row, example in enumerate(batch)])
-
-    @classmethod
-    def packed(cls, batch: list[_Example]) -> _MicroBatch:
-        lengths = [len(e.tokens) for e in batch]
-        starts = [0, *itertools.accumulate(lengths)][:-1]
-        tokens = torch.cat([e.tokens for e in batch])[None]
-        return cls(tokens, torch.cat([e.targets for e in batch])[None],
-                   torch.cat([e.weights for e in batch])[None],
-                   torch.ones_like(tokens, dtype=torch.bool), lengths,
-                   [(example, 0, start) for example, start in zip(batch, starts)])
-
-
-def _pad(rows: list[torch.Tensor], length: int, dtype: torch.dtype) -> torch.Tensor:
-    out = torch.zeros(len(rows), length, dtype=dtype)
-    for i, row in enumerate(rows):
-        out[i, :len(row)] = row
-    return out
 
 
 def _check_adam(params: types.AdamParams) -> None:
@@ -661,10 +234,6 @@ class LocalTrainingClient:
                  dtype: str = "float32", checkpoint_root: str | Path = "checkpoints",
                  microbatch_tokens: int = 8192, activation_checkpointing: bool | str = "auto",
                  mixed_precision: str = "auto") -> None:
-        from peft import LoraConfig
-
-        from tinkerkit.engines.lora_linear import FusedLoraLinear
-
         if rank < 1 or microbatch_tokens < 1 or not 0 <= dropout < 1:
             raise EngineError(f"invalid LoRA settings: rank={rank}, dropout={dropout}, "
                               f"microbatch_tokens={microbatch_tokens}")
@@ -675,7 +244,8 @@ class LocalTrainingClient:
         self.base_model, self.rank = base_model, rank
         self.alpha = float(rank if alpha is None else alpha)
         self.dropout, self.train_unembed, self.seed = dropout, train_unembed, seed
-        self.device, self.dtype = resolve_device(device), check_dtype(dtype)
+        self.device, self.dtype = resolve_device(device), dtype
+        torch_dtype(dtype)  # refuses an unknown name before the model loads
         self.autocast = resolve_mixed_precision(mixed_precision, self.device)
         self.checkpoint_root, self.microbatch_tokens = Path(checkpoint_root), microbatch_tokens
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
@@ -714,7 +284,7 @@ class LocalTrainingClient:
         return torch.optim.AdamW(list(self._params.values()), foreach=False, fused=fused)
 
     def _seeded_rng(self, seed: int) -> dict[str, torch.Tensor | None]:
-        with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=self._rng_devices()):
+        with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=self._rng_devices()):
             torch.manual_seed(seed)
             return self._capture_rng()
 
@@ -750,14 +320,14 @@ class LocalTrainingClient:
 
     # -- training
 
-    def _examples(self, data: list[types.Datum], loss_fn: str) -> list[_Example]:
+    def _examples(self, data: list[types.Datum], loss_fn: str) -> list[Example]:
         if loss_fn not in SUPPORTED_LOSSES:
             raise EngineError(f"loss_fn '{loss_fn}' is not supported by the local engine; "
                               f"supported: {', '.join(SUPPORTED_LOSSES)}")
         if not data:
             raise EngineError("data is empty: pass at least one Datum")
         vocab = causal_lm(self.model).get_output_embeddings().out_features
-        return [_to_example(i, datum, vocab) for i, datum in enumerate(data)]
+        return [to_example(i, datum, vocab) for i, datum in enumerate(data)]
 
     def forward_backward(self, data: list[types.Datum], loss_fn: str = "cross_entropy",
                          loss_fn_config: dict | None = None) -> Future:
@@ -792,14 +362,14 @@ class LocalTrainingClient:
         if loss_fn_config:
             raise EngineError(f"loss_fn_config {loss_fn_config} is not used by cross_entropy")
 
-    def _run(self, examples: list[_Example], backward: bool) -> types.ForwardBackwardOutput:
+    def _run(self, examples: list[Example], backward: bool) -> types.ForwardBackwardOutput:
         # Dropout draws from torch's process-wide RNG, which this client swaps in and out around
         # each call; the lock keeps clients in other threads (a server's sessions, an abandoned
         # client still draining its queue) from interleaving with that swap.
-        with _GLOBAL_RNG_LOCK:
+        with GLOBAL_RNG_LOCK:
             return self._run_locked(examples, backward)
 
-    def _run_locked(self, examples: list[_Example], backward: bool) -> types.ForwardBackwardOutput:
+    def _run_locked(self, examples: list[Example], backward: bool) -> types.ForwardBackwardOutput:
         if self._train_mode != backward:  # train() walks every module: not on every call
             self.model.train(backward)
             self._train_mode = backward
@@ -832,10 +402,10 @@ class LocalTrainingClient:
         return types.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord",
                                            loss_fn_outputs=outputs, metrics={"loss:sum": loss_sum})
 
-    def _micro_batches(self, examples: list[_Example]) -> list[_MicroBatch]:
+    def _micro_batches(self, examples: list[Example]) -> list[MicroBatch]:
         if self.packing:
-            return [_MicroBatch.packed(b) for b in _packs(examples, self.microbatch_tokens)]
-        return [_MicroBatch.padded(b) for b in _microbatches(examples, self.microbatch_tokens)]
+            return [MicroBatch.packed(b) for b in plan_packs(examples, self.microbatch_tokens)]
+        return [MicroBatch.padded(b) for b in plan_padded(examples, self.microbatch_tokens)]
 
     def _checkpointing(self, tokens: int) -> bool:
         if self.activation_checkpointing == "auto":
@@ -948,17 +518,7 @@ class LocalTrainingClient:
             raise EngineError(f"checkpoint kind '{kind}' is not 'state' or 'sampler'")
         return self._submit(self._save, Path(directory).resolve(), kind)
 
-    def _meta(self, kind: str) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "kind": kind, "base_model": self.base_model,
-                "rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
-                "target_modules": self.target_modules, "train_unembed": self.train_unembed,
-                "optimizer_step": self._step,
-                "rng_state": {k: _encode_rng(v) for k, v in self._rng.items()},
-                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
-
     def _save(self, target: Path, kind: str):
-        from safetensors.torch import save_file
-
         config = copy.deepcopy(self.model.peft_config[ADAPTER_NAME])
         config.base_model_name_or_path = hub_id_of(self.base_model)
         config.inference_mode = True
@@ -968,7 +528,11 @@ class LocalTrainingClient:
             save_file(weights, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
             if kind == "state":
                 save_file(self._moments(), staging / OPTIMIZER_STATE)
-            atomic_write_json(staging / STATE_FILE, self._meta(kind))
+            write_checkpoint_meta(
+                staging, kind, self.base_model, rank=self.rank, alpha=self.alpha,
+                dropout=self.dropout, target_modules=self.target_modules,
+                train_unembed=self.train_unembed, optimizer_step=self._step,
+                rng_state={k: _encode_rng(v) for k, v in self._rng.items()})
         if kind == "state":
             return types.SaveWeightsResponse(path=str(target))
         return types.SaveWeightsForSamplerResponse(path=str(target))
@@ -1006,7 +570,7 @@ class LocalTrainingClient:
         return self._submit(self._load, Path(path), True)
 
     def _check_compatible(self, meta: dict, path: Path) -> None:
-        check_base_model(meta, path, self.base_model)
+        check_base_model(path, self.base_model)
         ours = {"rank": self.rank, "alpha": self.alpha, "target_modules": self.target_modules,
                 "train_unembed": self.train_unembed}
         for field, value in ours.items():
@@ -1083,48 +647,21 @@ class LocalTrainingClient:
         Raises:
             CheckpointError: Missing or corrupted checkpoint, or another base model.
         """
-        from tinkerkit.engines.local_sampling import LocalSamplingClient
-
         path = Path(model_path)
         meta = read_checkpoint_meta(path)
         try:
             self._check_compatible(meta, path)
         except CheckpointError:
-            if _model_key(meta.get("base_model")) != _model_key(self.base_model):
+            if not same_base_model(meta.get("base_model"), self.base_model):
                 raise
             return LocalSamplingClient(self.base_model, str(path), tokenizer=self.get_tokenizer(),
                                        device=str(self.device), dtype=self.dtype)
-        snapshot = self._submit(share_base_copy, self.model).result()
-        load_adapter_weights(snapshot, path)
+        snapshot = self._submit(apply_adapter, self.model, path).result()
         return self._sampling_client(snapshot)
 
     def _sampling_client(self, model: torch.nn.Module) -> LocalSamplingClient:
-        from tinkerkit.engines.local_sampling import LocalSamplingClient
-
         return LocalSamplingClient(self.base_model, model=model, tokenizer=self.get_tokenizer(),
                                    device=str(self.device), dtype=self.dtype)
-
-
-def _model_key(name: str | None) -> str | None:
-    """Compare base models by their resolved directory (or hub id), not their spelling."""
-    if name is None:
-        return None
-    try:
-        resolved = resolve_model(name)
-    except ModelError:  # an unresolvable name compares as written
-        return name
-    return str(resolved.resolve()) if isinstance(resolved, Path) else resolved
-
-
-def check_base_model(meta: dict, path: str | Path, base_model: str) -> None:
-    """Refuse a checkpoint (its ``tinkerkit_state.json`` ``meta``) trained on another base model.
-
-    Raises:
-        CheckpointError: ``meta["base_model"]`` and ``base_model`` resolve to different models.
-    """
-    if _model_key(meta.get("base_model")) != _model_key(base_model):
-        raise CheckpointError(f"checkpoint {path}: trained on base model "
-                              f"'{meta.get('base_model')}', not on '{base_model}'")
 
 
 def create_training_client_from_state(path: str | Path, *, with_optimizer: bool,

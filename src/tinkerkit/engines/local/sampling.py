@@ -40,13 +40,11 @@ noise.
 
 from __future__ import annotations
 
-import copy
 import secrets
 import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,21 +52,18 @@ from tinker import types
 from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from tinkerkit.checkpoint import STATE_FILE, read_checkpoint_meta, read_lora_config
-from tinkerkit.engines.local import (
-    LOGIT_CHUNK,
+from tinkerkit.engines.local.kernels.logprobs import last_hidden_states, logit_chunk_positions
+from tinkerkit.engines.local.model import (
+    apply_adapter,
     causal_lm,
     check_base_model,
-    check_dtype,
     check_plain_lm_head,
-    last_hidden_states,
-    load_adapter_weights,
+    load_model,
+    merge_lora,
     resolve_device,
-    share_base_copy,
-    wrap_lora,
 )
 from tinkerkit.errors import EngineError
-from tinkerkit.models import load_model, load_tokenizer, positions_in
+from tinkerkit.models import load_tokenizer, positions_in
 from tinkerkit.render import end_of_turn_ids
 
 DEFAULT_MAX_TOKENS = 256
@@ -238,14 +233,15 @@ class LocalSamplingClient:
         if max_batch_size < 1:
             raise EngineError(f"max_batch_size={max_batch_size} must be at least 1")
         self.base_model, self.max_batch_size = base_model, max_batch_size
-        if adapter_path is not None and (Path(adapter_path) / STATE_FILE).is_file():
-            check_base_model(read_checkpoint_meta(adapter_path), adapter_path, base_model)
+        if adapter_path is not None:
+            check_base_model(adapter_path, base_model)
         if model is None:
-            model = load_model(base_model, check_dtype(dtype)).to(resolve_device(device))
+            model = load_model(base_model, dtype).to(resolve_device(device))
             if adapter_path is not None:  # the model is ours: fold the adapter into its weights
-                model = _with_adapter(model, Path(adapter_path)).merge_and_unload()
+                model = merge_lora(apply_adapter(model, adapter_path, share_base=False),
+                                   adapter_path)
         elif adapter_path is not None:
-            model = _with_adapter(model, Path(adapter_path))
+            model = apply_adapter(model, adapter_path)
         check_plain_lm_head(model)
         self._model = model.eval()
         self.device = next(model.parameters()).device
@@ -420,8 +416,9 @@ class LocalSamplingClient:
         logprobs = np.full(len(tokens), np.nan, dtype=np.float32)
         top_ids = np.zeros((len(tokens), k), dtype=np.int32)
         top_logprobs = np.full((len(tokens), k), MASK_LOGPROB, dtype=np.float32)
-        for start in range(0, len(tokens) - 1, LOGIT_CHUNK):
-            end = min(start + LOGIT_CHUNK, len(tokens) - 1)  # positions start..end-1 predict +1
+        chunk_positions = logit_chunk_positions(head.out_features)
+        for start in range(0, len(tokens) - 1, chunk_positions):
+            end = min(start + chunk_positions, len(tokens) - 1)  # positions start..end-1 predict +1
             chunk = head(hidden[start:end]).float().log_softmax(-1)
             picked = chunk.gather(-1, ids[start + 1:end + 1, None]).squeeze(-1)
             logprobs[start + 1:end + 1] = picked.cpu().numpy()
@@ -469,21 +466,3 @@ class LocalSamplingClient:
             out = self._model(input_ids=chosen[:, None], attention_mask=mask,
                               position_ids=next_position, cache=cache, use_cache=True)
             logits, next_position = out.logits[:, -1].float(), next_position + 1
-
-
-def _with_adapter(model: torch.nn.Module, path: Path) -> torch.nn.Module:
-    """``model`` with the LoRA adapter at ``path``, on a copy sharing ``model``'s base weights."""
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel):
-        snapshot = share_base_copy(model)
-    else:
-        config = read_lora_config(path)
-        config.inference_mode = True
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        shared = copy.deepcopy(model, {id(p): p for p, _ in flags})
-        snapshot = wrap_lora(shared, config, seed=0).to(next(model.parameters()).device)
-        for param, flag in flags:  # PEFT froze the shared weights; the caller's model keeps its
-            param.requires_grad_(flag)
-    load_adapter_weights(snapshot, path)
-    return snapshot.eval()
