@@ -69,6 +69,26 @@ def test_invalid_values_name_key_and_value(override, message):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("override,message", [
+    ("TOP_K=0", "TOP_K=0: must be -1 (off) or at least 1"),
+    ("TOP_K=-2", "TOP_K=-2: must be -1 (off) or at least 1"),
+    ("TOP_P=0", "TOP_P=0: must be in (0, 1] (1 is off)"),
+    ("TOP_P=1.5", "TOP_P=1.5: must be in (0, 1] (1 is off)"),
+    ("TEMPERATURE=-0.5", "TEMPERATURE=-0.5: must be a finite number, at least 0 (0 is greedy)"),
+    ("MAX_TOKENS=0", "MAX_TOKENS=0: must be at least 1"),
+])
+def test_sampling_settings_follow_the_sampling_rules(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert str(error.value) == f"invalid config: --set: {message}"
+
+
+def test_valid_sampling_settings():
+    config = load_config(None, ["TOP_K=1", "TOP_P=1", "TEMPERATURE=0", "MAX_TOKENS=1"])
+    assert (config.top_k, config.top_p, config.temperature, config.max_tokens) == (1, 1.0, 0.0, 1)
+    assert load_config(None, ["TOP_K=-1"]).top_k == -1
+
+
 def test_every_problem_reported_at_once():
     with pytest.raises(ConfigError) as error:
         load_config(None, ["LEARNING_RATE=-1", "LORA_RANK=0"])

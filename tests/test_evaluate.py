@@ -257,3 +257,28 @@ def test_output_named_md_and_limit_zero_are_refused(tmp_path):
         _check_writable(tmp_path / "results.md")  # the report would overwrite the results
     with pytest.raises(ConfigError, match="limit"):
         EvalSettings(limit=0).validate()
+
+
+def test_eval_settings_follow_the_sampling_rules():
+    with pytest.raises(ConfigError) as error:
+        EvalSettings(top_k=0).validate()
+    assert str(error.value) == "evaluation settings: top_k = 0: must be -1 (off) or at least 1"
+    with pytest.raises(ConfigError) as error:
+        EvalSettings(top_p=0.0, num_samples=0).validate()  # every problem at once
+    assert str(error.value) == ("evaluation settings: top_p = 0.0: must be in (0, 1] (1 is off); "
+                                "num_samples = 0: must be at least 1")
+    EvalSettings(top_k=-1).validate()
+    EvalSettings(top_k=1, temperature=0.7, top_p=0.9, max_tokens=1).validate()
+
+
+def test_eval_settings_defaults_are_the_configs():
+    from tinkerkit.config import TrainConfig
+
+    settings, config = EvalSettings(), TrainConfig()
+    assert (settings.max_tokens, settings.temperature, settings.top_p, settings.top_k,
+            settings.stop, settings.limit) == (512, 0.0, 1.0, -1, None, None)
+    assert (settings.max_tokens, settings.temperature, settings.top_p, settings.top_k,
+            settings.stop, settings.limit) == (config.max_tokens, config.temperature,
+                                               config.top_p, config.top_k, config.stop,
+                                               config.eval_limit)
+    assert (settings.num_samples, settings.seed) == (1, 0)  # evaluation's own

@@ -11,6 +11,7 @@ import pytest
 
 from helpers import SHARED_DATA
 from tinkerkit import grading
+from tinkerkit.data.formats import normalize_record
 from tinkerkit.errors import ConfigError
 from tinkerkit.grading import (
     Grade,
@@ -19,6 +20,7 @@ from tinkerkit.grading import (
     check_answer_exact_match,
     extract_final_answer,
     grade,
+    gsm8k_final_answer,
     normalize_answer,
 )
 
@@ -227,3 +229,39 @@ def test_gsm8k_reference_extraction():
     extracted = [extract_final_answer(r["answer"]) for r in rows]
     assert extracted[0] == "18"  # "Janet's ducks": #### 18
     assert all(a is not None and a.lstrip("-").replace(".", "").isdigit() for a in extracted)
+
+
+# (test id, GSM8K file, 0-based row, text appended to the row's answer, expected final answer).
+# The rows are real; the appended text is what a model writes after its own "#### N" line.
+GSM8K_CASES = [
+    ("plain", "test", 0, "", "18"),  # "Janet's ducks": #### 18
+    ("thousands-comma", "test", 146, "", "2125"),  # #### 2,125
+    ("two-commas", "test", 611, "", "1450000"),  # #### 1,450,000
+    ("negative", "test", 489, "", "-10"),  # #### -10
+    ("millions", "train", 644, "", "109200000"),  # #### 109,200,000
+    ("trailing-period", "test", 0, ".", "18"),
+    ("crlf", "test", 146, "\r\n", "2125"),
+    ("text-on-later-lines", "test", 146, "\n\nSo he picked up 2,125 blocks.", "2125"),
+    ("a-later-marker-wins", "test", 0, "\nWait, recount.\n#### 20", "20"),
+    ("empty-last-marker", "test", 0, "\n####", None),
+]
+
+
+@pytest.mark.skipif(not (DATA / "gsm8k").is_dir(), reason="shared data not available")
+@pytest.mark.parametrize(("split", "row", "appended", "expected"),
+                         [case[1:] for case in GSM8K_CASES], ids=[case[0] for case in GSM8K_CASES])
+def test_gsm8k_final_answer_is_one_rule_for_references_and_outputs(split, row, appended, expected):
+    # The reference a GSM8K record loads with (data.formats), the answer graded in an output
+    # (extract_final_answer) and gsm8k_final_answer itself agree on every row.
+    line = (DATA / "gsm8k" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[row]
+    record = json.loads(line)
+    answer = record["answer"] + appended
+    assert gsm8k_final_answer(answer) == expected
+    assert extract_final_answer(answer) == expected
+    loaded = normalize_record({**record, "answer": answer}, "question_answer", f"{split}:{row + 1}")
+    assert loaded.reference_answer == expected
+
+
+def test_gsm8k_final_answer_without_a_marker():
+    assert gsm8k_final_answer("She makes 9 * 2 = 18 every day.") is None
+    assert gsm8k_final_answer("#### ") is None

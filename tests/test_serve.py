@@ -30,7 +30,7 @@ from tinkerkit.export import export_adapter
 from tinkerkit.serve import make_server, protobuf
 from tinkerkit.serve.futures import ServerFuture
 from tinkerkit.serve.registry import read_models_file
-from tinkerkit.serve.state import ModelRunner
+from tinkerkit.serve.state import ModelRunner, _SeenRequests
 
 OTHER_KEY = "tml-someone-else"
 ADAM = types.AdamParams(learning_rate=1e-2)
@@ -413,6 +413,46 @@ def test_runner_starts_requests_in_seq_id_order_and_answers_retries():
     assert runner.submit(2, ServerFuture("again", "owner"), action) is futures[2]
     late = runner.submit(None, ServerFuture("r4", "owner"), action)
     assert started[-1] == "r4" and not late.done()
+
+
+def test_seen_requests_forget_the_earliest_arrival_not_the_lowest_id():
+    seen = _SeenRequests(capacity=3)
+    futures = {seq: ServerFuture(f"r{seq}", "owner") for seq in (5, 1, 2 * 10**9, 7, 8)}
+    for seq in (5, 1, 2 * 10**9):  # a clone's ids start at its clone id times 10**9
+        seen.remember(seq, futures[seq])
+    assert [seen.get(seq) for seq in (5, 1, 2 * 10**9)] == [futures[5], futures[1],
+                                                              futures[2 * 10**9]]
+    seen.remember(7, futures[7])
+    assert len(seen) == 3
+    assert seen.get(5) is None  # the earliest arrival, not the lowest id (1) is forgotten
+    assert [seen.get(seq) for seq in (1, 2 * 10**9, 7)] == [futures[1], futures[2 * 10**9],
+                                                              futures[7]]
+    seen.remember(1, futures[1])  # remembered again: now the latest arrival
+    seen.remember(8, futures[8])
+    assert seen.get(2 * 10**9) is None
+    assert [seen.get(seq) for seq in (7, 1, 8)] == [futures[7], futures[1], futures[8]]
+
+
+def test_runner_retries_of_forgotten_requests_never_run_twice():
+    runner = ModelRunner("m", None, None, ServerFuture("create", "owner"))
+    runner._seen = _SeenRequests(capacity=2)
+    started = []
+    action = lambda client, future: started.append(future.request_id)  # noqa: E731
+    futures = {seq: ServerFuture(f"r{seq}", "owner") for seq in range(1, 8)}
+    runner.ready(client=object())
+    for seq in (1, 2, 3):
+        runner.submit(seq, futures[seq], action)
+    assert started == ["r1", "r2", "r3"]
+    retry = runner.submit(1, ServerFuture("again", "owner"), action)  # 1 is forgotten
+    assert retry.error is not None and "already used" in retry.error[0]
+    assert runner.submit(3, ServerFuture("again", "owner"), action) is futures[3]
+    for seq in (5, 6, 7):  # 4 has not arrived: these wait, and 5 is forgotten
+        runner.submit(seq, futures[seq], action)
+    assert runner.submit(5, ServerFuture("again", "owner"), action) is futures[5]
+    runner.submit(4, futures[4], action)
+    assert started == [f"r{seq}" for seq in range(1, 8)]
+    assert runner.submit(None, ServerFuture("r8", "owner"), action).request_id == "r8"
+    assert started[-1] == "r8"
 
 
 def test_protobuf_round_trips_through_the_sdk_decoders():

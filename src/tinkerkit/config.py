@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from tinkerkit.errors import ConfigError
+from tinkerkit.sampling_rules import SAMPLING_SETTINGS, setting_problem
 
 
 class TrainOn(StrEnum):
@@ -96,9 +97,10 @@ class TrainConfig(BaseModel):
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
 
     # Sampling for evaluation
-    temperature: float = Field(0.0, ge=0, description="Sampling temperature for evaluation (0 = greedy).")
-    max_tokens: int = Field(512, gt=0, description="Maximum generated tokens per answer.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    # (their valid values: tinkerkit.sampling_rules)
+    temperature: float = Field(0.0, description="Sampling temperature for evaluation (0 = greedy).")
+    max_tokens: int = Field(512, description="Maximum generated tokens per answer.")
+    top_p: float = Field(1.0, description="Nucleus sampling threshold.")
     top_k: int = Field(-1, description="Top-k sampling (-1 disables).")
     stop: list[str] | None = Field(None, description="Extra stop strings (the end-of-turn token always stops).")
     eval_limit: int | None = Field(None, gt=0, description="Evaluate only the first N test examples.")
@@ -151,11 +153,12 @@ class TrainConfig(BaseModel):
             raise ValueError("must not hold credentials; the API key goes in $TINKER_API_KEY")
         return value
 
-    @field_validator("top_k")
+    @field_validator(*SAMPLING_SETTINGS)
     @classmethod
-    def _top_k(cls, value: int) -> int:
-        if value == 0 or value < -1:
-            raise ValueError("must be -1 (off) or a positive integer")
+    def _sampling_setting(cls, value: float | int, info: ValidationInfo) -> float | int:
+        problem = setting_problem(info.field_name, value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("eval_split_ratio")

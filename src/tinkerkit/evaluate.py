@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tinkerkit.checkpoint import resolve_checkpoint
+from tinkerkit.config import TrainConfig
 from tinkerkit.data.conversation import Conversation
 from tinkerkit.data.formats import load_conversations
 from tinkerkit.engines import check_engine, create_sampling_client
@@ -37,6 +38,7 @@ from tinkerkit.errors import ConfigError, DataError, EngineError
 from tinkerkit.grading import grade
 from tinkerkit.io import atomic_write_json, atomic_write_text
 from tinkerkit.render import Renderer, end_of_turn_ids
+from tinkerkit.sampling_rules import sampling_problems
 
 __all__ = [
     "CRITERIA",
@@ -57,9 +59,17 @@ CRITERIA = ("exact_match", "contains", "equivalent")
 RESULTS_FORMAT_VERSION = 1
 
 
+def _config_default(name: str) -> Any:
+    """The default of :class:`~tinkerkit.config.TrainConfig` field ``name``."""
+    return TrainConfig.model_fields[name].default
+
+
 @dataclass
 class EvalSettings:
     """How to sample during evaluation (the CLI fills it from the config's evaluation section).
+
+    The defaults of the fields the config also has (all but ``num_samples`` and ``seed``) are
+    :class:`~tinkerkit.config.TrainConfig`'s.
 
     Attributes:
         max_tokens: Most tokens generated per sample; a sample that reaches it is counted as
@@ -75,29 +85,28 @@ class EvalSettings:
         limit: Evaluate only the first ``limit`` conversations; None for all.
     """
 
-    max_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = -1
-    stop: list[str] | None = None
+    max_tokens: int = _config_default("max_tokens")
+    temperature: float = _config_default("temperature")
+    top_p: float = _config_default("top_p")
+    top_k: int = _config_default("top_k")
+    stop: list[str] | None = _config_default("stop")
     num_samples: int = 1
     seed: int = 0
-    limit: int | None = None
+    limit: int | None = _config_default("eval_limit")
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first field with an impossible value."""
-        checks = [
-            ("max_tokens", self.max_tokens >= 1, "at least 1"),
-            ("temperature", self.temperature >= 0, "at least 0"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("top_k", self.top_k == -1 or self.top_k >= 1, "-1 or at least 1"),
-            ("num_samples", self.num_samples >= 1, "at least 1"),
-            ("limit", self.limit is None or self.limit >= 1, "None or at least 1"),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ConfigError(f"evaluation setting {name} = {getattr(self, name)!r}: "
-                                  f"must be {expected}")
+        """Raise :class:`ConfigError` naming every field with an impossible value.
+
+        The sampling settings follow :func:`tinkerkit.sampling_rules.sampling_problems`;
+        ``num_samples`` must be at least 1 and ``limit`` None or at least 1.
+        """
+        problems = sampling_problems(self.temperature, self.top_p, self.top_k, self.max_tokens)
+        if self.num_samples < 1:
+            problems.append(f"num_samples = {self.num_samples!r}: must be at least 1")
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"limit = {self.limit!r}: must be None or at least 1")
+        if problems:
+            raise ConfigError(f"evaluation settings: {'; '.join(problems)}")
 
 
 @dataclass

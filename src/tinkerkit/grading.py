@@ -45,6 +45,7 @@ __all__ = [
     "check_answer_exact_match",
     "extract_final_answer",
     "grade",
+    "gsm8k_final_answer",
     "normalize_answer",
 ]
 
@@ -54,7 +55,6 @@ __all__ = [
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _BARE_BOXED_ARG = re.compile(r"\s+([^\s$]+)")  # `\boxed 5`: the argument is the next word
-_GSM8K = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_IS = re.compile(r"\bthe\s+(?:final\s+)?answer\s+is\s*:?[ \t]*([^\n]*)", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"\.(?:\s|$)")
 _DIGIT_GROUP_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
@@ -101,12 +101,27 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
-def _last_gsm8k(text: str) -> str | None:
-    matches = _GSM8K.findall(text)
-    if not matches:
+def gsm8k_final_answer(text: str) -> str | None:
+    """The final answer of a GSM8K solution: the rest of the line after the last ``####``.
+
+    GSM8K (Cobbe et al. 2021, ``grade_school_math/data/*.jsonl``) ends each reference solution
+    with a line ``#### N``. The answer is the text after the last ``####`` up to the end of its
+    line (later lines, as a model may write, are not part of it), with surrounding whitespace and
+    a trailing period stripped and digit-group commas removed (``#### 1,234.`` -> ``"1234"``).
+    Used for reference solutions and model outputs alike.
+
+    Args:
+        text: A solution or model output.
+
+    Returns:
+        The answer, or None when the text has no ``####`` or nothing follows the last one on its
+        line.
+    """
+    _, marker, rest = text.rpartition("####")
+    if not marker:
         return None
-    answer = _DIGIT_GROUP_COMMA.sub("", matches[-1].strip().rstrip(".").strip())
-    return answer or None
+    answer = rest.split("\n", 1)[0].strip().rstrip(".").strip()
+    return _DIGIT_GROUP_COMMA.sub("", answer) or None
 
 
 def _last_answer_is(text: str) -> str | None:
@@ -126,8 +141,9 @@ def extract_final_answer(text: str) -> str | None:
     1. the last ``\\boxed{...}`` (or ``\\fbox{...}``) whose braces balance, nested braces kept
        (``\\boxed{2^{10}}`` -> ``2^{10}``); also the brace-less ``\\boxed 5`` -> ``5``. An
        unbalanced last box (an output cut by the token limit) falls back to the one before;
-    2. GSM8K's ``#### N`` (the last one; digit-group commas removed: ``#### 1,234`` -> ``1234``;
-       trailing period and whitespace stripped);
+    2. GSM8K's ``#### N``, as :func:`gsm8k_final_answer` reads it (the last one, to the end of
+       its line; digit-group commas removed: ``#### 1,234`` -> ``1234``; trailing period and
+       whitespace stripped);
     3. "the answer is ..." or "the final answer is ..." (case-insensitive, the last occurrence, up
        to the end of its sentence or line; ``$``, ``**`` and a trailing period stripped):
        ``The answer is $42$.`` -> ``42``.
@@ -139,7 +155,7 @@ def extract_final_answer(text: str) -> str | None:
         The answer as written (not normalized, see :func:`normalize_answer`), or None when the
         text contains none of the forms above.
     """
-    for extract in (_last_boxed, _last_gsm8k, _last_answer_is):
+    for extract in (_last_boxed, gsm8k_final_answer, _last_answer_is):
         answer = extract(text)
         if answer is not None:
             return answer

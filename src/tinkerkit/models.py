@@ -291,7 +291,8 @@ def offline_tokenizer(name: str) -> str | None:
     return alias if alias in REGISTRY else None
 
 
-def _is_model_dir(path: Path) -> bool:
+def is_model_dir(path: Path) -> bool:
+    """Whether ``path`` is a Hugging Face model directory: a directory holding ``config.json``."""
     return path.is_dir() and (path / "config.json").is_file()
 
 
@@ -321,7 +322,7 @@ def resolve_model(name: str) -> Path | str:
         ModelError: The name is none of these; the message lists the registry's names.
     """
     path = Path(name).expanduser()
-    if _is_model_dir(path):
+    if is_model_dir(path):
         return path
     if name in REGISTRY:
         return _build_cached(REGISTRY[name])
@@ -457,5 +458,5 @@ def load_tokenizer(name: str):
     with _LOAD_LOCK:  # the import too: transformers' lazy module is not thread-safe either
         from transformers import AutoTokenizer
 
-        local = None if _is_model_dir(Path(name).expanduser()) else offline_tokenizer(name)
+        local = None if is_model_dir(Path(name).expanduser()) else offline_tokenizer(name)
         return load_pretrained(AutoTokenizer.from_pretrained, local or name)

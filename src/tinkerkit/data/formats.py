@@ -13,7 +13,8 @@ messages            ``messages`` [{role, content, thinking?}]        ``reference
                     output)                                          (``grading`` extraction)
 prompt_completion   ``prompt``, ``completion`` (strings, or TRL's    as for messages
                     conversational lists of messages)
-question_answer     ``question``, ``answer`` (GSM8K)                 text after the last ``####``
+question_answer     ``question``, ``answer`` (GSM8K)                 rest of the last ``####`` line
+                                                                     (``gsm8k_final_answer``)
 math                ``problem``, ``answer``, ``solution?`` (MATH,    ``answer`` (a number becomes
                     AIME, AMC)                                       ``"27"`` for ``27.0``)
 s1k                 ``question``, ``thinking_trajectories``,         ``solution``, if present
@@ -42,7 +43,7 @@ from typing import Any, Literal
 
 from tinkerkit.data.conversation import Conversation, Message
 from tinkerkit.errors import ConfigError, DataError
-from tinkerkit.grading import extract_final_answer
+from tinkerkit.grading import extract_final_answer, gsm8k_final_answer
 
 ROLES = ("system", "user", "assistant")
 
@@ -479,24 +480,11 @@ def _reference_or_extracted(record: dict, messages: list[Message], where: str) -
 # -------------------------------------------------------------------------------- answer helpers
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
-_THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
 def _strip_calculator_annotations(text: str) -> str:
     """GSM8K's calculator annotations removed: ``48/2 = <<48/2=24>>24`` -> ``48/2 = 24``."""
     return _CALCULATOR.sub("", text)
-
-
-def gsm8k_final_answer(text: str) -> str | None:
-    """The text after the last ``####``, stripped, thousands commas removed; ``None`` if absent.
-
-    Format: GSM8K (Cobbe et al. 2021, ``grade_school_math/data/*.jsonl``), e.g. ``#### 1,234`` ->
-    ``"1234"``.
-    """
-    if "####" not in text:
-        return None
-    answer = _THOUSANDS_COMMA.sub("", text.rsplit("####", 1)[1].strip())
-    return answer or None
 
 
 def _kind(value: Any) -> str:

@@ -32,7 +32,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tinkerkit.errors import ConfigError, RequestError
-from tinkerkit.models import REGISTRY, hub_id_of, resolve_model
+from tinkerkit.models import REGISTRY, hub_id_of, is_model_dir, resolve_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 """Files of a saved Hugging Face tokenizer (``save_pretrained`` writes both): a model directory
@@ -66,10 +66,6 @@ class _Entry(BaseModel):
     tokenizer_id: str | None = None
 
 
-def _is_model_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file()
-
-
 def _servable() -> list[str]:
     """The registry names that have model weights (tokenizer-only entries are not served)."""
     return sorted(name for name, entry in REGISTRY.items() if not entry.tokenizer_only)
@@ -80,7 +76,7 @@ def _source(path_text: str, base: Path, where: str) -> str:
         return path_text
     path = Path(path_text).expanduser()
     path = path if path.is_absolute() else base / path
-    if not _is_model_dir(path):
+    if not is_model_dir(path):
         raise ConfigError(f"{where}: '{path_text}' is neither a HF model directory (with "
                           f"config.json) nor a registry model ({', '.join(_servable())})")
     return str(path.resolve())
@@ -173,7 +169,7 @@ class ModelRegistry:
             return ServedModel(name, name)
         if self._allow_paths and name.startswith(("/", "~", ".")):
             path = Path(name).expanduser()
-            if _is_model_dir(path):
+            if is_model_dir(path):
                 return ServedModel(name, str(path.resolve()), tokenizer_id=str(path.resolve()))
         paths = " or a HF model directory on the server" if self._allow_paths else ""
         raise RequestError(400, f"base model '{name}' is not served here; served models: "

@@ -12,7 +12,9 @@ predecessors have not arrived waits in the runner. Starting a request only queue
 engine (whose single worker thread runs calls in submission order), so the client can submit
 the next batch while the previous one computes, as the SDK's pipelining expects. A request
 whose ``seq_id`` was already seen (a retry after a lost answer) gets the first one's future
-back, so nothing runs twice. Once a request's model and ``seq_id`` are known, the ``seq_id`` is
+back, so nothing runs twice (the last :data:`_SEEN_SEQ_IDS` requests to arrive are remembered,
+:class:`_SeenRequests`; a forgotten one that already started is refused, one still waiting
+answers with its future). Once a request's model and ``seq_id`` are known, the ``seq_id`` is
 consumed whatever is wrong with the rest, so the requests behind it still run (the SDK goes on
 after an error): a body that does not validate answers 400 (:meth:`ServerState.refuse`), a
 request refused when it starts (a bad datum, an unknown checkpoint) answers its 4xx when it
@@ -89,6 +91,39 @@ _SEEN_SEQ_IDS = 1024
 """How many past seq ids of a model (or sampler) are remembered to answer retries."""
 
 
+class _SeenRequests:
+    """The futures of the requests that arrived last, by ``seq_id``, to answer retries.
+
+    Holds the ``capacity`` requests that arrived most recently: remembering one more forgets the
+    one that arrived first. The rule goes by arrival, not by id: the clones of a sampling client
+    share its sampling session and number their requests in blocks of 10**9 ids apart, so live
+    ids can be far apart, while a retry follows its first attempt closely in time. Not
+    thread-safe: the owner calls it under its own lock.
+
+    Args:
+        capacity: How many requests are remembered.
+    """
+
+    def __init__(self, capacity: int = _SEEN_SEQ_IDS) -> None:
+        self.capacity = capacity
+        self._futures: dict[int, ServerFuture] = {}  # in arrival order
+
+    def __len__(self) -> int:
+        return len(self._futures)
+
+    def get(self, seq_id: int) -> ServerFuture | None:
+        """The future of the remembered request ``seq_id``, or None."""
+        return self._futures.get(seq_id)
+
+    def remember(self, seq_id: int, future: ServerFuture) -> None:
+        """Remember ``future`` as request ``seq_id`` (the latest arrival); forget the earliest
+        arrival when more than ``capacity`` are held."""
+        self._futures.pop(seq_id, None)
+        self._futures[seq_id] = future
+        if len(self._futures) > self.capacity:
+            del self._futures[next(iter(self._futures))]
+
+
 def _target_modules(lora: types.LoraConfig) -> str:
     preset = preset_of_switches(lora.train_attn, lora.train_mlp)
     if preset is not None:
@@ -134,8 +169,9 @@ class ModelRunner:
         self.last_request = time.time()
         self._lock = threading.Lock()
         self._next_seq = 1
+        self._highest_seq = 0  # the highest seq_id submitted
         self._waiting: dict[int, tuple[ServerFuture, Callable]] = {}
-        self._seen: dict[int, ServerFuture] = {}
+        self._seen = _SeenRequests()
         self._failure: str | None = None
 
     def submit(self, seq_id: int | None, future: ServerFuture,
@@ -151,12 +187,14 @@ class ModelRunner:
         with self._lock:
             self.last_request = time.time()
             if seq_id is None:  # a client that does not number its requests: after the rest
-                seq_id = max([self._next_seq, *(s + 1 for s in self._seen)])
-            if seq_id in self._seen:
-                return self._seen[seq_id]
-            self._seen[seq_id] = future
-            for old in [s for s in self._seen if s < seq_id - _SEEN_SEQ_IDS]:
-                del self._seen[old]
+                seq_id = max(self._next_seq, self._highest_seq + 1)
+            earlier = self._seen.get(seq_id)
+            if earlier is None and seq_id in self._waiting:  # forgotten, but not started yet
+                earlier = self._waiting[seq_id][0]
+            if earlier is not None:
+                return earlier
+            self._seen.remember(seq_id, future)
+            self._highest_seq = max(self._highest_seq, seq_id)
             if seq_id < self._next_seq:
                 future.fail(RequestError(400, f"seq_id {seq_id} of model {self.model_id} was "
                                               "already used"))
@@ -209,7 +247,7 @@ class Sampler:
     base_model: str
     model_path: str | None
     client: Future
-    seen: dict[int, ServerFuture] = field(default_factory=dict)
+    seen: _SeenRequests = field(default_factory=_SeenRequests)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -822,9 +860,7 @@ class ServerState:
             future.sample_sequence_ids = [f"{future.request_id}:{i}"
                                           for i in range(request.num_samples)]
             if request.seq_id is not None:
-                sampler.seen[request.seq_id] = future
-                if len(sampler.seen) > _SEEN_SEQ_IDS:  # forget the oldest
-                    del sampler.seen[next(iter(sampler.seen))]
+                sampler.seen.remember(request.seq_id, future)
 
         def start(done: Future) -> None:
             try:
