@@ -16,16 +16,7 @@ Outputs differ only through batched numerics: a batch runs the same float32 matm
 shapes (and left-padded rows), so logits can differ in the last bits, and greedy picks can flip
 where the top two candidates tie within that noise; once a token differs, the rest follows.
 
-What each change to the sampler bought (smollm2-135m-instruct, 2-core CPU, batch 64,
-measured on decoding steps of 64 rows with a 150-token prompt, other jobs on the machine):
-
-* Batched, left-padded generation with a KV cache, finished rows dropped from the batch
-  (the starting point): ~0.2 s per step for 64 rows, against ~0.03 s per step for 1 row.
-* Preallocated KV cache instead of ``DynamicCache`` (which grows by ``torch.cat`` and copies the
-  whole cache every step; ``aten::cat`` was 72% of a step in torch.profiler): 2.58 -> 1.35 s
-  per step under heavy contention (load average 5 on 2 cores), ~1.9x.
-* One ``argmax`` over the batch for greedy rows instead of one call per row; adapters merged
-  into the weights of an evaluation-only client (no separate LoRA matmuls per step).
+Results, and what each change to the sampler bought: ``docs/PERFORMANCE.md``.
 """
 
 from __future__ import annotations

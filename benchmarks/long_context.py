@@ -20,6 +20,9 @@ The machine may be shared: before each case the expected need is compared with `
 and a case that does not fit is skipped ("does not fit"); a running case is stopped if the
 machine's available memory falls below 1 GiB.
 
+Results: ``docs/QUICK_START_LONG_TEXT.md`` ("Memory and speed (measured)") and
+``docs/PERFORMANCE.md``.
+
 Example::
 
     .venv/bin/python benchmarks/long_context.py --memory-margin 1.0      # everything, idle machine (naive 8,192: ~21 GiB)

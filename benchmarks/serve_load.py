@@ -29,6 +29,7 @@ Checks (the verdict):
 
 Prints requests served, failures by kind, p50/p99 latency per request type (from submission to
 the resolved future, as the client sees it) and the verdict.
+Results go to ``docs/PERFORMANCE.md``.
 
 Usage::
 

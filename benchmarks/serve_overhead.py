@@ -7,6 +7,7 @@ thread on a loopback port, alternating one step of each so that both see the sam
 Prints the median time per step, tokens per second and the difference, plus the same for a step
 that computes almost nothing (one 8-token datum), whose difference is the cost of the HTTP,
 protobuf and future round trips alone.
+Results go to ``docs/PERFORMANCE.md``.
 
 Usage::
 

@@ -61,18 +61,10 @@ Figures:
 Goals (issue 7): ours >= 2.0x TRL's real tokens/s at equal or lower peak memory; the same losses
 within noise; >= 40% of the measured peak matrix-multiply FLOP/s.
 
-Reading the ratio: the ratio depends on what page faults cost on the machine at the time,
-because TRL's speed does and the local engine's hardly does. TRL allocates and frees its padded
-``[4, T, 49152]`` logits and their log-softmax every step (glibc's default ``malloc`` hands such
-blocks back to the kernel): 0.7-1.1 million minor page faults per step, against ~27,000 for
-the local engine. On this shared 2-core virtual machine TRL ran 115-177 tokens/s across runs
-and days, the local engine 288-347, and the ratio in one run 1.95x-2.51x. One run with
-glibc's allocator told to keep freed memory for both workers (``GLIBC_TUNABLES`` set to
-``glibc.malloc.arena_max=1``, ``glibc.malloc.mmap_threshold=33554432`` and
-``glibc.malloc.trim_threshold=2147483647``, joined by colons; TRL's faults down to
-25,000-300,000 per step): ours 334.0, TRL 167.8 tokens/s, 1.99x, just under the 2.0x goal;
-the same day at glibc's defaults: 2.40x-2.51x. The goal is met against TRL as it runs by
-default, not against a TRL whose allocator is tuned this way.
+Reading the ratio: it depends on what page faults cost on the machine at the time, because
+TRL's speed does (it allocates and frees its padded logits every step) and the local engine's
+hardly does; the faults/step figures show it. Results, what each change to the local engine
+bought and what was tried and left out: ``docs/PERFORMANCE.md``.
 
 Needs TRL (``pip install -e '.[bench]'``, which pins ``trl==1.16.0``; it changes no pinned
 dependency). The machine may be shared: run it when it is quiet, and compare only the ratio
@@ -83,58 +75,6 @@ Example::
     .venv/bin/python benchmarks/train_throughput.py                        # 200 examples, 10 rounds
     .venv/bin/python benchmarks/train_throughput.py --examples 16 --rounds 2   # a quick check
     .venv/bin/python benchmarks/train_throughput.py --precision bf16       # both under bf16 autocast
-
-Speedups of the local engine, each measured on a loaded 2-core machine as CPU seconds of
-``forward_backward`` (one torch thread, so time-slicing by other processes does not count) on the
-first 40 GSM8K examples in batches of 4, the variants interleaved batch by batch:
-
-* Micro-batches cut where padding costs more than another pass (``_microbatches``, dynamic
-  programming with 64 tokens per pass) instead of one padded micro-batch per call: 1.20x
-  (58.9 -> 70.9 tokens per CPU-second; one pass per datum, no padding at all: 0.97x). Losses
-  equal within 5e-7. (Tuning the 64: 32 -> 0.94x, 128 -> 0.98x, 256 -> 0.83x of 64.)
-* LoRA layers with a fused forward and backward pass (``engines/lora_linear.py``: the scaling
-  inside ``addmm``, the LoRA product and the LoRA input gradient added in place) instead of
-  PEFT's autograd path: 1.13x (125.3 -> 141.2 tokens per CPU-second). Losses bitwise equal.
-* The fused LoRA layer also under bf16 autocast (operands cast to bf16 as autocast casts a
-  linear layer's; before, it fell back to PEFT's path): bf16 runs 80.7/90.3 -> 97.2/107.2 tokens
-  per CPU-second (two alternations, 10 GSM8K batches of 4, under load 3-4: rough).
-
-Later changes, measured on the quiet machine (load average 1-2, the benchmark's own workers):
-
-* Profile first (torch.profiler, float32, a GSM8K batch of 4): matrix products were 53% of the
-  time at ~85% of the 2048 x 2048 peak; each step ran two padded micro-batches of ~420 tokens;
-  per 860 tokens a decoder layer spent 5.9 ms in RMSNorm, 3.0 ms in the rotary embedding and
-  3.9 ms in SiLU-times-up, forward and backward, against ~25 ms of matrix products.
-* Datums packed end to end into one row with attention once per datum
-  (``engines/packing.py``) instead of padded micro-batches: decoder forward and backward alone
-  322/330 -> 385/373 tokens/s (alternating runs); this benchmark, 40 examples: ours 245.9 ->
-  309.8 tokens/s (1.70x -> 1.82x TRL); 200 examples: 1.86x (327.1 vs 175.9 tokens/s), 54.0% of
-  the peak. Peak memory 2.52 -> 2.96 GiB (one ~860-token pass instead of two).
-* RMSNorm with a hand-written backward (``engines/fused_layers.py``): 3.52 -> 1.35 ms per layer
-  forward and backward on ``[860, 576]``; 200 examples: 1.96x (346.9 vs 176.8 tokens/s), 53.0%
-  of the peak. Skipping ``model.train()`` when the mode does not change: ~8 ms per call.
-* The rotary embedding with a hand-written backward (same module): 3.01 -> 1.19 ms per layer
-  (queries and keys); whole steps, two clients in one process alternating batch by batch, CPU
-  seconds over 9 GSM8K batches: 46.18 -> 44.93 (1.028x). Losses within 6e-7.
-* Tried and left out: one matrix product for q/k/v (and for gate/up) with their LoRA products
-  (0.94x-1.06x per layer, the strided output slices cost what the shared reads save); a fused
-  SiLU-times-up (autograd's five passes are already the minimum); ``log_softmax`` or
-  ``logsumexp`` in the frozen head (no faster); smaller logit chunks (64-256 positions: slower);
-  the math SDPA kernel or repeated key/value heads (slower than the flash kernel with grouped
-  heads); ``OMP_WAIT_POLICY=ACTIVE`` (no change); foreach AdamW (7 ms of a ~2.5 s step).
-* AdamW's fused kernel (``fused=True``) instead of the per-tensor loop: 24-28 -> 5.5 ms per
-  step for SmolLM2's 420 LoRA matrices (2 threads, alone); parameters within 7.5e-9 of the
-  loop's after 5 steps.
-* Tried and left out: glibc ``malloc`` keeping freed memory (``mallopt``: one arena, mmap and
-  trim thresholds raised), which takes ours from ~27,000 minor page faults per step to none
-  after the first round: 1.00x (this benchmark with both workers running ours, alternating:
-  293.9 tokens/s with the setting, 293.6 without, over 200 examples); peak memory 2.73 GiB with
-  it, 2.62 without.
-* bf16 autocast (``--precision bf16``) keeps each frozen weight's bf16 copy instead of casting it
-  in every call (``autocast_weight``). It is not the faster comparison here: TRL gains more from
-  bf16 than ours (40 examples: ours 380.2 vs TRL 223.1 tokens/s, 1.70x; 9.8% of the bf16 peak of
-  2,377 GFLOP/s), because at these shapes the bf16 matrix products are only ~3x faster and the
-  casts, the bf16 flash-attention backward and zero-filled outputs take back much of it.
 """
 
 from __future__ import annotations
