@@ -168,7 +168,7 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
                 previous = None
             else:
                 previous = current
-        if previous is not None:
+        if previous is not None:  # the last step, unless a checkpoint awaited it already
             log.write(await_step(previous, run_dir, timer))
     final_checkpoint = save_checkpoint(client, run_dir, total_steps, (total_steps - 1) // per_epoch)
     wall = time.perf_counter() - started
