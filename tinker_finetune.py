@@ -16,6 +16,7 @@ from tinkerkit.data.formats import load_conversations
 from tinkerkit.engines.local import LocalTrainingClient
 from tinkerkit.errors import TinkerkitError
 from tinkerkit.render import Renderer
+from tinkerkit.train import normalize_batch
 
 # ---- settings -------------------------------------------------------------------------------
 DATA_FILE = "data/train_set.json"   # any format the loader knows (see `tinkerkit split`)
@@ -40,13 +41,8 @@ print(f"{stats.processed} examples ({stats.truncated} truncated, {stats.skipped}
 order = np.random.default_rng(0).permutation(len(examples))
 for step in range(NUM_STEPS):
     batch = [examples[i] for i in order[step * BATCH_SIZE:(step + 1) * BATCH_SIZE]]
-    n_weighted = sum(e.n_weighted for e in batch)
-    # Normalize by the weighted tokens of the whole step: the loss is the mean NLL per token.
-    data = [tinker.types.Datum(
-        model_input=e.datum.model_input,
-        loss_fn_inputs={"target_tokens": e.datum.loss_fn_inputs["target_tokens"],
-                        "weights": e.datum.loss_fn_inputs["weights"].to_numpy() / n_weighted})
-        for e in batch]
+    # Weights divided by the weighted tokens of the whole step: the loss is the mean NLL per token.
+    data, _, _ = normalize_batch(batch)
     result = client.forward_backward(data, "cross_entropy").result()
     client.optim_step(tinker.types.AdamParams(learning_rate=LEARNING_RATE)).result()
     print(f"step {step + 1}/{NUM_STEPS}  loss {result.metrics['loss:sum']:.4f}")

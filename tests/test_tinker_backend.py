@@ -22,12 +22,12 @@ from safetensors.torch import load_file
 
 from helpers import running_server, service
 from tinkerkit import io
-from tinkerkit import train as train_module
 from tinkerkit.cli import main
 from tinkerkit.config import load_config
 from tinkerkit.data.demo import write_demo_data
 from tinkerkit.engines.tinker import TinkerTrainingClient
 from tinkerkit.evaluate import run_evaluation
+from tinkerkit.train import loop as train_loop
 from tinkerkit.train import train
 
 CANARY = "tml-canary-5b1e0c3d9a7f4e21"
@@ -134,19 +134,19 @@ def test_the_loop_on_tinker_gives_the_local_losses_and_adapter(runs):
 
 
 def test_resume_from_a_tinker_checkpoint_is_exact(runs, tinker_env, monkeypatch):
-    record, calls = train_module._record, []
+    real_await_step, calls = train_loop.await_step, []
 
     def crash_after_three_steps(*args):
         if len(calls) == 3:
             raise KeyboardInterrupt
         calls.append(1)
-        return record(*args)
+        return real_await_step(*args)
 
-    monkeypatch.setattr(train_module, "_record", crash_after_three_steps)
+    monkeypatch.setattr(train_loop, "await_step", crash_after_three_steps)
     crashed = runs["root"] / "tinker-crashed"
     with pytest.raises(KeyboardInterrupt):
         train(runs["config"], run_dir=crashed, console=quiet())
-    monkeypatch.setattr(train_module, "_record", record)
+    monkeypatch.setattr(train_loop, "await_step", real_await_step)
     assert [e["step"] for e in io.read_jsonl(crashed / "checkpoints.jsonl")] == [2]
 
     resumed = train(runs["config"], resume=str(crashed), console=quiet())  # from tinker://.../step_2

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import tinker
 
-from tinkerkit import train as train_module
 from tinkerkit.config import load_config
 from tinkerkit.render import RenderedExample
 from tinkerkit.train import batch_indices, learning_rate_at, train
+from tinkerkit.train import loop as train_loop
 
 
 def done(value):
@@ -82,7 +82,7 @@ def example(weights):
 def test_step_loss_is_normalized_by_weighted_tokens_of_the_whole_step(fake_engine, tmp_path,
                                                                        monkeypatch):
     # One example trains 1 token at NLL 2.0, the other 3 tokens at NLL 1.0 each.
-    monkeypatch.setattr(train_module, "load_examples",
+    monkeypatch.setattr(train_loop, "load_examples",
                         lambda config, tokenizer, console: [example([0, 1]), example([0, 1, 1, 1])])
     data = tmp_path / "train.jsonl"
     write_chat(data, ["a", "b"])

@@ -5,10 +5,10 @@ import pytest
 from safetensors.torch import load_file
 
 from tinkerkit import io
-from tinkerkit import train as train_module
 from tinkerkit.config import load_config
 from tinkerkit.data.demo import write_demo_data
 from tinkerkit.errors import CheckpointError
+from tinkerkit.train import loop as train_loop
 from tinkerkit.train import train
 
 
@@ -37,20 +37,20 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(config, tmp_path, mo
     full = train(config, run_dir=tmp_path / "full")
     assert full.steps == 6
 
-    record = train_module._record
+    real_await_step = train_loop.await_step
     calls = []
 
     def crash_after_three_steps(*args):
         if len(calls) == 3:
             raise Crash("killed")
         calls.append(1)
-        return record(*args)
+        return real_await_step(*args)
 
-    monkeypatch.setattr(train_module, "_record", crash_after_three_steps)
+    monkeypatch.setattr(train_loop, "await_step", crash_after_three_steps)
     with pytest.raises(Crash):
         train(config, run_dir=tmp_path / "crashed")
     assert [r["step"] for r in metrics(tmp_path / "crashed")] == [1, 2, 3]
-    monkeypatch.setattr(train_module, "_record", record)
+    monkeypatch.setattr(train_loop, "await_step", real_await_step)
 
     resumed = train(config, resume=str(tmp_path / "crashed"))  # latest checkpoint: step 2
     crashed, reference = metrics(tmp_path / "crashed"), metrics(tmp_path / "full")
@@ -67,22 +67,22 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(config, tmp_path, mo
 
 def test_a_run_killed_before_its_first_checkpoint_says_so_and_can_start_again(
         config, tmp_path, monkeypatch):
-    # SAVE_EVERY=2: a crash at step 2's record leaves step 1 logged and nothing saved.
+    # SAVE_EVERY=2: a crash awaiting step 2 leaves step 1 logged and nothing saved.
     from tinkerkit.errors import ConfigError
 
-    record, calls = train_module._record, []
+    real_await_step, calls = train_loop.await_step, []
 
     def crash_at_step_two(*args):
         if calls:
             raise Crash("killed")
         calls.append(1)
-        return record(*args)
+        return real_await_step(*args)
 
-    monkeypatch.setattr(train_module, "_record", crash_at_step_two)
+    monkeypatch.setattr(train_loop, "await_step", crash_at_step_two)
     run = tmp_path / "stage2"
     with pytest.raises(Crash):
         train(config, run_dir=run)
-    monkeypatch.setattr(train_module, "_record", record)
+    monkeypatch.setattr(train_loop, "await_step", real_await_step)
     assert [r["step"] for r in metrics(run)] == [1] and not (run / "checkpoints.jsonl").exists()
     with pytest.raises(CheckpointError) as resume:
         train(config, resume=str(run))

@@ -74,6 +74,14 @@ class CheckpointError(EngineError):
     """A checkpoint that is missing, incomplete, corrupted or from another base model or rank."""
 
 
+class TrainingDivergedError(TinkerkitError, RuntimeError):
+    """The training loss or gradient norm became NaN or infinite; the run was stopped.
+
+    The message names the step, the non-finite number and the last good checkpoint, which stays
+    the latest listed in the run's ``checkpoints.jsonl`` (nothing of the diverged step is saved).
+    """
+
+
 class ExportError(TinkerkitError, RuntimeError):
     """An export or merge that cannot be completed (including non-finite weights)."""
 

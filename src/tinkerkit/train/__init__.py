@@ -1,0 +1,81 @@
+"""Supervised LoRA training: rendered examples -> forward_backward -> optim_step -> checkpoints.
+
+The modules, in the order a run uses them:
+
+* :mod:`~tinkerkit.train.examples` — loading ``DATA_FILES``, rendering, the length guards and the
+  per-step loss normalization (:func:`normalize_batch`).
+* :mod:`~tinkerkit.train.held_out` — the held-out set of evaluation during training.
+* :mod:`~tinkerkit.train.schedule` — which examples and which learning rate each step gets.
+* :mod:`~tinkerkit.train.run_dir` — the run directory: fresh-run check, resume, checkpoints,
+  the final export.
+* :mod:`~tinkerkit.train.metrics` — ``metrics.jsonl``, the progress bar, the loss plot, the summary.
+* :mod:`~tinkerkit.train.loop` — :func:`train`, the loop itself.
+* :mod:`~tinkerkit.train.dryrun` — :func:`dry_run` (``tinkerkit train --dry-run``).
+
+Every public name is re-exported here, so ``from tinkerkit.train import train, dry_run,
+resolve_resume, ...`` is the one import callers need. To replace a name for a test, patch it in the
+module that looks it up (``tinkerkit.train.loop.await_step``, not ``tinkerkit.train.await_step``).
+
+Example::
+
+    config = load_config("config.py")
+    result = train(config)
+    print(result.final_checkpoint)
+"""
+
+from tinkerkit.errors import TrainingDivergedError
+from tinkerkit.train.dryrun import DryRunReport, dry_run
+from tinkerkit.train.examples import (
+    LENGTH_ROUNDING,
+    length_covering,
+    load_examples,
+    make_renderer,
+    normalize_batch,
+    positions_warning,
+    split_data,
+    truncation_warning,
+)
+from tinkerkit.train.held_out import HeldOut, load_held_out, sample_accuracy
+from tinkerkit.train.loop import PendingStep, TrainResult, await_step, divergence_error, train
+from tinkerkit.train.metrics import (
+    StepLog,
+    StepRecord,
+    StepTimer,
+    peak_memory_gib,
+    plateau_warning,
+    plot_loss_curve,
+    write_summary,
+)
+from tinkerkit.train.run_dir import (
+    CONFIG_FILE,
+    EXPORT_DIR,
+    METRICS_FILE,
+    check_new_run_dir,
+    config_for_resume,
+    default_run_dir,
+    export_final,
+    resolve_resume,
+    save_checkpoint,
+    truncate_logs,
+)
+from tinkerkit.train.schedule import (
+    adam_params,
+    batch_indices,
+    batches_per_epoch,
+    is_due,
+    learning_rate_at,
+    plan_steps,
+)
+
+__all__ = [
+    "CONFIG_FILE", "EXPORT_DIR", "LENGTH_ROUNDING", "METRICS_FILE",
+    "DryRunReport", "HeldOut", "PendingStep", "StepLog", "StepRecord", "StepTimer",
+    "TrainResult", "TrainingDivergedError",
+    "adam_params", "await_step", "batch_indices", "batches_per_epoch", "check_new_run_dir",
+    "config_for_resume", "default_run_dir", "divergence_error", "dry_run", "export_final",
+    "is_due", "learning_rate_at", "length_covering", "load_examples", "load_held_out",
+    "make_renderer", "normalize_batch", "peak_memory_gib", "plan_steps", "plateau_warning",
+    "plot_loss_curve", "positions_warning", "resolve_resume", "sample_accuracy",
+    "save_checkpoint", "split_data", "train", "truncate_logs", "truncation_warning",
+    "write_summary",
+]

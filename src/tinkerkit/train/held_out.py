@@ -1,0 +1,88 @@
+"""The held-out set of evaluation during training (``EVAL_EVERY``, ``SAMPLE_EVAL_EVERY``).
+
+Evaluation reads the weights and never writes them: the held-out loss is a gradient-free
+``forward`` queued right after a step's ``optim_step``, and sampling runs on a snapshot of the
+adapter, so a run ends with the same adapter with evaluation on or off. Its results join the
+step's line in ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tinker
+from rich.console import Console
+
+from tinkerkit.config import TrainConfig
+from tinkerkit.data.conversation import Conversation
+from tinkerkit.data.formats import load_conversations
+from tinkerkit.errors import DataError
+from tinkerkit.evaluate import evaluate, training_eval_settings
+from tinkerkit.render import Renderer
+from tinkerkit.train.examples import make_renderer, normalize_batch, split_data
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out set of evaluation during training.
+
+    Attributes:
+        conversations: In order; the first ``SAMPLE_EVAL_LIMIT`` are sampled for eval_accuracy.
+        batches: The rendered examples as datums whose weights are divided by the weighted tokens
+            of the whole set, in chunks of ``BATCH_SIZE``: the ``loss:sum`` of ``forward`` summed
+            over the chunks is the mean NLL per weighted token of the set.
+        renderer: The training renderer (evaluation prompts are its generation prompts).
+    """
+
+    conversations: list[Conversation]
+    batches: list[list[tinker.types.Datum]]
+    renderer: Renderer
+
+
+def load_held_out(config: TrainConfig, tokenizer, console: Console) -> HeldOut | None:
+    """The held-out set (``EVAL_DATA_FILES`` or ``EVAL_SPLIT_RATIO``); None without evaluation.
+
+    Raises:
+        DataError: ``EVAL_EVERY`` is set and no held-out example renders.
+    """
+    if not (config.eval_every or config.sample_eval_every):
+        if config.eval_split_ratio is not None:
+            console.print(f"[yellow]Note:[/yellow] EVAL_SPLIT_RATIO={config.eval_split_ratio} "
+                          "holds data out of training, but EVAL_EVERY and SAMPLE_EVAL_EVERY are 0, "
+                          "so nothing evaluates it")
+        return None
+    if config.eval_split_ratio is not None:
+        conversations = split_data(config)[1]
+    else:
+        try:
+            conversations = load_conversations(config.eval_data_files, format=config.data_format,
+                                               on_error=config.on_error).conversations
+        except DataError as e:
+            raise DataError(f"EVAL_DATA_FILES: {e}") from e
+    renderer = make_renderer(config, tokenizer)
+    examples, stats = renderer.render_dataset(conversations)
+    if config.eval_every and not examples:
+        raise DataError("no held-out example left after rendering for EVAL_EVERY "
+                        f"({stats.skipped} skipped, {stats.failed} failed)")
+    console.print(f"Held out for evaluation: {len(conversations)} examples ({stats.truncated} "
+                  f"truncated, {stats.skipped} skipped, {stats.failed} failed in eval_loss)")
+    datums = normalize_batch(examples)[0]
+    batches = [datums[i:i + config.batch_size] for i in range(0, len(datums), config.batch_size)]
+    return HeldOut(conversations, batches, renderer)
+
+
+def sample_accuracy(client, held_out: HeldOut, config: TrainConfig) -> float | None:
+    """Accuracy (mathematical equivalence) on the first ``SAMPLE_EVAL_LIMIT`` held-out examples.
+
+    Samples from a snapshot of the current weights (after the queued steps), with the prompts,
+    sampling settings and grading of ``tinkerkit eval``; None when none has a reference answer.
+    """
+    tokenizer = client.get_tokenizer()
+    settings = training_eval_settings(config, tokenizer, config.sample_eval_limit)
+    sampler = client.save_weights_and_get_sampling_client()
+    try:
+        result = evaluate(held_out.conversations, sampler, held_out.renderer.build_prompt,
+                          tokenizer, settings, progress=False)
+    finally:
+        sampler.close()
+    return result.metrics["accuracy_equivalent"]

@@ -1,0 +1,198 @@
+"""The run directory: its files, the fresh-run check, resume, checkpoints and the final export.
+
+A run directory holds ``config.json`` (the resolved settings), ``metrics.jsonl`` (one line per
+optimizer step, see :mod:`tinkerkit.train.metrics`), ``checkpoints.jsonl`` (one line per saved
+state, its ``path`` relative to the run directory when inside it), ``checkpoints/step_NNNNNN/``
+and, with ``EXPORT_AFTER_TRAINING``, ``export/``. ``--resume RUN_DIR`` continues from the latest
+checkpoint listed; the lines logged after it are dropped so every step is logged exactly once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+
+from tinkerkit import io
+from tinkerkit.checkpoint import (
+    CHECKPOINTS_FILE,
+    checkpoint_path,
+    is_tinker_path,
+    latest_checkpoint,
+    read_checkpoint_meta,
+)
+from tinkerkit.config import TrainConfig, build_config
+from tinkerkit.errors import CheckpointError, ConfigError, DataError
+from tinkerkit.export import ExportResult, export_checkpoint
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+EXPORT_DIR = "export"
+
+_NOTHING_TO_RESUME = "stopped before its first checkpoint, so there is nothing to resume"
+
+
+def default_run_dir() -> Path:
+    """``runs/<YYYYmmdd-HHMMSS>``, with a suffix when that directory exists already."""
+    base = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = base, 1
+    while path.exists():
+        path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return path
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """Refuse to start a fresh run where another run already logged steps or checkpoints.
+
+    Raises:
+        ConfigError: ``run_dir`` is a file, or holds ``metrics.jsonl``/``checkpoints.jsonl``.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir}: exists and is not a directory")
+    if (run_dir / METRICS_FILE).exists() or (run_dir / CHECKPOINTS_FILE).exists():
+        if _lists_no_checkpoint(run_dir):
+            raise ConfigError(f"--run-dir {run_dir} holds a run that {_NOTHING_TO_RESUME}; "
+                              f"remove {run_dir} to start it again there, or choose another "
+                              "--run-dir")
+        raise ConfigError(f"--run-dir {run_dir} already holds a run; continue it with "
+                          f"--resume {run_dir}, or choose another --run-dir")
+
+
+def _lists_no_checkpoint(run_dir: Path) -> bool:
+    """Whether ``checkpoints.jsonl`` is missing or empty (a damaged file lists something:
+    ``--resume`` then names the damage)."""
+    try:
+        return not io.read_jsonl(run_dir / CHECKPOINTS_FILE)
+    except DataError:
+        return False
+
+
+def resolve_resume(path: str | Path) -> tuple[Path, dict]:
+    """Find the run directory and ``checkpoints.jsonl`` entry of ``--resume PATH``.
+
+    Args:
+        path: A run directory (its latest checkpoint) or a checkpoint directory inside one.
+
+    Returns:
+        The run directory and the entry, its ``path`` resolved against the run directory.
+
+    Raises:
+        CheckpointError: Not a run directory or a complete checkpoint listed in one (a
+            ``tinker://`` checkpoint is resumed through the run directory that lists it).
+    """
+    if is_tinker_path(path):
+        raise CheckpointError(f"--resume {path}: resume the run directory whose "
+                              f"{CHECKPOINTS_FILE} lists it (it knows the step and data order), "
+                              f"or start a new stage from it with --init-from")
+    path = Path(path)
+    if (path / METRICS_FILE).is_file() and _lists_no_checkpoint(path):
+        # killed before its first save (SAVE_EVERY steps, or the end with SAVE_EVERY=0)
+        raise CheckpointError(f"--resume {path}: the run {_NOTHING_TO_RESUME}{_saves(path)}; "
+                              f"start it again: remove {path}, or choose another --run-dir")
+    if (path / CHECKPOINTS_FILE).is_file():
+        return path, latest_checkpoint(path)
+    run_dir = path.parent.parent
+    for entry in io.read_jsonl(run_dir / CHECKPOINTS_FILE):
+        if Path(checkpoint_path(run_dir, entry)).resolve() == path.resolve():
+            read_checkpoint_meta(path)
+            return run_dir, {**entry, "path": str(path)}
+    raise CheckpointError(f"--resume {path}: not a run directory or a checkpoint listed in "
+                          f"a run's {CHECKPOINTS_FILE} (use --init-from to start a new stage)")
+
+
+def _saves(run_dir: Path) -> str:
+    """`` (it saves every N steps: SAVE_EVERY=N)`` from a run's saved config, or ``""``."""
+    try:
+        every = io.read_json(run_dir / CONFIG_FILE).get("SAVE_EVERY")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if every == 0:
+        return " (it saves only at its last step: SAVE_EVERY=0)"
+    return f" (it saves every {every} steps: SAVE_EVERY={every})" if isinstance(every, int) else ""
+
+
+def config_for_resume(run_dir: Path, overrides: dict | None = None) -> TrainConfig:
+    """The config saved in a run directory, with ``overrides`` (lower-case fields) applied.
+
+    Raises:
+        ConfigError: ``config.json`` cannot be read, or the settings are invalid.
+    """
+    try:
+        saved = io.read_json(run_dir / CONFIG_FILE)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{run_dir / CONFIG_FILE}: cannot read the run's config: {e}") from e
+    values = {k.lower(): v for k, v in saved.items()}
+    origins = dict.fromkeys(values, str(run_dir / CONFIG_FILE))
+    values.update(overrides or {})
+    origins.update(dict.fromkeys(overrides or {}, "the command line"))
+    return build_config(values, origins)
+
+
+def truncate_logs(run_dir: Path, step: int) -> None:
+    """Drop metric and checkpoint lines after ``step`` so every step is logged exactly once."""
+    for name in (METRICS_FILE, CHECKPOINTS_FILE):
+        records = io.read_jsonl(run_dir / name)
+        io.rewrite_jsonl(run_dir / name, [r for r in records if r["step"] <= step])
+
+
+def save_checkpoint(client, run_dir: Path, step: int, epoch: int) -> str:
+    """Save the engine's state as ``step_NNNNNN`` and list it in ``checkpoints.jsonl``.
+
+    Args:
+        client: The training client (``save_state``); its queued steps finish first.
+        run_dir: The run directory.
+        step: Optimizer steps done (1-based), as logged.
+        epoch: 0-based epoch of that step (listed 1-based).
+
+    Returns:
+        The checkpoint's path as the engine gives it (a local path or ``tinker://...``); the
+        listed path is relative to ``run_dir`` when inside it.
+    """
+    path = client.save_state(f"step_{step:06d}").result().path
+    recorded = path
+    if "://" not in path and Path(path).resolve().is_relative_to(run_dir.resolve()):
+        recorded = str(Path(path).resolve().relative_to(run_dir.resolve()))
+    io.append_jsonl(run_dir / CHECKPOINTS_FILE, {"step": step, "epoch": epoch + 1,
+                                                "path": recorded, "kind": "state"})
+    return path
+
+
+def stopped_message(run_dir: Path, advice: str) -> str:
+    """``training stopped, <where to resume>``: the last checkpoint of ``checkpoints.jsonl``.
+
+    Args:
+        run_dir: The run directory.
+        advice: What to do before resuming, ending in ``", "`` or ``" "`` (``"lower
+            LEARNING_RATE ..., then "``).
+    """
+    saved = io.read_jsonl(run_dir / CHECKPOINTS_FILE)
+    if not saved:
+        return ("training stopped, no checkpoint was saved before it (SAVE_EVERY=0 saves only "
+                "at the end)")
+    last = checkpoint_path(run_dir, saved[-1])
+    return (f"training stopped, the last good checkpoint, {last} (step {saved[-1]['step']}), is "
+            f"the latest in {run_dir / CHECKPOINTS_FILE}: {advice}continue with --resume {run_dir}")
+
+
+def export_final(checkpoint: str, run_dir: Path, config: TrainConfig,
+                 console: Console) -> ExportResult | None:
+    """With ``EXPORT_AFTER_TRAINING``, export ``checkpoint`` into ``run_dir/export`` exactly as
+    ``tinkerkit export CHECKPOINT --output run_dir/export [--merge] --dtype EXPORT_DTYPE`` would.
+
+    Returns:
+        The :class:`~tinkerkit.export.ExportResult`, or None when export is off.
+
+    Raises:
+        ExportError, CheckpointError, EngineError, ModelError: The export failed, as
+            :func:`~tinkerkit.export.export_checkpoint` says.
+    """
+    if not config.export_after_training:
+        return None
+    console.print(f"Exporting {checkpoint} to {run_dir / EXPORT_DIR}")
+    result = export_checkpoint(checkpoint, run_dir / EXPORT_DIR, merge=config.export_merged,
+                               dtype=config.export_dtype, base_url=config.tinker_base_url)
+    if result.merged_dir is not None:
+        console.print(f"Merged model ({result.dtype}): max |logit diff| = "
+                      f"{result.max_logit_diff:.3g} (tolerance {result.tolerance:.3g})")
+    return result
