@@ -32,19 +32,19 @@ def die() -> None:
 def install(point: str, step: int) -> None:
     import safetensors.torch
 
-    from tinkerkit import io, train
+    from tinkerkit import files
     from tinkerkit.engines.local import LocalTrainingClient
+    from tinkerkit.train.metrics import StepLog
 
     if point == "between_steps":
-        record = train._record
+        write = StepLog.write
 
-        def record_then_die(pending, log):
-            loss = record(pending, log)
-            if pending.step + 1 == step:
+        def write_then_die(self, record):
+            write(self, record)
+            if record.step == step:
                 die()
-            return loss
 
-        train._record = record_then_die
+        StepLog.write = write_then_die
     elif point == "during_save":
         save_file = safetensors.torch.save_file
 
@@ -58,7 +58,7 @@ def install(point: str, step: int) -> None:
 
         safetensors.torch.save_file = save_then_die
     elif point in ("after_save_before_listing", "during_metrics_append"):
-        append = io.append_jsonl
+        append = files.append_jsonl
         target = "checkpoints.jsonl" if point == "after_save_before_listing" else "metrics.jsonl"
 
         def append_or_die(path, obj):
@@ -70,7 +70,7 @@ def install(point: str, step: int) -> None:
                 die()
             append(path, obj)
 
-        io.append_jsonl = append_or_die
+        files.append_jsonl = append_or_die
     elif point == "during_eval":
         run = LocalTrainingClient._run
         held_out_calls = []

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tinkerkit import io
+from tinkerkit import files
 from tinkerkit.checkpoint import latest_checkpoint
 from tinkerkit.cli import main
 from tinkerkit.data.demo import write_demo_data
@@ -69,7 +69,7 @@ def kill_run(config: Path, run_dir: Path, point: str, step: int) -> subprocess.C
 
 def logged(run_dir: Path, name: str) -> list[dict]:
     """The lines of a run log without the wall-clock ``seconds``."""
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in io.read_jsonl(run_dir / name)]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in files.read_jsonl(run_dir / name)]
 
 
 @pytest.mark.parametrize("point, step, resume_from, leftover", KILL_POINTS,

@@ -169,6 +169,10 @@ def test_bad_requests_raise_engine_error(sampler, prompts):
         sampler.sample(types.ModelInput.from_ints([]), 1, greedy(3))
     with pytest.raises(EngineError, match="temperature"):
         sampler.sample(prompts[0], 1, types.SamplingParams(temperature=-1.0))
+    # the rule of config and evaluation (tinkerkit.sampling_rules): top_k 0 is no setting
+    with pytest.raises(EngineError) as error:
+        sampler.sample(prompts[0], 1, types.SamplingParams(temperature=1.0, top_k=0))
+    assert str(error.value) == "SamplingParams: top_k = 0: must be -1 (off) or at least 1"
     with pytest.raises(EngineError, match="outside"):
         sampler.compute_logprobs(types.ModelInput.from_ints([1, 10**6]))
 

@@ -21,7 +21,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from helpers import running_server, service
-from tinkerkit import io
+from tinkerkit import files
 from tinkerkit.cli import main
 from tinkerkit.config import load_config
 from tinkerkit.data.demo import write_demo_data
@@ -45,7 +45,7 @@ def quiet() -> Console:
 
 
 def metrics(run_dir) -> list[dict]:
-    return io.read_jsonl(run_dir / "metrics.jsonl")
+    return files.read_jsonl(run_dir / "metrics.jsonl")
 
 
 def assert_same_steps(got: list[dict], expected: list[dict]) -> float:
@@ -115,7 +115,7 @@ def test_the_loop_on_tinker_gives_the_local_losses_and_adapter(runs):
     print(f"\nlosses local {local.losses}\n       tinker {tinker.losses}\nmax |diff| {worst:.3g}")
     assert [r["step"] for r in metrics(local.run_dir) if "eval_loss" in r] == [2, 4]
     assert [r["step"] for r in metrics(local.run_dir) if "eval_accuracy" in r] == [4]
-    entries = io.read_jsonl(tinker.run_dir / "checkpoints.jsonl")
+    entries = files.read_jsonl(tinker.run_dir / "checkpoints.jsonl")
     assert [e["step"] for e in entries] == [2, 4]
     assert all(e["path"].startswith("tinker://") and e["path"].endswith(f"/weights/step_{e['step']:06d}")
                for e in entries)
@@ -147,7 +147,7 @@ def test_resume_from_a_tinker_checkpoint_is_exact(runs, tinker_env, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(runs["config"], run_dir=crashed, console=quiet())
     monkeypatch.setattr(train_loop, "await_step", real_await_step)
-    assert [e["step"] for e in io.read_jsonl(crashed / "checkpoints.jsonl")] == [2]
+    assert [e["step"] for e in files.read_jsonl(crashed / "checkpoints.jsonl")] == [2]
 
     resumed = train(runs["config"], resume=str(crashed), console=quiet())  # from tinker://.../step_2
     assert resumed.steps == 4 and len(resumed.losses) == 2
@@ -156,7 +156,7 @@ def test_resume_from_a_tinker_checkpoint_is_exact(runs, tinker_env, monkeypatch)
 
 
 def test_init_from_a_tinker_checkpoint_starts_a_new_stage(runs, tinker_env):
-    step2 = io.read_jsonl(runs["tinker"].run_dir / "checkpoints.jsonl")[0]["path"]
+    step2 = files.read_jsonl(runs["tinker"].run_dir / "checkpoints.jsonl")[0]["path"]
     short = ["MAX_STEPS=2", "EVAL_EVERY=0", "SAMPLE_EVAL_EVERY=0", "EXPORT_AFTER_TRAINING=false"]
     stage = train(runs["config"].model_copy(update={"max_steps": 2, "eval_every": 0,
                                                     "sample_eval_every": 0,
@@ -199,7 +199,7 @@ def test_the_api_key_appears_in_no_output_or_file(runs, server, tiny_model, tmp_
             "--set", "MAX_STEPS=1", "--set", "MAX_SEQUENCE_LENGTH=128", "--data", str(data)]
     good = tmp_path / "good"
     assert main(["train", "--model", tiny_model, "--run-dir", str(good), *base]) == 0
-    checkpoint = io.read_jsonl(good / "checkpoints.jsonl")[-1]["path"]
+    checkpoint = files.read_jsonl(good / "checkpoints.jsonl")[-1]["path"]
     assert main(["eval", "--checkpoint", checkpoint, "--data", str(data), "--limit", "1",
                  "--max-tokens", "4", "--output", str(tmp_path / "eval.json")]) == 0
     assert main(["export", checkpoint, "--output", str(tmp_path / "exported")]) == 0

@@ -7,7 +7,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from tinkerkit import io
+from tinkerkit import files
 from tinkerkit.config import load_config
 from tinkerkit.data.demo import write_demo_data
 from tinkerkit.data.formats import load_conversations
@@ -68,7 +68,7 @@ def mean_nll(model_dir, checkpoint, data_file):
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
 def test_eval_loss_is_the_mean_nll_of_the_held_out_set_at_that_step(runs):
     run_dir = runs["evaluated"].run_dir
-    records = io.read_jsonl(run_dir / "metrics.jsonl")
+    records = files.read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]  # evaluations join the step's own line
     assert ["eval_loss" in r for r in records] == [False, True, True]  # every 2 steps and the end
     for record in records[1:]:
@@ -76,7 +76,7 @@ def test_eval_loss_is_the_mean_nll_of_the_held_out_set_at_that_step(runs):
         expected = mean_nll(runs["model"], checkpoint, runs["held_out"])
         assert record["eval_loss"] == pytest.approx(expected, rel=1e-5)
     assert records[1]["eval_loss"] != records[2]["eval_loss"]
-    summary = io.read_json(run_dir / "summary.json")
+    summary = files.read_json(run_dir / "summary.json")
     assert summary["final_eval_loss"] == records[2]["eval_loss"]
 
 
@@ -92,7 +92,7 @@ def test_evaluation_leaves_the_trained_adapter_bitwise_unchanged(runs):
 
 def test_eval_accuracy_matches_tinkerkit_eval_on_the_same_checkpoint(runs, tmp_path):
     run_dir = runs["evaluated"].run_dir
-    records = io.read_jsonl(run_dir / "metrics.jsonl")
+    records = files.read_jsonl(run_dir / "metrics.jsonl")
     assert ["eval_accuracy" in r for r in records] == [False, True, True]
     config = runs["config"].model_copy(update={"eval_limit": 2})
     standalone = run_evaluation(config, [runs["held_out"]],
@@ -110,7 +110,7 @@ def test_export_after_training_writes_what_tinkerkit_export_writes(runs):
     assert exported.keys() == final.keys()
     assert all(torch.equal(exported[k], final[k]) for k in final)
     assert (export / "merged" / "config.json").is_file()
-    summary = io.read_json(result.run_dir / "summary.json")
+    summary = files.read_json(result.run_dir / "summary.json")
     assert summary["export_adapter"] == str(export / "adapter")
     assert summary["export_merged"] == str(export / "merged")
     assert not (runs["plain"].run_dir / "export").exists()

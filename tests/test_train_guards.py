@@ -12,7 +12,7 @@ import tinker
 import torch
 from rich.console import Console
 
-from tinkerkit import io
+from tinkerkit import files
 from tinkerkit.cli import main
 from tinkerkit.config import load_config
 from tinkerkit.data.formats import load_conversations
@@ -235,8 +235,8 @@ def test_nan_or_inf_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypat
     good = run_dir / "checkpoints" / "step_000002"
     assert message.startswith(f"step 3: {what}; training stopped, the last good checkpoint, "
                               f"{good} (step 2), is the latest in {run_dir / 'checkpoints.jsonl'}")
-    assert [e["step"] for e in io.read_jsonl(run_dir / "checkpoints.jsonl")] == [2]
-    assert [r["step"] for r in io.read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
+    assert [e["step"] for e in files.read_jsonl(run_dir / "checkpoints.jsonl")] == [2]
+    assert [r["step"] for r in files.read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
 
 
 def test_an_engine_failure_is_not_reported_as_divergence(tmp_path, monkeypatch):
@@ -256,8 +256,8 @@ def test_an_engine_failure_is_not_reported_as_divergence(tmp_path, monkeypatch):
         f"{run_dir / 'checkpoints.jsonl'}: once the cause is fixed, continue with --resume "
         f"{run_dir}")
     assert "NaN" not in str(caught.value) and "nan" not in str(caught.value)
-    assert [e["step"] for e in io.read_jsonl(run_dir / "checkpoints.jsonl")] == [2]
-    assert [r["step"] for r in io.read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
+    assert [e["step"] for e in files.read_jsonl(run_dir / "checkpoints.jsonl")] == [2]
+    assert [r["step"] for r in files.read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
 
 
 def test_a_loss_that_stops_falling_is_reported_once_per_window(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@
 import pytest
 from safetensors.torch import load_file
 
-from tinkerkit import io
+from tinkerkit import files
 from tinkerkit.config import load_config
 from tinkerkit.data.demo import write_demo_data
 from tinkerkit.errors import CheckpointError
@@ -26,7 +26,7 @@ def adapter(path):
 
 
 def metrics(run_dir):
-    return io.read_jsonl(run_dir / "metrics.jsonl")
+    return files.read_jsonl(run_dir / "metrics.jsonl")
 
 
 class Crash(Exception):
@@ -61,7 +61,7 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(config, tmp_path, mo
     assert final.keys() == expected.keys()
     for key in final:  # bitwise on CPU
         assert (final[key] == expected[key]).all(), key
-    steps = [e["step"] for e in io.read_jsonl(tmp_path / "crashed" / "checkpoints.jsonl")]
+    steps = [e["step"] for e in files.read_jsonl(tmp_path / "crashed" / "checkpoints.jsonl")]
     assert steps == [2, 4, 6]
 
 
@@ -125,7 +125,7 @@ def test_a_moved_run_directory_resumes_from_its_own_checkpoints(config, tmp_path
 
     train(config.model_copy(update={"max_steps": 4}), run_dir=tmp_path / "a")
     shutil.move(tmp_path / "a", tmp_path / "b")
-    entries = io.read_jsonl(tmp_path / "b" / "checkpoints.jsonl")
+    entries = files.read_jsonl(tmp_path / "b" / "checkpoints.jsonl")
     assert [e["path"] for e in entries] == ["checkpoints/step_000002", "checkpoints/step_000004"]
     resumed = train(config, resume=str(tmp_path / "b"))  # MAX_STEPS from the config: 6
     assert resumed.final_checkpoint == str(tmp_path / "b" / "checkpoints" / "step_000006")

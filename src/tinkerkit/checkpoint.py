@@ -12,7 +12,7 @@ A checkpoint is a directory that is also a valid PEFT adapter directory::
                                   "rank": ..., "alpha": ..., "optimizer_step": ...,
                                   "rng_state": <see engine>, "created": ISO time}
 
-Directories are written with :func:`tinkerkit.io.atomic_directory`, so a checkpoint either exists
+Directories are written with :func:`tinkerkit.files.atomic_directory`, so a checkpoint either exists
 whole or not at all. Only safetensors and JSON are read back: nothing is ever unpickled.
 
 The training loop's own position (epoch, batch, step) lives in ``<run_dir>/checkpoints.jsonl``,
@@ -25,7 +25,7 @@ import datetime as _dt
 import json
 from pathlib import Path
 
-from tinkerkit import io
+from tinkerkit import files
 from tinkerkit.errors import CheckpointError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -69,7 +69,7 @@ def write_checkpoint_meta(directory: str | Path, kind: str, base_model: str, **f
 
     Args:
         directory: The checkpoint directory (usually a staging directory of
-            :func:`tinkerkit.io.atomic_directory`).
+            :func:`tinkerkit.files.atomic_directory`).
         kind: ``"state"`` (weights and optimizer state) or ``"sampler"`` (weights only).
         base_model: The base model argument the adapter was trained on.
         **fields: The engine's fields (``rank``, ``alpha``, ``dropout``, ``target_modules``,
@@ -82,7 +82,7 @@ def write_checkpoint_meta(directory: str | Path, kind: str, base_model: str, **f
         raise ValueError(f"checkpoint kind '{kind}' is not 'state' or 'sampler'")
     meta = {"format": CHECKPOINT_FORMAT, "kind": kind, "base_model": base_model, **fields,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
-    io.atomic_write_json(Path(directory) / STATE_FILE, meta)
+    files.atomic_write_json(Path(directory) / STATE_FILE, meta)
     return meta
 
 
@@ -193,7 +193,7 @@ def latest_checkpoint(run_dir: str | Path) -> dict:
         CheckpointError: None is listed, or none of those listed is complete on disk.
     """
     skipped: list[str] = []
-    for entry in reversed(io.read_jsonl(Path(run_dir) / CHECKPOINTS_FILE)):
+    for entry in reversed(files.read_jsonl(Path(run_dir) / CHECKPOINTS_FILE)):
         resolved = {**entry, "path": checkpoint_path(run_dir, entry), "skipped": skipped}
         if is_tinker_path(resolved["path"]):  # on the server; the server checks it when loading
             return resolved

@@ -97,7 +97,6 @@ class TrainConfig(BaseModel):
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
 
     # Sampling for evaluation
-    # (their valid values: tinkerkit.sampling_rules)
     temperature: float = Field(0.0, description="Sampling temperature for evaluation (0 = greedy).")
     max_tokens: int = Field(512, description="Maximum generated tokens per answer.")
     top_p: float = Field(1.0, description="Nucleus sampling threshold.")

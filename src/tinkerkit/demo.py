@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tinkerkit import io
+from tinkerkit import files
 from tinkerkit.config import load_config
 
 DEMO_MODEL = "smollm2-135m-instruct"
@@ -72,7 +72,7 @@ def run_demo(output_dir: Path, console: Console | None = None, quick: bool = Fal
     exported = export_checkpoint(result.final_checkpoint, output_dir / "export", merge=True,
                                  dtype="bf16")
 
-    metrics = io.read_jsonl(Path(result.run_dir) / "metrics.jsonl")
+    metrics = files.read_jsonl(Path(result.run_dir) / "metrics.jsonl")
     summary = {
         "loss_first": metrics[0]["loss"], "loss_last": metrics[-1]["loss"],
         "accuracy_before": before.metrics["accuracy_equivalent"],
@@ -82,7 +82,7 @@ def run_demo(output_dir: Path, console: Console | None = None, quick: bool = Fal
         "merged_max_logit_diff": exported.max_logit_diff,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    io.atomic_write_json(output_dir / "summary.json", summary)
+    files.atomic_write_json(output_dir / "summary.json", summary)
     _print_summary(console, summary, output_dir)
     return summary
 

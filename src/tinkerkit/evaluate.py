@@ -35,8 +35,8 @@ from tinkerkit.data.conversation import Conversation
 from tinkerkit.data.formats import load_conversations
 from tinkerkit.engines import check_engine, create_sampling_client
 from tinkerkit.errors import ConfigError, DataError, EngineError
+from tinkerkit.files import atomic_write_json, atomic_write_text
 from tinkerkit.grading import grade
-from tinkerkit.io import atomic_write_json, atomic_write_text
 from tinkerkit.render import Renderer, end_of_turn_ids
 from tinkerkit.sampling_rules import sampling_problems
 

@@ -53,7 +53,7 @@ from tinkerkit.engines.local.model import (
 )
 from tinkerkit.engines.tinker import download_adapter
 from tinkerkit.errors import CheckpointError, ConfigError, ExportError
-from tinkerkit.io import atomic_directory, atomic_write_json, atomic_write_text
+from tinkerkit.files import atomic_directory, atomic_write_json, atomic_write_text
 from tinkerkit.models import hub_id_of, load_tokenizer
 
 EXPORT_DTYPES = tuple(DTYPE_ALIASES)
@@ -323,7 +323,7 @@ def _config_dict(config) -> dict:
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    # Inside a staged directory (tinkerkit.io.atomic_directory), so the write is atomic.
+    # Inside a staged directory (tinkerkit.files.atomic_directory), so the write is atomic.
     save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from tinkerkit.errors import ModelError
-from tinkerkit.io import atomic_directory
+from tinkerkit.files import atomic_directory
 
 
 def cache_dir() -> Path:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-__all__ = ["SAMPLING_SETTINGS", "sampling_problems", "setting_problem"]
+__all__ = ["SAMPLING_SETTINGS", "rule_of", "sampling_problems", "setting_problem"]
 
 _RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "temperature": (lambda value: math.isfinite(value) and value >= 0,
@@ -37,6 +37,15 @@ _RULES: dict[str, tuple[Callable[[float], bool], str]] = {
 
 SAMPLING_SETTINGS = tuple(_RULES)
 """The names of the settings that have a rule here."""
+
+
+def rule_of(name: str) -> str:
+    """The rule of one sampling setting, in words (``"must be in (0, 1] (1 is off)"``).
+
+    Raises:
+        KeyError: ``name`` is not one of :data:`SAMPLING_SETTINGS`.
+    """
+    return _RULES[name][1]
 
 
 def setting_problem(name: str, value: float | int | None) -> str | None:

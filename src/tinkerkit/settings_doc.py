@@ -28,6 +28,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from tinkerkit.config import TrainConfig
+from tinkerkit.sampling_rules import SAMPLING_SETTINGS, rule_of
 
 SETTINGS_MD = Path(__file__).resolve().parents[2] / "docs" / "SETTINGS.md"
 """``docs/SETTINGS.md`` of the source checkout this module belongs to."""
@@ -152,8 +153,11 @@ def render_table(model: type = TrainConfig) -> str:
         out += [f"### {title}", "", "| Setting | Default | Values | Meaning |", "|---|---|---|---|"]
         for name in names:
             info = model.model_fields[name]
+            values = render_values(info)
+            if name in SAMPLING_SETTINGS:  # checked by a validator, not by pydantic bounds
+                values = f"{values}: {rule_of(name)}"
             out.append(f"| `{name.upper()}` | {_cell(render_default(name, info))} "
-                       f"| {_cell(render_values(info))} | {_cell(info.description or '')} |")
+                       f"| {_cell(values)} | {_cell(info.description or '')} |")
         out.append("")
     return "\n".join(out)
 

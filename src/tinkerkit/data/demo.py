@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tinkerkit.errors import ConfigError
-from tinkerkit.io import atomic_write_text
+from tinkerkit.files import atomic_write_text
 
 NAMES = ("Ava", "Ben", "Chloe", "Dan", "Ella", "Finn", "Grace", "Hugo", "Iris", "Jack", "Lena",
          "Max", "Nora", "Omar", "Priya", "Sam")

@@ -26,7 +26,7 @@ from tinkerkit.data.conversation import Conversation
 from tinkerkit.data.formats import LoadResult, load_conversations
 from tinkerkit.data.stats import LengthStats, length_stats, stats_table
 from tinkerkit.errors import ConfigError, DataError
-from tinkerkit.io import atomic_write_files, json_bytes
+from tinkerkit.files import atomic_write_files, json_bytes
 
 TRAIN_FILE = "train_set.json"
 TEST_FILE = "test_set.json"

@@ -60,7 +60,7 @@ from tinkerkit.errors import (
     ModelError,
     NonFiniteGradientError,
 )
-from tinkerkit.io import atomic_write_json
+from tinkerkit.files import atomic_write_json
 
 API_KEY_ENV = "TINKER_API_KEY"
 EXPORT_TTL_SECONDS = 3600

@@ -18,7 +18,7 @@ service. Every id and name in a request is checked against a strict pattern befo
 path, and the resulting path is checked to lie under the root without passing through a symbolic
 link (the server makes none; one placed in the root by hand is treated as absent, so it can
 neither lead outside the root nor into another key's run), so no request reaches a file outside
-it. Everything written goes through :mod:`tinkerkit.io` (atomic), so a restarted server
+it. Everything written goes through :mod:`tinkerkit.files` (atomic), so a restarted server
 finds complete runs and checkpoints only.
 """
 
@@ -35,7 +35,7 @@ from tinker import types
 from tinkerkit.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, STATE_FILE
 from tinkerkit.checkpoint import parse_tinker_path as parse_checkpoint_path
 from tinkerkit.errors import CheckpointError, RequestError
-from tinkerkit.io import atomic_write_json, read_json
+from tinkerkit.files import atomic_write_json, read_json
 
 RUN_FILE = "run.json"
 CHECKPOINT_META = "tinker_checkpoint.json"

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tinkerkit import engines, io
+from tinkerkit import engines, files
 from tinkerkit.checkpoint import resolve_checkpoint
 from tinkerkit.config import TrainConfig
 from tinkerkit.errors import EngineError, NonFiniteGradientError, TrainingDivergedError
@@ -133,7 +133,7 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
         for reason in entry.get("skipped", []):
             console.print(f"skipped the newer {reason}; the steps after {start_step} are "
                           "trained and saved again")
-    io.atomic_write_json(run_dir / CONFIG_FILE,
+    files.atomic_write_json(run_dir / CONFIG_FILE,
                          config.model_copy(update={"run_dir": str(run_dir)}).dump())
     console.print(f"Training {total_steps} steps ({per_epoch} per epoch, batch {config.batch_size}) "
                   f"in {run_dir}")

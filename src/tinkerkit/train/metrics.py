@@ -24,7 +24,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
-from tinkerkit import io
+from tinkerkit import files
 from tinkerkit.export import ExportResult
 from tinkerkit.train.run_dir import METRICS_FILE
 
@@ -111,7 +111,7 @@ class StepLog:
     def write(self, record: StepRecord) -> None:
         """Append ``record``'s line, advance the bar, print its evaluations and, when the loss
         has stopped falling, :func:`plateau_warning`."""
-        io.append_jsonl(self.run_dir / METRICS_FILE, record.line())
+        files.append_jsonl(self.run_dir / METRICS_FILE, record.line())
         self.losses.append(record.loss)
         self.progress.update(self.task, advance=1,
                              info=f"epoch {record.epoch} loss {record.loss:.4f} "
@@ -142,7 +142,7 @@ def plot_loss_curve(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = io.read_jsonl(run_dir / METRICS_FILE)
+    records = files.read_jsonl(run_dir / METRICS_FILE)
     if not records:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -159,7 +159,7 @@ def plot_loss_curve(run_dir: Path) -> Path | None:
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     path = run_dir / "loss_curve.png"
-    io.atomic_write_bytes(path, buffer.getvalue())
+    files.atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -175,7 +175,7 @@ def write_summary(console: Console, run_dir: Path, steps: int, wall: float, chec
         checkpoint: The final checkpoint (``model_path``).
         exported: The final export, or None.
     """
-    records = io.read_jsonl(run_dir / METRICS_FILE)
+    records = files.read_jsonl(run_dir / METRICS_FILE)
     all_losses = [r["loss"] for r in records]
     tokens = sum(r["total_tokens"] for r in records[-steps:]) if steps else 0
     summary = {
@@ -195,7 +195,7 @@ def write_summary(console: Console, run_dir: Path, steps: int, wall: float, chec
         summary["export_adapter"] = str(exported.adapter_dir)
         if exported.merged_dir is not None:
             summary["export_merged"] = str(exported.merged_dir)
-    io.atomic_write_json(run_dir / "summary.json", summary)
+    files.atomic_write_json(run_dir / "summary.json", summary)
     console.print("[bold]Training finished[/bold]")
     for key, value in summary.items():
         console.print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tinkerkit import io
+from tinkerkit import files
 from tinkerkit.checkpoint import (
     CHECKPOINTS_FILE,
     checkpoint_path,
@@ -63,7 +63,7 @@ def _lists_no_checkpoint(run_dir: Path) -> bool:
     """Whether ``checkpoints.jsonl`` is missing or empty (a damaged file lists something:
     ``--resume`` then names the damage)."""
     try:
-        return not io.read_jsonl(run_dir / CHECKPOINTS_FILE)
+        return not files.read_jsonl(run_dir / CHECKPOINTS_FILE)
     except DataError:
         return False
 
@@ -93,7 +93,7 @@ def resolve_resume(path: str | Path) -> tuple[Path, dict]:
     if (path / CHECKPOINTS_FILE).is_file():
         return path, latest_checkpoint(path)
     run_dir = path.parent.parent
-    for entry in io.read_jsonl(run_dir / CHECKPOINTS_FILE):
+    for entry in files.read_jsonl(run_dir / CHECKPOINTS_FILE):
         if Path(checkpoint_path(run_dir, entry)).resolve() == path.resolve():
             read_checkpoint_meta(path)
             return run_dir, {**entry, "path": str(path)}
@@ -104,7 +104,7 @@ def resolve_resume(path: str | Path) -> tuple[Path, dict]:
 def _saves(run_dir: Path) -> str:
     """`` (it saves every N steps: SAVE_EVERY=N)`` from a run's saved config, or ``""``."""
     try:
-        every = io.read_json(run_dir / CONFIG_FILE).get("SAVE_EVERY")
+        every = files.read_json(run_dir / CONFIG_FILE).get("SAVE_EVERY")
     except (OSError, ValueError, AttributeError):
         return ""
     if every == 0:
@@ -119,7 +119,7 @@ def config_for_resume(run_dir: Path, overrides: dict | None = None) -> TrainConf
         ConfigError: ``config.json`` cannot be read, or the settings are invalid.
     """
     try:
-        saved = io.read_json(run_dir / CONFIG_FILE)
+        saved = files.read_json(run_dir / CONFIG_FILE)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{run_dir / CONFIG_FILE}: cannot read the run's config: {e}") from e
     values = {k.lower(): v for k, v in saved.items()}
@@ -132,8 +132,8 @@ def config_for_resume(run_dir: Path, overrides: dict | None = None) -> TrainConf
 def truncate_logs(run_dir: Path, step: int) -> None:
     """Drop metric and checkpoint lines after ``step`` so every step is logged exactly once."""
     for name in (METRICS_FILE, CHECKPOINTS_FILE):
-        records = io.read_jsonl(run_dir / name)
-        io.rewrite_jsonl(run_dir / name, [r for r in records if r["step"] <= step])
+        records = files.read_jsonl(run_dir / name)
+        files.rewrite_jsonl(run_dir / name, [r for r in records if r["step"] <= step])
 
 
 def save_checkpoint(client, run_dir: Path, step: int, epoch: int) -> str:
@@ -153,7 +153,7 @@ def save_checkpoint(client, run_dir: Path, step: int, epoch: int) -> str:
     recorded = path
     if "://" not in path and Path(path).resolve().is_relative_to(run_dir.resolve()):
         recorded = str(Path(path).resolve().relative_to(run_dir.resolve()))
-    io.append_jsonl(run_dir / CHECKPOINTS_FILE, {"step": step, "epoch": epoch + 1,
+    files.append_jsonl(run_dir / CHECKPOINTS_FILE, {"step": step, "epoch": epoch + 1,
                                                 "path": recorded, "kind": "state"})
     return path
 
@@ -166,7 +166,7 @@ def stopped_message(run_dir: Path, advice: str) -> str:
         advice: What to do before resuming, ending in ``", "`` or ``" "`` (``"lower
             LEARNING_RATE ..., then "``).
     """
-    saved = io.read_jsonl(run_dir / CHECKPOINTS_FILE)
+    saved = files.read_jsonl(run_dir / CHECKPOINTS_FILE)
     if not saved:
         return ("training stopped, no checkpoint was saved before it (SAVE_EVERY=0 saves only "
                 "at the end)")

@@ -17,7 +17,7 @@ are dropped from the cache), so it costs no more compute.
   ``max_tokens`` then serves prompts of every length (an evaluation's longest prompts are cut,
   and counted as cut, not failed), and the sample says that it was cut.
 * ``temperature``: 0 is greedy (argmax); otherwise logits / temperature, then ``top_k``
-  (``-1`` or ``0``: off), then ``top_p`` (smallest set of tokens whose probability reaches
+  (``-1``: off), then ``top_p`` (smallest set of tokens whose probability reaches
   ``top_p``), then a draw.
 * ``stop``: ``None`` stops at the end tokens (the tokenizer's and generation config's EOS, plus
   ``<|im_end|>``, ``<|endoftext|>``, ``<|eot_id|>``, ... where the vocabulary has them). Token ids
@@ -65,6 +65,7 @@ from tinkerkit.engines.local.model import (
 from tinkerkit.errors import EngineError
 from tinkerkit.models import load_tokenizer, positions_in
 from tinkerkit.render import end_of_turn_ids
+from tinkerkit.sampling_rules import sampling_problems
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -178,7 +179,7 @@ def _choose(logits: torch.Tensor, params: types.SamplingParams,
     if params.temperature == 0:
         return logits.argmax()
     scaled = logits / params.temperature
-    if 0 < params.top_k < scaled.numel():
+    if params.top_k < scaled.numel() and params.top_k != -1:
         kth = torch.topk(scaled, params.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     if params.top_p < 1:
@@ -191,12 +192,10 @@ def _choose(logits: torch.Tensor, params: types.SamplingParams,
 
 
 def _check_params(params: types.SamplingParams, num_samples: int) -> None:
-    checks = {"temperature": params.temperature >= 0, "top_p": 0 < params.top_p <= 1,
-              "top_k": params.top_k == -1 or params.top_k >= 0,
-              "max_tokens": params.max_tokens is None or params.max_tokens >= 1}
-    for name, ok in checks.items():
-        if not ok:
-            raise EngineError(f"SamplingParams.{name}={getattr(params, name)} is out of range")
+    problems = sampling_problems(params.temperature, params.top_p, params.top_k,
+                                 params.max_tokens)
+    if problems:
+        raise EngineError("SamplingParams: " + "; ".join(problems))
     if num_samples < 1:
         raise EngineError(f"num_samples={num_samples} must be at least 1")
 

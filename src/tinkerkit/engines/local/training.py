@@ -116,7 +116,7 @@ from tinkerkit.errors import (
     NonFiniteGradientError,
     non_finite_gradient_message,
 )
-from tinkerkit.io import atomic_directory
+from tinkerkit.files import atomic_directory
 from tinkerkit.models import hub_id_of, load_tokenizer
 
 ACTIVATION_CHECKPOINTING_MIN_TOKENS = 2048
