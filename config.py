@@ -1,6 +1,6 @@
 """Example training config for `python train_with_config.py` / `tinkerkit train --config config.py`.
 
-Every UPPERCASE name is a setting; anything left out takes its default (README, "Settings").
+Every UPPERCASE name is a setting; anything left out takes its default (docs/SETTINGS.md).
 Override any of them on the command line: --set LEARNING_RATE=2e-4
 """
 

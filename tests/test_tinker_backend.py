@@ -25,6 +25,7 @@ from tinkerkit import files
 from tinkerkit.cli import main
 from tinkerkit.config import load_config
 from tinkerkit.data.demo import write_demo_data
+from tinkerkit.engines import tinker as tinker_engine
 from tinkerkit.engines.tinker import TinkerTrainingClient
 from tinkerkit.evaluate import run_evaluation
 from tinkerkit.train import loop as train_loop
@@ -187,6 +188,33 @@ def test_eval_samples_a_tinker_checkpoint_like_the_local_one(runs, tinker_env, t
     assert [e["outputs"][0]["num_tokens"] for e in results["tinker"]["examples"]] == \
         [e["outputs"][0]["num_tokens"] for e in results["local"]["examples"]]
     assert results["tinker"]["config"]["CHECKPOINT"].startswith("tinker://")
+
+
+def test_eval_of_a_base_model_with_backend_tinker_samples_through_the_server(
+        tinker_env, tiny_model, tmp_path, monkeypatch):
+    """One rule chooses the engine (tinkerkit.engines.backend_of): BACKEND=tinker samples a base
+    model on the server too, as it trains there; the answers are the local engine's."""
+    test_file = write_demo_data(tmp_path / "test.jsonl", n=3, seed=5)
+    created = []
+    create = tinker_engine.create_sampling_client
+
+    def spy(model_path, base_url, base_model=None):
+        created.append((model_path, base_url, base_model))
+        return create(model_path, base_url, base_model=base_model)
+
+    monkeypatch.setattr(tinker_engine, "create_sampling_client", spy)
+    results = {}
+    for backend in ("local", "tinker"):
+        output = tmp_path / f"{backend}.json"
+        assert main(["eval", "--model", tiny_model, "--data", str(test_file), "--output",
+                     str(output), "--set", f"BACKEND={backend}", "--set", "MAX_TOKENS=6",
+                     "--set", "DEVICE=cpu"]) == 0
+        results[backend] = json.loads(output.read_text())
+    assert created == [(None, tinker_env.url, tiny_model)]
+    texts = {backend: [[o["text"] for o in e["outputs"]] for e in r["examples"]]
+             for backend, r in results.items()}
+    assert texts["tinker"] == texts["local"] and len(texts["local"]) == 3
+    assert results["tinker"]["config"]["BASE_MODEL"] == tiny_model
 
 
 def test_the_api_key_appears_in_no_output_or_file(runs, server, tiny_model, tmp_path, capfd,

@@ -14,6 +14,11 @@ from rich.table import Table
 
 from tinkerkit import files
 from tinkerkit.config import load_config
+from tinkerkit.data.demo import write_demo_data
+from tinkerkit.data.split import run_split
+from tinkerkit.evaluate import run_evaluation
+from tinkerkit.export import export_checkpoint
+from tinkerkit.train import train
 
 DEMO_MODEL = "smollm2-135m-instruct"
 
@@ -44,11 +49,6 @@ def run_demo(output_dir: Path, console: Console | None = None, quick: bool = Fal
     Returns:
         The summary dict (also written to ``output_dir/summary.json``).
     """
-    from tinkerkit.data.demo import write_demo_data
-    from tinkerkit.data.split import run_split
-    from tinkerkit.evaluate import run_evaluation
-    from tinkerkit.export import export_checkpoint
-    from tinkerkit.train import train
 
     console = console or Console()
     started = time.perf_counter()

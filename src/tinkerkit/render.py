@@ -48,6 +48,7 @@ import tinker
 
 from tinkerkit.config import TrainOn
 from tinkerkit.data.conversation import Conversation, Message
+from tinkerkit.data.stats import length_stats
 from tinkerkit.errors import DataError
 
 # End-of-turn markers of common chat templates (ChatML, Llama 3, Gemma, Phi-3). Generation stops on
@@ -337,7 +338,6 @@ class Renderer:
 
 def render_stats_dict(stats: RenderStats, max_length: int | None) -> dict:
     """The seed's statistics as a flat dict (lengths in tokens, before truncation)."""
-    from tinkerkit.data.stats import length_stats
 
     lengths = length_stats(stats.lengths)
     over = sum(1 for n in stats.lengths if max_length is not None and n > max_length)

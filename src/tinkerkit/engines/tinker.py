@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 
 from tinker import types
 
+from tinkerkit import models
 from tinkerkit.archive import MAX_EXTRACTED_BYTES, extract_tar, is_archive_name, safe_relative_path
 from tinkerkit.checkpoint import (
     ADAPTER_CONFIG,
@@ -411,8 +412,6 @@ def load_tinker_tokenizer(base_model: str, tokenizer_id: str | None = None):
     Raises:
         ModelError: None of these has the tokenizer.
     """
-    from tinkerkit import models
-
     if models.offline_tokenizer(base_model) or Path(base_model).expanduser().is_dir():
         return models.load_tokenizer(base_model)
     if not models.hub_reachable():

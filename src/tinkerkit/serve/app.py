@@ -36,6 +36,7 @@ from tinker import types
 from tinker.types.try_again_response import TryAgainResponse
 
 from tinkerkit.errors import ConfigError, RequestError
+from tinkerkit.models import cache_dir
 from tinkerkit.serve import protobuf
 from tinkerkit.serve.auth import API_KEY_HEADER, Authenticator, is_loopback, read_api_keys
 from tinkerkit.serve.futures import LONG_POLL_SECONDS
@@ -540,8 +541,6 @@ def make_server(host: str = "127.0.0.1", port: int = 8000, root: str | Path | No
         client = tinker.ServiceClient(base_url=f"http://127.0.0.1:{server.server_port}",
                                       api_key="tml-local")
     """
-    from tinkerkit.models import cache_dir
-
     loopback = is_loopback(host)
     if not loopback and api_keys_file is None:
         raise ConfigError(f"binding {host} (not a loopback address) requires --api-keys FILE")

@@ -22,6 +22,8 @@ from typing import Any
 
 from tinker import types
 
+from tinkerkit.errors import RequestError, TinkerkitError
+
 LONG_POLL_SECONDS = 30.0
 """Longest wait of one retrieve_future call (the SDK reads with a 45 s timeout)."""
 RESULT_TTL_SECONDS = 600.0
@@ -86,7 +88,6 @@ class ServerFuture:
         Raises:
             RequestError: The 4xx status and message of a rejected request.
         """
-        from tinkerkit.errors import RequestError
 
         if self.rejected is not None and self.error is not None:
             raise RequestError(self.rejected, self.error[0])
@@ -123,7 +124,6 @@ def describe_error(error: BaseException) -> tuple[str, types.RequestErrorCategor
     A :class:`tinkerkit.errors.TinkerkitError` (bad datum, incompatible checkpoint, unknown
     model, ...) is the user's; anything else is the server's, named by its type.
     """
-    from tinkerkit.errors import TinkerkitError
 
     if isinstance(error, TinkerkitError):
         return str(error), types.RequestErrorCategory.User

@@ -56,6 +56,7 @@ from tinkerkit.engines.local import (
 )
 from tinkerkit.engines.local.model import load_model, preset_of_switches, resolve_device
 from tinkerkit.errors import RequestError
+from tinkerkit.models import load_tokenizer
 from tinkerkit.serve.futures import FutureStore, ServerFuture, describe_error
 from tinkerkit.serve.registry import ModelRegistry, ServedModel
 from tinkerkit.serve.store import (
@@ -751,8 +752,6 @@ class ServerState:
                     del self._bases[key]
 
     def _tokenizer(self, source: str):
-        from tinkerkit.models import load_tokenizer
-
         with self._lock:
             tokenizer = self._tokenizers.get(source)
         if tokenizer is None:

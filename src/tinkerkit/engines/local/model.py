@@ -267,9 +267,9 @@ def read_adapter(path: str | Path) -> Adapter:
     path = Path(path)
     if (path / STATE_FILE).is_file():
         read_checkpoint_meta(path)  # checks the checkpoint is complete
+    config = read_lora_config(path)
     if not (path / ADAPTER_WEIGHTS).is_file():
         raise CheckpointError(f"{path}: {ADAPTER_WEIGHTS} is missing (not an adapter or checkpoint?)")
-    config = read_lora_config(path)
     tensors = read_safetensors(path / ADAPTER_WEIGHTS, require_finite=False)
     foreign = [k for k in tensors if not k.startswith("base_model.model.")]
     if foreign or not tensors:

@@ -16,7 +16,7 @@ Semantics (those of Tinker):
   global gradient norm (when ``grad_clip_norm > 0``), applies ``torch.optim.AdamW`` (decoupled
   weight decay, as Tinker's docs state) and zeroes the gradients.
 
-Memory (long sequences; figures in ``benchmarks/long_context.py`` and
+Memory (long sequences; measured by ``benchmarks/long_context.py``, figures in
 ``docs/QUICK_START_LONG_TEXT.md``):
 
 * Datums are packed end to end, without padding, into micro-batches of at most
@@ -279,7 +279,7 @@ class LocalTrainingClient:
 
     def _new_optimizer(self) -> torch.optim.AdamW:
         # The fused kernel (one pass per tensor) on CPU and CUDA: 5.5 vs 24-28 ms per step for
-        # SmolLM2's 420 LoRA matrices on 2 CPU cores (benchmarks/train_throughput.py docstring).
+        # SmolLM2's 420 LoRA matrices on 2 CPU cores (docs/PERFORMANCE.md).
         fused = self.device.type in ("cpu", "cuda")
         return torch.optim.AdamW(list(self._params.values()), foreach=False, fused=fused)
 

@@ -6,13 +6,12 @@ transformers' RMSNorm layers (Llama, Qwen2, Qwen3, Mistral, ...) compute
 differentiates each of them, so one layer makes about a dozen passes over a ``[tokens, hidden]``
 tensor; on a CPU these memory-bound passes cost about as much as a small matrix product.
 :class:`RMSNormFunction` computes the same function with one reduction and two multiplications,
-and its gradient with respect to ``x`` (the weight is frozen under LoRA) with three more passes:
-about 2.6x faster forward and backward on ``[860, 576]`` float32 (SmolLM2), equal to
-transformers' within float rounding. Likewise the rotary position embedding
+and its gradient with respect to ``x`` (the weight is frozen under LoRA) with three more passes,
+equal to transformers' within float rounding. Likewise the rotary position embedding
 (``x * cos + rotate_half(x) * sin``: a multiplication, a negation, a concatenation, another
 multiplication and a sum, each differentiated by autograd) is :class:`RotaryFunction`: one
-multiplication and two in-place multiply-adds on the halves, forward and backward (2.5x faster on
-SmolLM2's queries and keys).
+multiplication and two in-place multiply-adds on the halves, forward and backward. What each
+bought is in ``docs/PERFORMANCE.md``.
 
 :func:`fuse_layers` switches a model's RMSNorm layers and the attention layers of the Llama
 family (Llama, Qwen2, Qwen3, Mistral, ...) to them, each only after checking on a random input
