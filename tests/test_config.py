@@ -98,6 +98,10 @@ def test_every_problem_reported_at_once():
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.py")
+    with pytest.raises(ConfigError) as error:
+        load_config(tmp_path)
+    assert str(error.value) == (f"config file {tmp_path}: is a directory; pass the config file "
+                                "inside it (a .py, .toml or .yaml file)")
     bad = tmp_path / "bad.toml"
     bad.write_text("LORA_RANK = = 3\n")
     with pytest.raises(ConfigError, match=r"bad.toml: invalid toml"):

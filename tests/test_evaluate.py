@@ -19,6 +19,7 @@ from tinkerkit.evaluate import (
     evaluate,
     load_results,
     pass_at_k,
+    print_summary,
     write_report,
     write_results,
 )
@@ -248,6 +249,55 @@ def test_compare_shows_changed_example(tokenizer, tmp_path):
     assert comparison["metrics"]["no_answer"]["delta"] == -1
     printed = console.export_text()
     assert "What is 3+4?" in printed and "1 of 4 matched" in printed
+
+
+def test_compare_only_what_the_files_share(tokenizer, tmp_path):
+    _, before = run_four(tokenizer)  # accuracy 0.5: 2+3 and half of 1 right
+    answers = {q: [(out, stop)] for q, _, out, stop in QUESTIONS}
+    answers["What is 3+4?"] = [(r"3+4 = \boxed{7}", "stop")]
+    _, after = run_four(tokenizer, answers=answers, limit=3)  # the first three only
+    other = evaluate([conversation("What is 9+9?", "18")],
+                     FakeSamplingClient(tokenizer, {"What is 9+9?": [("18", "stop")]}),
+                     build_prompt_for(tokenizer), tokenizer, EvalSettings(), progress=False)
+    for name, result in (("before", before), ("after", after), ("other", other)):
+        write_results(result, tmp_path / f"{name}.json")
+    load = lambda name: load_results(tmp_path / f"{name}.json")  # noqa: E731
+
+    console = Console(record=True, width=200)
+    comparison = compare_results(load("before"), load("after"), console,
+                                 names=("before.json", "after.json"))
+    printed = console.export_text()
+    assert ("Warning: only 3 prompts are in both files (before.json: 4, after.json: 3); "
+            "comparing those 3") in printed
+    accuracy = comparison["metrics"]["accuracy_equivalent"]  # on the three shared prompts
+    assert (accuracy["before"], accuracy["after"]) == (pytest.approx(2 / 3), 1.0)
+    assert comparison["metrics"]["num_examples"]["before"] == 3
+    assert "wall_seconds" not in comparison["metrics"]
+    assert comparison["matched"] == 3
+
+    with pytest.raises(DataError) as error:
+        compare_results(load("before"), load("other"), Console(record=True),
+                        names=("before.json", "other.json"))
+    assert str(error.value) == ("before.json and other.json share no prompt (4 and 1 examples): "
+                                "results of different test sets cannot be compared")
+
+
+def test_greedy_samples_warn_that_pass_at_k_is_pass_at_1(tokenizer, tmp_path):
+    answers = {q: [(out, stop)] * 3 for q, _, out, stop in QUESTIONS}
+    _, greedy = run_four(tokenizer, answers=answers, num_samples=3, temperature=0.0)
+    warning = ("3 samples at temperature 0 are greedy, so identical: pass@k equals pass@1 "
+               "(sample at a temperature above 0 for pass@k)")
+    assert greedy.warnings == [warning]
+    console = Console(record=True, width=300)
+    print_summary(greedy, console)
+    assert f"Warning: {warning}" in console.export_text()
+    write_report(greedy, tmp_path / "report.md")
+    assert f"**Warning:** {warning}" in (tmp_path / "report.md").read_text()
+    write_results(greedy, tmp_path / "results.json")
+    assert load_results(tmp_path / "results.json")["warnings"] == [warning]
+    _, sampled = run_four(tokenizer, answers=answers, num_samples=3, temperature=0.7)
+    _, single = run_four(tokenizer, temperature=0.0)
+    assert sampled.warnings == [] and single.warnings == []
 
 
 def test_output_named_md_and_limit_zero_are_refused(tmp_path):

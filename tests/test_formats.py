@@ -135,6 +135,18 @@ def test_reasoning_written_in_the_answer_is_taken_out(content, thinking, answer)
     assert completion.messages[-1] == assistant(answer, thinking)
 
 
+def test_reasoning_in_a_field_and_inline_is_read_once_when_equal():
+    for thinking in ("b", "\nb\n"):
+        record = {"messages": [{"role": "user", "content": "hi"},
+                               {"role": "assistant", "content": "<think>b</think>yo",
+                                "thinking": thinking}]}
+        assert normalize_record(record, None, "f:3").messages[-1] == assistant("yo", thinking)
+    empty_block = {"messages": [{"role": "user", "content": "hi"},
+                                {"role": "assistant", "content": "<think></think>",
+                                 "thinking": "b"}]}
+    assert normalize_record(empty_block, None, "f:3").messages[-1] == assistant("", "b")
+
+
 @pytest.mark.parametrize("turns, message", [
     ([{"role": "user", "content": "q"},
       {"role": "assistant", "content": "4", "thinking": "A", "reasoning_content": "B"}],
@@ -148,6 +160,10 @@ def test_reasoning_written_in_the_answer_is_taken_out(content, thinking, answer)
      "f:3: field 'messages[1].content': is empty"),
     ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think></think>"}],
      "f:3: field 'messages[1].content': holds only an empty <think></think> block, no answer"),
+    ([{"role": "user", "content": "hi"},
+      {"role": "assistant", "content": "<think>a</think>yo", "thinking": "b"}],
+     "f:3: field 'messages[1].content': holds <think> reasoning that differs from the same "
+     "message's 'thinking'; keep one of the two"),
     ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "4", "thinking": 5}],
      "f:3: field 'messages[1].thinking': expected a string, got number"),
     ([{"role": "user", "content": "q"},

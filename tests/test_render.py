@@ -169,14 +169,15 @@ def test_qwen3_thinking_masks(qwen_tokenizer, thinking, expected):
     assert prompt == [t for t, _ in expected[:len(prompt)]] and expected[len(prompt)][1] == 1
 
 
-@pytest.mark.parametrize("content, expected", [
-    ("<think>\n2+2=4\n</think>\n\n4", QWEN_THINKING),    # DeepSeek-R1 / Qwen3 output style
-    ("<think>\n\n</think>\n\n4", QWEN_NO_THINKING),      # Qwen3 with thinking disabled
+@pytest.mark.parametrize("content, thinking, expected", [
+    ("<think>\n2+2=4\n</think>\n\n4", None, QWEN_THINKING),    # DeepSeek-R1 / Qwen3 output style
+    ("<think>\n\n</think>\n\n4", None, QWEN_NO_THINKING),      # Qwen3 with thinking disabled
+    ("<think>2+2=4</think>4", "2+2=4", QWEN_THINKING),          # both, equal: read once
 ])
-def test_qwen3_reasoning_written_in_the_answer(qwen_tokenizer, content, expected):
+def test_qwen3_reasoning_written_in_the_answer(qwen_tokenizer, content, thinking, expected):
     # Rendered as with a thinking field: one think block, not an empty one before the answer's.
     record = {"messages": [{"role": "user", "content": "What is 2+2?"},
-                           {"role": "assistant", "content": content}]}
+                           {"role": "assistant", "content": content, "thinking": thinking}]}
     c = normalize_record(record, None, "f:1")
     tokens, weights = Renderer(qwen_tokenizer).render_tokens(c)
     assert list(zip(tokens, [int(w) for w in weights])) == expected

@@ -320,6 +320,15 @@ def test_unknown_base_model_and_models_file(tmp_path, tiny_model):
         assert training.get_info().model_data.tokenizer_id == str(Path(tiny_model).resolve())
         assert training.get_tokenizer().encode("Hello world") == [19556, 905]
         assert training.forward(datums(), "cross_entropy").result().metrics["loss:sum"] > 0
+        # saved adapters name the model as the client did, so PEFT finds it by itself
+        state = training.save_state("named").result().path
+        resumed = client.create_training_client_from_state(state).result()
+        for path in (state, resumed.save_weights_for_sampler("again").result().path):
+            saved = checkpoint_dir(running.root, path)
+            config = json.loads((saved / "adapter_config.json").read_text())
+            assert config["base_model_name_or_path"] == "Qwen/Qwen3-8B"
+            assert json.loads((saved / "tinkerkit_state.json").read_text())["base_model"] == \
+                tiny_model
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"models": {"x": {"path": tiny_model, "dtype": "int8"}}}))
     with pytest.raises(ConfigError) as info:

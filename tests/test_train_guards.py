@@ -21,6 +21,7 @@ from tinkerkit.errors import (
     EngineError,
     NonFiniteGradientError,
     TinkerkitError,
+    TrainingInterrupted,
     non_finite_gradient_message,
 )
 from tinkerkit.render import Renderer
@@ -193,7 +194,7 @@ class ScriptedClient:
     def optim_step(self, params):
         self.steps += 1
         outcome = self.optim.get(self.steps)
-        if isinstance(outcome, Exception):
+        if isinstance(outcome, BaseException):
             return failed(outcome)
         return done(outcome or tinker.types.OptimStepResponse(metrics={"grad_norm": 0.5}))
 
@@ -258,6 +259,27 @@ def test_an_engine_failure_is_not_reported_as_divergence(tmp_path, monkeypatch):
     assert "NaN" not in str(caught.value) and "nan" not in str(caught.value)
     assert [e["step"] for e in files.read_jsonl(run_dir / "checkpoints.jsonl")] == [2]
     assert [r["step"] for r in files.read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
+
+
+def test_ctrl_c_during_training_names_the_checkpoint_to_resume_from(tmp_path, monkeypatch,
+                                                                    capfd):
+    run_dir, _, run = scripted_run(tmp_path, monkeypatch, LOSSES, {3: KeyboardInterrupt()},
+                                   ["SAVE_EVERY=2"])
+    with pytest.raises(TrainingInterrupted) as caught:
+        run()
+    good = run_dir / "checkpoints" / "step_000002"
+    message = (f"training stopped, the last good checkpoint, {good} (step 2), is the latest in "
+               f"{run_dir / 'checkpoints.jsonl'}: continue with --resume {run_dir}")
+    assert str(caught.value) == message
+    assert isinstance(caught.value, KeyboardInterrupt)
+
+    def interrupted(*args, **kwargs):
+        raise caught.value
+
+    monkeypatch.setattr("tinkerkit.train.train", interrupted)
+    data = write_chat(tmp_path / "more.jsonl", ["answer"])
+    assert main(["train", "--data", str(data), "--run-dir", str(tmp_path / "other")]) == 130
+    assert capfd.readouterr().err == f"interrupted: {message}\n"
 
 
 def test_a_loss_that_stops_falling_is_reported_once_per_window(tmp_path, monkeypatch):

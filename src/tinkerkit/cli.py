@@ -107,7 +107,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from tinkerkit.evaluate import compare_results, load_results
 
     if args.compare:
-        compare_results(load_results(args.compare[0]), load_results(args.compare[1]), console)
+        compare_results(load_results(args.compare[0]), load_results(args.compare[1]), console,
+                        names=(args.compare[0], args.compare[1]))
         return
     from tinkerkit.config import load_config
     from tinkerkit.evaluate import run_evaluation
@@ -299,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {e.filename}" if e.filename else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # TrainingInterrupted says where the run resumes from
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # an unexpected failure: one line unless debugging
         if os.environ.get("TINKERKIT_DEBUG"):

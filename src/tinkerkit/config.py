@@ -214,6 +214,9 @@ def _read_python(path: Path) -> dict[str, Any]:
 
 
 def _read_file(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file {path}: is a directory; pass the config file inside it "
+                          "(a .py, .toml or .yaml file)")
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     suffix = path.suffix.lower()

@@ -82,6 +82,11 @@ class TrainingDivergedError(TinkerkitError, RuntimeError):
     """
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training steps; the message says where the run can resume from. A
+    ``KeyboardInterrupt``, so that whatever stops on Ctrl-C stops on it too."""
+
+
 class ExportError(TinkerkitError, RuntimeError):
     """An export or merge that cannot be completed (including non-finite weights)."""
 

@@ -20,7 +20,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -117,11 +117,13 @@ class EvalResult:
         metrics: Flat ``{name: number or None}``; see :func:`evaluate` for the names.
         examples: One dict per evaluated conversation (see :func:`evaluate`).
         settings: The settings used.
+        warnings: What a reader of the metrics must know (shown with them and in the report).
     """
 
     metrics: dict
     examples: list[dict]
     settings: EvalSettings
+    warnings: list[str] = field(default_factory=list)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -312,10 +314,17 @@ def evaluate(conversations: Sequence[Conversation], sampling_client,
     grading_seconds = time.perf_counter() - start - wall_seconds
 
     result = EvalResult(_metrics(examples, settings.num_samples, wall_seconds, grading_seconds),
-                        examples, settings)
+                        examples, settings, _warnings(settings))
     if progress:
         print_summary(result, console)
     return result
+
+
+def _warnings(settings: EvalSettings) -> list[str]:
+    if settings.num_samples > 1 and settings.temperature == 0:
+        return [f"{settings.num_samples} samples at temperature 0 are greedy, so identical: "
+                "pass@k equals pass@1 (sample at a temperature above 0 for pass@k)"]
+    return []
 
 
 def _format(value: Any) -> str:
@@ -334,6 +343,8 @@ def print_summary(result: EvalResult, console: Console) -> None:
     for name, value in result.metrics.items():
         table.add_row(name, _format(value))
     console.print(table)
+    for warning in result.warnings:
+        console.print(f"[yellow]Warning: {warning}[/yellow]")
     missing = result.metrics["num_without_reference"]
     if missing:
         console.print(f"[yellow]{missing} example(s) have no reference answer: sampled, but "
@@ -344,7 +355,8 @@ def write_results(result: EvalResult, path: str | Path, config: dict | None = No
     """Write ``evaluation_results.json`` atomically.
 
     The file holds ``format_version``, ``config`` (as given: the caller removes secrets such as
-    API keys first), ``settings``, ``metrics`` and ``examples`` (see :func:`evaluate`).
+    API keys first), ``settings``, ``metrics``, ``warnings`` and ``examples`` (see
+    :func:`evaluate`).
 
     Args:
         result: What :func:`evaluate` returned.
@@ -356,6 +368,7 @@ def write_results(result: EvalResult, path: str | Path, config: dict | None = No
         "config": config,
         "settings": asdict(result.settings),
         "metrics": result.metrics,
+        "warnings": result.warnings,
         "examples": result.examples,
     })
 
@@ -429,6 +442,7 @@ def write_report(result: EvalResult, path: str | Path, n_examples: int = 5) -> N
     """
     lines = ["# Evaluation report", "", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {_format(value)} |" for name, value in result.metrics.items()]
+    lines += [f"\n**Warning:** {warning}" for warning in result.warnings]
     if result.metrics["num_without_reference"]:
         lines += ["", f"{result.metrics['num_without_reference']} example(s) have no reference "
                       "answer: sampled, but excluded from accuracy and pass@k."]
@@ -454,6 +468,15 @@ def _compare_metrics(a: dict, b: dict) -> dict:
     return rows
 
 
+def _shared_metrics(results: dict, prompts: set[str]) -> dict:
+    """The metrics of a results file's examples whose prompt is in ``prompts`` (no timings)."""
+    examples = [e for e in results["examples"] if e["prompt"] in prompts]
+    metrics = _metrics(examples, results["metrics"]["num_samples"], 0.0, 0.0)
+    for timing in ("wall_seconds", "tokens_per_second", "grading_seconds"):
+        metrics.pop(timing)
+    return metrics
+
+
 def _verdict(example: dict) -> dict:
     outputs = example.get("outputs") or [{}]
     return {"num_correct": example.get("num_correct"), "extracted": outputs[0].get("extracted")}
@@ -477,24 +500,44 @@ def _changed_examples(a: list[dict], b: list[dict]) -> tuple[int, list[dict]]:
     return matched, changed
 
 
-def compare_results(a: dict, b: dict, console: Console) -> dict:
+def compare_results(a: dict, b: dict, console: Console,
+                    names: tuple[str, str] = ("before", "after")) -> dict:
     """Compare two evaluation results (before = ``a``, after = ``b``) and print the comparison.
 
-    Metrics are compared name by name (delta = after - before for numbers). Examples are matched
-    by their exact ``prompt`` text, so both runs must have used the same prompt format; an example
-    has changed when its number of correct samples (equivalence criterion) differs.
+    Examples are matched by their exact ``prompt`` text, so both runs must have used the same
+    prompt format; only the prompts both files hold are compared. Metrics are compared name by
+    name (delta = after - before for numbers): the files' own metrics when they hold the same
+    prompts, else those of the shared examples recomputed (timings left out), under a warning
+    that says how many prompts each file holds. An example has changed when its number of correct
+    samples (equivalence criterion) differs.
 
     Args:
         a: The earlier results, as returned by :func:`load_results`.
         b: The later results.
         console: Where to print the two tables.
+        names: How the two are named in messages (their file names).
 
     Returns:
         ``{"metrics": {name: {"before", "after", "delta"}}, "matched": int, "improved": int,
         "regressed": int, "changed": [{"prompt", "question", "reference", "before", "after"}]}``
         where ``before``/``after`` hold ``num_correct`` and the first sample's ``extracted`` answer.
+
+    Raises:
+        DataError: The two files share no prompt (results of different test sets).
     """
-    metrics = _compare_metrics(a["metrics"], b["metrics"])
+    shared = {e["prompt"] for e in a["examples"]} & {e["prompt"] for e in b["examples"]}
+    if not shared:
+        raise DataError(f"{names[0]} and {names[1]} share no prompt ({len(a['examples'])} and "
+                        f"{len(b['examples'])} examples): results of different test sets "
+                        "cannot be compared")
+    same = all(len(r["examples"]) == len(shared) for r in (a, b))
+    if not same:
+        console.print(f"[yellow]Warning: only {len(shared)} prompts are in both files "
+                      f"({names[0]}: {len(a['examples'])}, {names[1]}: {len(b['examples'])}); "
+                      f"comparing those {len(shared)} (metrics recomputed on them, without "
+                      "timings)[/yellow]")
+    metrics = _compare_metrics(*(r["metrics"] if same else _shared_metrics(r, shared)
+                                 for r in (a, b)))
     matched, changed = _changed_examples(a["examples"], b["examples"])
     improved = sum((c["after"]["num_correct"] or 0) > (c["before"]["num_correct"] or 0)
                    for c in changed)

@@ -9,8 +9,8 @@ validates it and writes what a user ships::
                             tokenizer + chat template  (base weights + LoRA deltas, one dtype)
 
 Merging follows LoRA (Hu et al. 2021, arXiv 2106.09685, §4.1): ``W' = W + (alpha / r) * B @ A``,
-done by PEFT's ``merge_and_unload`` in float32 and cast once to the requested dtype. Every merge is
-checked: the merged model, read back from disk, must reproduce the logits of base + adapter on a
+done by :func:`tinkerkit.engines.local.model.merge_lora` (PEFT's ``merge_and_unload``) in float32
+and cast once to the requested dtype. Every merge is checked: the merged model, read back from disk, must reproduce the logits of base + adapter on a
 fixed chat within a tolerance derived from the dtype's rounding (see :func:`logit_tolerance`).
 
 A ``tinker://`` checkpoint is first downloaded through the Tinker SDK into a PEFT adapter
@@ -183,7 +183,7 @@ def merge_adapter(checkpoint_or_adapter: str | Path, output_dir: str | Path, dty
     """Merge a LoRA adapter into its base model and save a checked HF model directory.
 
     The base model is loaded in float32, the adapter applied with PEFT and merged
-    (``merge_and_unload(safe_merge=True)``) in float32, and the result cast once to ``dtype`` and
+    (:func:`~tinkerkit.engines.local.model.merge_lora`) in float32, and the result cast once to ``dtype`` and
     saved (safetensors, config, generation config, tokenizer with chat template) atomically. The
     saved model is then loaded back in ``dtype``, upcast to float32, and its logits compared with
     those of the unmerged float32 base + adapter on a fixed short chat; the check thus measures the

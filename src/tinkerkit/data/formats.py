@@ -399,8 +399,14 @@ def _messages(record: dict, key: str, where: str) -> list[Message]:
                          f"unknown role {role!r} (expected {', '.join(ROLES)})")
         thinking = _thinking(turn, role, where, name)
         content = _text(turn, "content", where, prefix=name, allow_empty=bool(thinking))
-        if role == "assistant" and thinking is None:
-            thinking, content = _inline_thinking(content, where, f"{name}.content")
+        if role == "assistant":
+            inline, content = _inline_thinking(content, where, f"{name}.content",
+                                               has_thinking=thinking is not None)
+            if inline is not None and thinking is not None and inline.strip() != thinking.strip():
+                raise _error(where, f"{name}.content",
+                             "holds <think> reasoning that differs from the same message's "
+                             "'thinking'; keep one of the two")
+            thinking = thinking if thinking is not None else inline
         messages.append(Message(role=role, content=content, thinking=thinking))
     return messages
 
@@ -429,10 +435,17 @@ def _thinking(turn: dict, role: str, where: str, name: str) -> str | None:
     return next(iter(values.values()), None)
 
 
-def _inline_thinking(content: str, where: str, name: str) -> tuple[str | None, str]:
+def _inline_thinking(content: str, where: str, name: str,
+                     has_thinking: bool = False) -> tuple[str | None, str]:
     """Reasoning written into an answer as ``<think>…</think>answer`` (DeepSeek-R1 and Qwen3
     outputs) taken out as the message's reasoning, as Qwen3's own template does; an empty think
     block means none. Other text is returned as it is.
+
+    Args:
+        content: The message's content.
+        where: ``file:line`` for errors; ``name``: the field.
+        has_thinking: The message carries reasoning in a field of its own, so an empty answer is
+            allowed.
 
     Raises:
         DataError: Neither reasoning nor an answer is left.
@@ -443,7 +456,7 @@ def _inline_thinking(content: str, where: str, name: str) -> tuple[str | None, s
     reasoning, _, answer = text[len("<think>"):].partition("</think>")
     reasoning, answer = reasoning.strip("\n"), answer.lstrip("\n")
     thinking = reasoning if reasoning.strip() else None
-    if thinking is None and not answer.strip():
+    if thinking is None and not answer.strip() and not has_thinking:
         raise _error(where, name, "holds only an empty <think></think> block, no answer")
     return thinking, answer
 

@@ -56,7 +56,7 @@ from tinkerkit.engines.local import (
 )
 from tinkerkit.engines.local.model import load_model, preset_of_switches, resolve_device
 from tinkerkit.errors import RequestError
-from tinkerkit.models import load_tokenizer
+from tinkerkit.models import hub_id_of, load_tokenizer
 from tinkerkit.serve.futures import FutureStore, ServerFuture, describe_error
 from tinkerkit.serve.registry import ModelRegistry, ServedModel
 from tinkerkit.serve.store import (
@@ -453,7 +453,8 @@ class ServerState:
             run_dir = self.store.create_run(record)
             return LocalTrainingClient(served.source, lora.rank, seed=seed, target_modules=targets,
                                        train_unembed=lora.train_unembed, device=self.device,
-                                       dtype=served.dtype, checkpoint_root=run_dir / "weights")
+                                       dtype=served.dtype, checkpoint_root=run_dir / "weights",
+                                       adapter_base_model=hub_id_of(served.name))
 
         return self._register(session, request.model_seq_id, record, served, build,
                               lambda: types.CreateModelResponse(model_id=model_id))
@@ -630,7 +631,8 @@ class ServerState:
             run_dir = self.store.create_run(record)
             return create_training_client_from_state(
                 directory, with_optimizer=request.optimizer, device=self.device,
-                dtype=served.dtype, checkpoint_root=run_dir / "weights")
+                dtype=served.dtype, checkpoint_root=run_dir / "weights",
+                adapter_base_model=hub_id_of(served.name))
 
         return self._register(session, request.model_seq_id, record, served, build,
                               lambda: types.LoadWeightsResponse(path=request.path,

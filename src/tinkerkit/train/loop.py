@@ -36,7 +36,11 @@ from rich.console import Console
 from tinkerkit import engines, files
 from tinkerkit.checkpoint import resolve_checkpoint
 from tinkerkit.config import TrainConfig
-from tinkerkit.errors import EngineError, NonFiniteGradientError, TrainingDivergedError
+from tinkerkit.errors import (
+    EngineError,
+    NonFiniteGradientError,
+    TrainingDivergedError,
+)
 from tinkerkit.train.examples import load_examples, normalize_batch
 from tinkerkit.train.held_out import load_held_out, sample_accuracy
 from tinkerkit.train.metrics import (
@@ -52,6 +56,7 @@ from tinkerkit.train.run_dir import (
     check_new_run_dir,
     default_run_dir,
     export_final,
+    interrupt_names_checkpoint,
     resolve_resume,
     save_checkpoint,
     stopped_message,
@@ -134,12 +139,13 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
             console.print(f"skipped the newer {reason}; the steps after {start_step} are "
                           "trained and saved again")
     files.atomic_write_json(run_dir / CONFIG_FILE,
-                         config.model_copy(update={"run_dir": str(run_dir)}).dump())
+                            config.model_copy(update={"run_dir": str(run_dir)}).dump())
     console.print(f"Training {total_steps} steps ({per_epoch} per epoch, batch {config.batch_size}) "
                   f"in {run_dir}")
 
     started = time.perf_counter()
-    with progress_bar(console) as progress:
+    # Ctrl-C here stops with the checkpoint to resume from (TrainingInterrupted).
+    with progress_bar(console) as progress, interrupt_names_checkpoint(run_dir):
         task = progress.add_task("train", total=total_steps, completed=start_step, info="")
         log, timer = StepLog(run_dir, progress, task, config.loss_plateau_window), StepTimer()
         previous = None  # the step submitted in the last iteration and not awaited yet

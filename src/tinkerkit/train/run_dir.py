@@ -9,6 +9,8 @@ checkpoint listed; the lines logged after it are dropped so every step is logged
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from tinkerkit.checkpoint import (
     read_checkpoint_meta,
 )
 from tinkerkit.config import TrainConfig, build_config
-from tinkerkit.errors import CheckpointError, ConfigError, DataError
+from tinkerkit.errors import CheckpointError, ConfigError, DataError, TrainingInterrupted
 from tinkerkit.export import ExportResult, export_checkpoint
 
 METRICS_FILE = "metrics.jsonl"
@@ -154,7 +156,7 @@ def save_checkpoint(client, run_dir: Path, step: int, epoch: int) -> str:
     if "://" not in path and Path(path).resolve().is_relative_to(run_dir.resolve()):
         recorded = str(Path(path).resolve().relative_to(run_dir.resolve()))
     files.append_jsonl(run_dir / CHECKPOINTS_FILE, {"step": step, "epoch": epoch + 1,
-                                                "path": recorded, "kind": "state"})
+                                                   "path": recorded, "kind": "state"})
     return path
 
 
@@ -173,6 +175,16 @@ def stopped_message(run_dir: Path, advice: str) -> str:
     last = checkpoint_path(run_dir, saved[-1])
     return (f"training stopped, the last good checkpoint, {last} (step {saved[-1]['step']}), is "
             f"the latest in {run_dir / CHECKPOINTS_FILE}: {advice}continue with --resume {run_dir}")
+
+
+@contextlib.contextmanager
+def interrupt_names_checkpoint(run_dir: Path) -> Iterator[None]:
+    """Turn Ctrl-C inside the block into :class:`~tinkerkit.errors.TrainingInterrupted`, whose
+    message names the last checkpoint and the ``--resume`` command (:func:`stopped_message`)."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        raise TrainingInterrupted(stopped_message(run_dir, "")) from e
 
 
 def export_final(checkpoint: str, run_dir: Path, config: TrainConfig,

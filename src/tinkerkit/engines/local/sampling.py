@@ -210,8 +210,9 @@ class LocalSamplingClient:
             or a plain causal LM. Used as is without ``adapter_path``; with it, the adapter goes
             onto a copy that shares the given model's weights (the given model is not changed;
             a ``PeftModel`` must then have the checkpoint's rank and targets). Without a given
-            model, the adapter is merged into the freshly loaded weights (PEFT
-            ``merge_and_unload``: ``W + (alpha / r) B A``, computed in the model's dtype), which
+            model, the adapter is merged into the freshly loaded weights
+            (:func:`~tinkerkit.engines.local.model.merge_lora`: ``W + (alpha / r) B A``, in the
+            model's dtype, non-finite results refused, a tied lm_head untied first), which
             decodes faster than a separate LoRA path; logprobs then differ from the unmerged
             computation only by floating-point rounding.
         tokenizer: The tokenizer, or None to load ``base_model``'s.

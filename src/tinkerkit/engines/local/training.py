@@ -222,6 +222,9 @@ class LocalTrainingClient:
             :func:`set_activation_checkpointing`. Results are the same either way.
         mixed_precision: ``"auto"``, ``"bf16"`` or ``"no"``; see
             :func:`resolve_mixed_precision`.
+        adapter_base_model: The ``base_model_name_or_path`` that saved adapters record for
+            ``PeftModel.from_pretrained`` (the name a ``tinkerkit serve`` client used); None:
+            the hub id of ``base_model`` where tinkerkit knows one, else ``base_model``.
 
     Raises:
         EngineError: A bad argument (device, dtype, targets, rank) or an unsupported model.
@@ -233,7 +236,7 @@ class LocalTrainingClient:
                  train_unembed: bool = False, seed: int = 0, device: str = "auto",
                  dtype: str = "float32", checkpoint_root: str | Path = "checkpoints",
                  microbatch_tokens: int = 8192, activation_checkpointing: bool | str = "auto",
-                 mixed_precision: str = "auto") -> None:
+                 mixed_precision: str = "auto", adapter_base_model: str | None = None) -> None:
         if rank < 1 or microbatch_tokens < 1 or not 0 <= dropout < 1:
             raise EngineError(f"invalid LoRA settings: rank={rank}, dropout={dropout}, "
                               f"microbatch_tokens={microbatch_tokens}")
@@ -242,6 +245,7 @@ class LocalTrainingClient:
                               "True, False or 'auto'")
         self.activation_checkpointing = activation_checkpointing
         self.base_model, self.rank = base_model, rank
+        self.adapter_base_model = adapter_base_model or hub_id_of(base_model)
         self.alpha = float(rank if alpha is None else alpha)
         self.dropout, self.train_unembed, self.seed = dropout, train_unembed, seed
         self.device, self.dtype = resolve_device(device), dtype
@@ -520,7 +524,7 @@ class LocalTrainingClient:
 
     def _save(self, target: Path, kind: str):
         config = copy.deepcopy(self.model.peft_config[ADAPTER_NAME])
-        config.base_model_name_or_path = hub_id_of(self.base_model)
+        config.base_model_name_or_path = self.adapter_base_model
         config.inference_mode = True
         weights = {k: p.detach().float().cpu().contiguous() for k, p in self._params.items()}
         with atomic_directory(target) as staging:
