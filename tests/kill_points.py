@@ -33,7 +33,7 @@ def install(point: str, step: int) -> None:
     import safetensors.torch
 
     from tinkerkit import files
-    from tinkerkit.engines.local import LocalTrainingClient
+    from tinkerkit.engines.local import LocalTrainingClient, training
     from tinkerkit.train.metrics import StepLog
 
     if point == "between_steps":
@@ -57,6 +57,7 @@ def install(point: str, step: int) -> None:
                 die()
 
         safetensors.torch.save_file = save_then_die
+        training.save_file = save_then_die  # the engine's own reference, bound at import
     elif point in ("after_save_before_listing", "during_metrics_append"):
         append = files.append_jsonl
         target = "checkpoints.jsonl" if point == "after_save_before_listing" else "metrics.jsonl"
