@@ -207,3 +207,28 @@ def test_real_smollm2_answers_and_stops_at_im_end():
     assert sequence.stop_reason == "stop"
     assert sequence.tokens[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert "5" in tokenizer.decode(sequence.tokens)
+
+
+def test_a_merged_output_projection_adapter_leaves_the_tied_input_embedding_alone(tiny_model,
+                                                                                 prompts, tmp_path):
+    """LoRA on a tied lm_head (train_unembed): the sampler that merges the adapter into freshly
+    loaded weights gives the log-probabilities of the unmerged adapter; merging into the shared
+    matrix would change the input embedding as well."""
+    import torch
+
+    client = LocalTrainingClient(tiny_model, 4, train_unembed=True, seed=1, device="cpu",
+                                 checkpoint_root=tmp_path)
+    with torch.no_grad():  # a delta large enough to matter on every logit
+        for name, param in client.model.named_parameters():
+            if "lm_head.lora_B" in name:  # random rows: a uniform shift would cancel out
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(0)))
+    path = client.save_weights_for_sampler("head").result().path
+    unmerged = client.sampling_snapshot().result()
+    merged = LocalSamplingClient(tiny_model, path, device="cpu")
+    prompt = prompts[2]
+    expected = unmerged.compute_logprobs(prompt).result()
+    got = merged.compute_logprobs(prompt).result()
+    assert max(abs(a - b) for a, b in zip(expected[1:], got[1:])) < 1e-4
+    base = LocalSamplingClient(tiny_model, device="cpu").compute_logprobs(prompt).result()
+    assert max(abs(a - b) for a, b in zip(base[1:], got[1:])) > 0.1  # the adapter does matter
+    client.close()
