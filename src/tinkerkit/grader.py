@@ -3,14 +3,13 @@
 A grader file is plain Python that defines any of these functions (the names of
 :mod:`tinkerkit.grading`'s built-ins, plus ``score``):
 
-==============================================  ==================================================
-``extract_final_answer(text) -> str | None``    the final answer of an output (None: no answer)
-``check_answer_exact_match(pred, ref) -> bool`` the extracted answer ``pred`` (a str) vs the reference
-``check_answer_contains(output, ref) -> bool``  the whole output vs the reference
-``check_answer_equivalent(pred, ref) -> bool``  replaces math-verify's equivalence check
-``score(output, example) -> float``             a graded verdict in [0, 1]: ``mean_score`` in eval,
-                                                the reward of RL (:meth:`Grader.reward`)
-==============================================  ==================================================
+- ``extract_final_answer(text) -> str | None``: the final answer of an output (None: no answer);
+- ``check_answer_exact_match(pred, ref) -> bool``: the extracted answer ``pred`` (a str) vs the
+  reference;
+- ``check_answer_contains(output, ref) -> bool``: the whole output vs the reference;
+- ``check_answer_equivalent(pred, ref) -> bool``: replaces math-verify's equivalence check;
+- ``score(output, example) -> float``: a graded verdict in [0, 1]: ``mean_score`` in eval, the
+  reward of RL (:meth:`Grader.reward`).
 
 What the file does not define stays built in, and the built-ins are importable from it, so it can
 wrap them (``from tinkerkit.grading import extract_final_answer as builtin_extract``).
