@@ -143,3 +143,34 @@ def test_eval_split_ratio_holds_out_whole_prompts_and_trains_on_the_rest(tmp_pat
 def test_evaluation_settings_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_a_grader_changes_eval_accuracy_in_training_and_in_eval_alike(tiny_model, tmp_path):
+    """One step on the tiny random model, graded by a GRADER that accepts any answer: its
+    eval_accuracy during training and `tinkerkit eval`'s accuracy on that checkpoint are both 1,
+    where the built-in grader finds nothing right in the random model's output."""
+    grader = tmp_path / "anything_goes.py"
+    grader.write_text("def extract_final_answer(text):\n    return text\n\n\n"
+                      "def check_answer_exact_match(pred, ref):\n    return True\n")
+    train_file = write_demo_data(tmp_path / "train.jsonl", n=2, seed=0)
+    held_out = write_demo_data(tmp_path / "held_out.jsonl", n=2, seed=1)
+    config = load_config(None, [f"DATA_FILES={train_file}", f"BASE_MODEL={tiny_model}",
+                                f"EVAL_DATA_FILES={held_out}", "SAMPLE_EVAL_EVERY=1",
+                                "SAMPLE_EVAL_LIMIT=2", "MAX_TOKENS=4", "LORA_RANK=4",
+                                "BATCH_SIZE=2", "DEVICE=cpu", "MAX_SEQUENCE_LENGTH=128"],
+                         grader=str(grader))
+    result = train(config, run_dir=tmp_path / "run", console=quiet())
+    [record] = files.read_jsonl(result.run_dir / "metrics.jsonl")
+    assert (record["eval_accuracy"], record["eval_grading_errors"]) == (1.0, 0)
+    assert files.read_json(result.run_dir / "config.json")["GRADER"] == str(grader)
+
+    evaluations = {}
+    for name, used in (("grader", str(grader)), ("built-in", None)):
+        evaluations[name] = run_evaluation(
+            config.model_copy(update={"eval_limit": 2, "grader": used}), [held_out],
+            checkpoint=result.final_checkpoint, output=tmp_path / f"{name}.json", console=quiet())
+    assert evaluations["grader"].metrics["accuracy_equivalent"] == record["eval_accuracy"] == 1.0
+    assert evaluations["built-in"].metrics["accuracy_equivalent"] == 0.0
+    assert evaluations["grader"].grader["file"] == str(grader)
+    assert files.read_json(tmp_path / "grader.json")["grader"]["sha256"] == \
+        evaluations["grader"].grader["sha256"]

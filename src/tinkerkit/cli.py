@@ -76,7 +76,7 @@ def _train_fields(args: argparse.Namespace) -> dict:
     return {"data_files": args.data, "base_model": args.model, "lora_rank": args.rank,
             "learning_rate": args.lr, "num_epochs": args.epochs, "batch_size": args.batch_size,
             "max_steps": args.max_steps, "max_sequence_length": args.max_length,
-            "strict": args.strict, "backend": args.backend}
+            "strict": args.strict, "backend": args.backend, "grader": args.grader}
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -114,7 +114,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from tinkerkit.evaluate import run_evaluation
 
     config = load_config(args.config, args.set, base_model=args.model, max_tokens=args.max_tokens,
-                         temperature=args.temperature, eval_limit=args.limit)
+                         temperature=args.temperature, eval_limit=args.limit, grader=args.grader)
     data = args.data or config.test_files
     if not data:
         raise ConfigError("no test data: pass --data FILE (or set TEST_FILES in the config)")
@@ -177,6 +177,11 @@ def _data_options(p: argparse.ArgumentParser) -> None:
                    help="stop at a malformed record (default) or skip and count it")
 
 
+_GRADER_HELP = ("GRADER: a Python file of your own grading functions (extract_final_answer, "
+                "check_answer_exact_match, check_answer_contains, check_answer_equivalent, "
+                "score); what it does not define stays built in")
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -237,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="MAX_SEQUENCE_LENGTH")
     p.add_argument("--strict", action="store_true", default=None,
                    help="STRICT: stop before training when too many examples are too long")
+    p.add_argument("--grader", metavar="FILE", help=_GRADER_HELP)
     p.add_argument("--dry-run", action="store_true",
                    help="render the data, print statistics, steps and time per step; no "
                    "training (with BACKEND=tinker: no session, nothing timed)")
@@ -253,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, help="samples per problem (pass@k)")
     p.add_argument("--max-tokens", type=int, help="most generated tokens per answer (MAX_TOKENS)")
     p.add_argument("--temperature", type=float, help="0 = greedy (TEMPERATURE)")
+    p.add_argument("--grader", metavar="FILE", help=_GRADER_HELP)
     p.add_argument("--config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),

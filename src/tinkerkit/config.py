@@ -104,6 +104,10 @@ class TrainConfig(BaseModel):
     stop: list[str] | None = Field(None, description="Extra stop strings (the end-of-turn token always stops).")
     eval_limit: int | None = Field(None, gt=0, description="Evaluate only the first N test examples.")
 
+    # Grading
+    grader: str | None = Field(None, description="Your own grading functions: a Python file defining any of extract_final_answer(text), check_answer_exact_match(pred, ref), check_answer_contains(output, ref), check_answer_equivalent(pred, ref) and score(output, example); what it does not define stays built in. Used by `tinkerkit eval` and SAMPLE_EVAL_EVERY (--grader FILE). A relative path is from the working directory, as for DATA_FILES. See docs/MODEL_EXPORT_EVALUATION.md.")
+    grader_timeout_seconds: float = Field(10.0, gt=0, description="Time limit of the GRADER file's functions on one output; an output that overruns it is a grading error (counted as wrong) and the run goes on.")
+
     # Evaluation during training
     eval_data_files: list[str] = Field(default_factory=list, description="Held-out files for evaluation during training.")
     eval_split_ratio: float | None = Field(None, gt=0, lt=1, description="Hold out this fraction of DATA_FILES instead (no prompt on both sides, as `tinkerkit split`).")
@@ -133,6 +137,19 @@ class TrainConfig(BaseModel):
         if missing:
             raise ValueError(f"file not found: {', '.join(missing)}")
         return [str(p) for p in paths]
+
+    @field_validator("grader")
+    @classmethod
+    def _grader_file(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        if not path.is_file():
+            where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+            raise ValueError(f"file not found{where}" if not path.exists() else "not a file")
+        if path.suffix != ".py":
+            raise ValueError("must be a Python file (.py) defining grading functions")
+        return str(value)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -8,9 +8,11 @@ The flow (``tinkerkit evaluate`` wires it to a config, a checkpoint and a data f
     compare_results(load_results(before_path), load_results(after_path), Console())
 
 Every prompt is submitted before any result is awaited, so a sampling client that batches pending
-requests (the local engine's, or Tinker's) sees them all at once. Outputs are graded by
-:mod:`tinkerkit.grading` under three criteria (exact match, contains, mathematical equivalence);
-with several samples per prompt, pass@k is reported for the equivalence criterion.
+requests (the local engine's, or Tinker's) sees them all at once. Outputs are graded by a
+:class:`~tinkerkit.grader.Grader`: :mod:`tinkerkit.grading`'s three criteria (exact match,
+contains, mathematical equivalence), any of whose functions a ``GRADER`` file may replace, plus
+its ``score`` when it defines one; with several samples per prompt, pass@k is reported for the
+equivalence criterion.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from tinkerkit.data.formats import load_conversations
 from tinkerkit.engines import check_engine, create_sampling_client
 from tinkerkit.errors import ConfigError, DataError, EngineError
 from tinkerkit.files import atomic_write_json, atomic_write_text
-from tinkerkit.grading import grade
+from tinkerkit.grader import Grader, GraderConfig, grading_example
 from tinkerkit.render import Renderer, end_of_turn_ids
 from tinkerkit.sampling_rules import sampling_problems
 
@@ -118,12 +120,15 @@ class EvalResult:
         examples: One dict per evaluated conversation (see :func:`evaluate`).
         settings: The settings used.
         warnings: What a reader of the metrics must know (shown with them and in the report).
+        grader: The grader that graded the outputs (:meth:`tinkerkit.grader.Grader.describe`:
+            its file, SHA-256 and the functions it defines; ``file`` None for the built-ins).
     """
 
     metrics: dict
     examples: list[dict]
     settings: EvalSettings
     warnings: list[str] = field(default_factory=list)
+    grader: dict = field(default_factory=lambda: Grader().describe())
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -193,22 +198,24 @@ def _sample_all(sampling_client, prompts: list, sources: list, settings: EvalSet
 
 
 def _grade_example(index: int, conversation: Conversation, prompt_text: str, response,
-                   tokenizer, num_samples: int) -> dict:
+                   tokenizer, num_samples: int, grader: Grader) -> dict:
     """The per-example record: prompt, reference, each output with its verdicts."""
     if len(response.sequences) != num_samples:
         raise EngineError(f"the sampling client returned {len(response.sequences)} sequences for "
                           f"example {index}, {num_samples} were requested")
     reference = conversation.reference_answer
+    example = grading_example(conversation) if grader.scores else None
     outputs = []
     for sequence in response.sequences:
         tokens = list(sequence.tokens)
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        verdict = grade(text, reference)
+        verdict = grader.grade(text, reference, example)
         outputs.append({
             "text": text, "num_tokens": len(tokens), "stop_reason": sequence.stop_reason,
             "extracted": verdict.extracted, "exact_match": verdict.exact_match,
             "contains": verdict.contains, "equivalent": verdict.equivalent,
-            "timed_out": verdict.timed_out,
+            "timed_out": verdict.timed_out, "grading_error": verdict.error,
+            **({"score": verdict.score} if grader.scores else {}),
         })
     num_correct = None if reference is None else sum(o["equivalent"] for o in outputs)
     return {"index": index, "source": conversation.source, "prompt": prompt_text,
@@ -232,14 +239,18 @@ def _metrics(examples: list[dict], num_samples: int, wall_seconds: float,
     for criterion in CRITERIA:
         hits = sum(bool(o[criterion]) for o in graded_outputs)
         metrics[f"accuracy_{criterion}"] = hits / len(graded_outputs) if graded_outputs else None
+    if any("score" in o for o in outputs):  # the grader file's score; an error scores 0
+        total = sum(o.get("score") or 0.0 for o in graded_outputs)
+        metrics["mean_score"] = total / len(graded_outputs) if graded_outputs else None
     if num_samples > 1:
         for k in _pass_at_k_values(num_samples):
             values = [pass_at_k(num_samples, e["num_correct"], k) for e in graded]
             metrics[f"pass@{k}"] = sum(values) / len(values) if values else None
     metrics.update({
-        "no_answer": sum(o["extracted"] is None for o in outputs),
+        "no_answer": sum(o["extracted"] is None and not o.get("grading_error") for o in outputs),
         "truncated": sum(o["stop_reason"] == "length" for o in outputs),
         "equivalence_timeouts": sum(o["timed_out"] for o in outputs),
+        "grading_errors": sum(bool(o.get("grading_error")) for o in outputs),
         "mean_output_tokens": generated / len(outputs) if outputs else None,
         "generated_tokens": generated,
         "wall_seconds": wall_seconds,
@@ -252,19 +263,24 @@ def _metrics(examples: list[dict], num_samples: int, wall_seconds: float,
 def evaluate(conversations: Sequence[Conversation], sampling_client,
              build_prompt: Callable[[Conversation], tinker.types.ModelInput], tokenizer,
              settings: EvalSettings, progress: bool = True,
-             console: Console | None = None) -> EvalResult:
+             console: Console | None = None, grader: Grader | None = None) -> EvalResult:
     """Sample answers for ``conversations`` and grade them against their reference answers.
 
     Every request is submitted first (``sampling_client.sample`` returns futures), then the
-    responses are awaited in order and graded (:func:`tinkerkit.grading.grade`). Conversations
-    without a reference answer are sampled and reported but excluded from accuracy and pass@k.
+    responses are awaited in order and graded by ``grader`` (:meth:`Grader.grade`: the built-in
+    :func:`tinkerkit.grading.grade`, or a ``GRADER`` file's functions). Conversations without a
+    reference answer are sampled and reported but excluded from accuracy and pass@k.
 
     Metrics (flat dict): ``num_examples``, ``num_graded``, ``num_without_reference``,
     ``num_samples``; ``accuracy_exact_match``, ``accuracy_contains``, ``accuracy_equivalent``
-    (fraction of graded outputs; with K samples this equals pass@1); with K > 1 ``pass@k`` for k
-    in 1, the powers of 2 below K, and K (equivalence criterion, unbiased estimator averaged over
-    examples); ``no_answer`` and ``truncated`` (outputs without an extractable answer / stopped
-    by ``max_tokens``), ``equivalence_timeouts``; ``mean_output_tokens``, ``generated_tokens``;
+    (fraction of graded outputs; with K samples this equals pass@1); ``mean_score`` (the mean of
+    the grader file's ``score`` over graded outputs; only when it defines one); with K > 1
+    ``pass@k`` for k in 1, the powers of 2 below K, and K (equivalence criterion, unbiased
+    estimator averaged over examples); ``no_answer`` and ``truncated`` (outputs without an
+    extractable answer / stopped by ``max_tokens``), ``equivalence_timeouts``,
+    ``grading_errors`` (outputs the grader file failed on: an exception, a wrong return type or
+    a timeout; they count as wrong in every accuracy and as 0 in ``mean_score``);
+    ``mean_output_tokens``, ``generated_tokens``;
     ``wall_seconds`` (submission of the first request to the last response), ``tokens_per_second``
     (generated tokens / wall_seconds) and ``grading_seconds``.
 
@@ -272,8 +288,9 @@ def evaluate(conversations: Sequence[Conversation], sampling_client,
     special tokens: exactly what the model saw), ``question`` (the last prompt message's text),
     ``reference``, ``num_correct`` (outputs judged
     equivalent; None without a reference) and ``outputs``: per sample ``text`` (decoded without
-    special tokens), ``num_tokens``, ``stop_reason``, ``extracted`` and the verdicts
-    ``exact_match``, ``contains``, ``equivalent`` and ``timed_out``.
+    special tokens), ``num_tokens``, ``stop_reason``, ``extracted``, the verdicts
+    ``exact_match``, ``contains``, ``equivalent`` and ``timed_out``, ``grading_error`` (the
+    message, or None) and, when the grader file defines it, ``score``.
 
     Args:
         conversations: The evaluation set; each conversation's prompt messages are sent.
@@ -285,6 +302,7 @@ def evaluate(conversations: Sequence[Conversation], sampling_client,
         settings: Sampling settings; validated first.
         progress: Show a progress bar and print the summary table; False is silent.
         console: Where to print; a new ``rich.console.Console()`` by default.
+        grader: Grades each output; None: the built-in grader. The caller closes it.
 
     Returns:
         The :class:`EvalResult`.
@@ -296,6 +314,7 @@ def evaluate(conversations: Sequence[Conversation], sampling_client,
     """
     settings.validate()
     console = console or Console()
+    grader = grader or Grader()
     selected = list(conversations)[:settings.limit]
     prompts = [build_prompt(c) for c in selected]
     start = time.perf_counter()
@@ -309,22 +328,40 @@ def evaluate(conversations: Sequence[Conversation], sampling_client,
         for i, (conversation, prompt, response) in enumerate(zip(selected, prompts, responses)):
             prompt_text = tokenizer.decode(prompt.to_ints(), skip_special_tokens=False)
             examples.append(_grade_example(i, conversation, prompt_text, response, tokenizer,
-                                           settings.num_samples))
+                                           settings.num_samples, grader))
             bar.advance(task)
     grading_seconds = time.perf_counter() - start - wall_seconds
 
     result = EvalResult(_metrics(examples, settings.num_samples, wall_seconds, grading_seconds),
-                        examples, settings, _warnings(settings))
+                        examples, settings, _warnings(settings, examples), grader.describe())
     if progress:
         print_summary(result, console)
     return result
 
 
-def _warnings(settings: EvalSettings) -> list[str]:
+def _warnings(settings: EvalSettings, examples: list[dict]) -> list[str]:
+    warnings = []
     if settings.num_samples > 1 and settings.temperature == 0:
-        return [f"{settings.num_samples} samples at temperature 0 are greedy, so identical: "
-                "pass@k equals pass@1 (sample at a temperature above 0 for pass@k)"]
-    return []
+        warnings.append(f"{settings.num_samples} samples at temperature 0 are greedy, so "
+                        "identical: pass@k equals pass@1 (sample at a temperature above 0 for "
+                        "pass@k)")
+    errors = [(e["index"], o["grading_error"]) for e in examples for o in e["outputs"]
+              if o.get("grading_error")]
+    if errors:
+        total = sum(len(e["outputs"]) for e in examples)
+        index, message = errors[0]
+        warnings.append(f"the grader failed on {len(errors)} of {total} outputs (counted as "
+                        f"wrong); the first, example {index}: {message}")
+    return warnings
+
+
+def _grader_line(grader: dict) -> str:
+    """``Grader: /abs/my.py (sha256 <64 hex>; defines score; the rest built in)``, or
+    ``Grader: built-in``."""
+    if not grader or not grader.get("file"):
+        return "Grader: built-in"
+    return (f"Grader: {grader['file']} (sha256 {grader['sha256']}; defines "
+            f"{', '.join(grader['defines'])}; the rest built in)")
 
 
 def _format(value: Any) -> str:
@@ -343,6 +380,8 @@ def print_summary(result: EvalResult, console: Console) -> None:
     for name, value in result.metrics.items():
         table.add_row(name, _format(value))
     console.print(table)
+    if result.grader.get("file"):
+        console.print(_grader_line(result.grader), soft_wrap=True)
     for warning in result.warnings:
         console.print(f"[yellow]Warning: {warning}[/yellow]")
     missing = result.metrics["num_without_reference"]
@@ -355,8 +394,9 @@ def write_results(result: EvalResult, path: str | Path, config: dict | None = No
     """Write ``evaluation_results.json`` atomically.
 
     The file holds ``format_version``, ``config`` (as given: the caller removes secrets such as
-    API keys first), ``settings``, ``metrics``, ``warnings`` and ``examples`` (see
-    :func:`evaluate`).
+    API keys first), ``settings``, ``grader`` (the grader file, its SHA-256 and the functions
+    it defines; ``file`` None for the built-in grader), ``metrics``, ``warnings`` and
+    ``examples`` (see :func:`evaluate`).
 
     Args:
         result: What :func:`evaluate` returned.
@@ -367,6 +407,7 @@ def write_results(result: EvalResult, path: str | Path, config: dict | None = No
         "format_version": RESULTS_FORMAT_VERSION,
         "config": config,
         "settings": asdict(result.settings),
+        "grader": result.grader,
         "metrics": result.metrics,
         "warnings": result.warnings,
         "examples": result.examples,
@@ -419,33 +460,55 @@ def _fenced(text: str) -> str:
 def _example_markdown(example: dict) -> str:
     first = example["outputs"][0]
     source = f" ({example['source']})" if example["source"] else ""
+    error = [f"Grading error: {first['grading_error']}"] if first.get("grading_error") else []
+    score = [f" · score: {_format(first['score'])}"] if "score" in first else []
     return "\n".join([
         f"### Example {example['index']}{source}",
         "", "Question (last prompt message):", "", _fenced(_clip(example["question"], 1500)), "",
         f"Output ({first['num_tokens']} tokens, stop reason {first['stop_reason']}):", "",
         _fenced(_clip(first["text"], 1500)), "",
         f"Extracted: `{first['extracted']}` · reference: `{example['reference']}` · "
-        f"correct samples: {example['num_correct']}/{len(example['outputs'])}",
+        f"correct samples: {example['num_correct']}/{len(example['outputs'])}" + "".join(score),
+        *error,
     ])
 
 
+def _grading_errors_markdown(examples: list[dict], limit: int) -> list[str]:
+    """The report's section listing the outputs the grader failed on (the first ``limit``)."""
+    errors = [(e, j, o["grading_error"]) for e in examples
+              for j, o in enumerate(e["outputs"]) if o.get("grading_error")]
+    if not errors:
+        return []
+    lines = ["", f"## Grading errors ({len(errors)} outputs, counted as wrong)", ""]
+    for example, j, message in errors[:limit]:
+        source = f" ({example['source']})" if example["source"] else ""
+        lines.append(f"- Example {example['index']}{source}, sample {j}: {message}")
+    if len(errors) > limit:
+        lines.append(f"- … and {len(errors) - limit} more in the results JSON")
+    return lines
+
+
 def write_report(result: EvalResult, path: str | Path, n_examples: int = 5) -> None:
-    """Write a short Markdown report: the metrics table and a few correct and incorrect examples.
+    """Write a short Markdown report: the grader, the metrics table, the grading errors and a few
+    correct and incorrect examples.
 
     An example is "correct" when its first sample is judged equivalent to the reference; examples
-    without a reference are not shown.
+    without a reference are not shown. Grading errors (outputs a ``GRADER`` file failed on) are
+    listed with their messages, the first 20.
 
     Args:
         result: What :func:`evaluate` returned.
         path: The Markdown file to write (atomically).
         n_examples: How many correct and how many incorrect examples to show (each).
     """
-    lines = ["# Evaluation report", "", "| metric | value |", "|---|---|"]
+    lines = ["# Evaluation report", "", _grader_line(result.grader), "",
+             "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {_format(value)} |" for name, value in result.metrics.items()]
     lines += [f"\n**Warning:** {warning}" for warning in result.warnings]
     if result.metrics["num_without_reference"]:
         lines += ["", f"{result.metrics['num_without_reference']} example(s) have no reference "
                       "answer: sampled, but excluded from accuracy and pass@k."]
+    lines += _grading_errors_markdown(result.examples, 20)
     graded = [e for e in result.examples if e["reference"] is not None]
     for title, wanted in (("Correct examples", True), ("Incorrect examples", False)):
         chosen = [e for e in graded if bool(e["outputs"][0]["equivalent"]) == wanted][:n_examples]
@@ -509,7 +572,8 @@ def compare_results(a: dict, b: dict, console: Console,
     name (delta = after - before for numbers): the files' own metrics when they hold the same
     prompts, else those of the shared examples recomputed (timings left out), under a warning
     that says how many prompts each file holds. An example has changed when its number of correct
-    samples (equivalence criterion) differs.
+    samples (equivalence criterion) differs. Files graded by different graders (another
+    ``GRADER`` file, or another version of it) are compared under a warning.
 
     Args:
         a: The earlier results, as returned by :func:`load_results`.
@@ -530,6 +594,12 @@ def compare_results(a: dict, b: dict, console: Console,
         raise DataError(f"{names[0]} and {names[1]} share no prompt ({len(a['examples'])} and "
                         f"{len(b['examples'])} examples): results of different test sets "
                         "cannot be compared")
+    graders = [(r.get("grader") or {}).get("sha256") for r in (a, b)]
+    if graders[0] != graders[1]:  # results before the grader was recorded count as built-in
+        console.print(f"[yellow]Warning: {names[0]} and {names[1]} were graded by different "
+                      f"graders ({', '.join(_grader_line(r.get('grader') or {}) for r in (a, b))}"
+                      "): a changed verdict may be the grader's, not the model's[/yellow]",
+                      soft_wrap=True)
     same = all(len(r["examples"]) == len(shared) for r in (a, b))
     if not same:
         console.print(f"[yellow]Warning: only {len(shared)} prompts are in both files "
@@ -596,7 +666,10 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
     """Evaluate a base model, or a checkpoint on it, on test files; write results and a report.
 
     Prompts are rendered by the training :class:`~tinkerkit.render.Renderer` (same chat template,
-    same generation prompt). Results go to ``output`` (JSON) and ``output`` with suffix ``.md``.
+    same generation prompt), and outputs graded by the config's ``GRADER`` (the built-in grader
+    without one), which is loaded and checked before the data and the model. Results go to
+    ``output`` (JSON) and ``output`` with suffix ``.md``; both name the grader file and its
+    SHA-256.
 
     Args:
         config: Sampling settings and the base model (``BASE_MODEL``) come from it.
@@ -613,7 +686,8 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
             (:func:`tinkerkit.engines.create_sampling_client`).
 
     Raises:
-        DataError, ModelError, CheckpointError, ConfigError: Bad data, model or checkpoint.
+        DataError, ModelError, CheckpointError, ConfigError: Bad data, model, checkpoint or
+            grader file.
     """
     console = console or Console()
     check_engine(config, checkpoint)  # a bad BACKEND or DEVICE stops here, before any work
@@ -622,20 +696,21 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
     _check_writable(Path(output), [*data, *([checkpoint] if checkpoint else [])])
     settings = settings_from_config(config, num_samples)
     settings.validate()
-    loaded = load_conversations(data, format=config.data_format, on_error=config.on_error)
-    client = create_sampling_client(config, checkpoint, base_model)
-    base = client.base_model
-    tokenizer = client.get_tokenizer()
-    settings.stop = with_end_of_turn(settings.stop, tokenizer)
-    renderer = Renderer(tokenizer, config.train_on)
-    console.print(f"Evaluating {checkpoint or base} on {len(loaded.conversations)} examples "
-                  f"from {', '.join(map(str, data))}"
-                  + (f" (first {settings.limit})" if settings.limit else ""))
-    try:
-        result = evaluate(loaded.conversations, client, renderer.build_prompt, tokenizer, settings,
-                          console=console)
-    finally:
-        client.close()
+    with GraderConfig.from_config(config).build() as grader:  # a broken grader stops here
+        loaded = load_conversations(data, format=config.data_format, on_error=config.on_error)
+        client = create_sampling_client(config, checkpoint, base_model)
+        base = client.base_model
+        tokenizer = client.get_tokenizer()
+        settings.stop = with_end_of_turn(settings.stop, tokenizer)
+        renderer = Renderer(tokenizer, config.train_on)
+        console.print(f"Evaluating {checkpoint or base} on {len(loaded.conversations)} examples "
+                      f"from {', '.join(map(str, data))}"
+                      + (f" (first {settings.limit})" if settings.limit else ""))
+        try:
+            result = evaluate(loaded.conversations, client, renderer.build_prompt, tokenizer,
+                              settings, console=console, grader=grader)
+        finally:
+            client.close()
     run_config = {**config.dump(), "BASE_MODEL": base, "CHECKPOINT": checkpoint,
                   "DATA": [str(d) for d in data]}
     write_results(result, output, config=run_config)

@@ -16,6 +16,10 @@ overruns it. That works from any thread and also stops work that a signal cannot
 integer power computed inside GMP). A timed-out check counts as not equivalent and is reported in
 :attr:`Grade.timed_out`.
 
+These are the built-in graders. A user's ``GRADER`` file may replace any of them (and add a
+``score``) without editing this module: :mod:`tinkerkit.grader` loads it, and a file can import
+the functions here to wrap them.
+
 Example::
 
     grade("... so the total is \\boxed{\\dfrac{1}{2}}.", "0.5")
@@ -43,6 +47,7 @@ __all__ = [
     "check_answer_contains",
     "check_answer_equivalent",
     "check_answer_exact_match",
+    "equivalence",
     "extract_final_answer",
     "grade",
     "gsm8k_final_answer",
@@ -365,8 +370,23 @@ class _Verifier:
 _VERIFIER = _Verifier()
 
 
-def _equivalent(pred: str, ref: str, timeout_seconds: float) -> tuple[bool, bool]:
-    """(equivalent, timed_out) for two answers; exact match short-circuits to (True, False)."""
+def equivalence(pred: str, ref: str, timeout_seconds: float) -> tuple[bool, bool]:
+    """:func:`check_answer_equivalent` with its timeout reported: ``(equivalent, timed_out)``.
+
+    Exact match short-circuits to ``(True, False)``; a check that overruns ``timeout_seconds``
+    is ``(False, True)``.
+
+    Args:
+        pred: The extracted answer.
+        ref: The reference answer.
+        timeout_seconds: Wall-clock limit of the math_verify check, in seconds.
+
+    Returns:
+        ``(equivalent, timed_out)``.
+
+    Raises:
+        ConfigError: ``timeout_seconds`` is not positive.
+    """
     if timeout_seconds <= 0:
         raise ConfigError(f"timeout_seconds must be positive, got {timeout_seconds!r}")
     if check_answer_exact_match(pred, ref):
@@ -406,7 +426,7 @@ def check_answer_equivalent(pred: str | None, ref: str, timeout_seconds: float =
     Raises:
         ConfigError: ``timeout_seconds`` is not positive.
     """
-    return pred is not None and _equivalent(pred, ref, timeout_seconds)[0]
+    return pred is not None and equivalence(pred, ref, timeout_seconds)[0]
 
 
 @dataclass(frozen=True)
@@ -420,6 +440,11 @@ class Grade:
         equivalent: :func:`check_answer_equivalent` of ``extracted``; None without a reference.
         no_answer: True when no final answer could be extracted.
         timed_out: True when the equivalence check ran out of time (and so counts as False).
+        score: What a ``GRADER`` file's ``score(output, example)`` returned, in [0, 1]; None when
+            the grader defines no score (see :mod:`tinkerkit.grader`).
+        error: Why the output could not be graded (a ``GRADER`` function raised, returned the
+            wrong type or overran its time limit), naming the file and the function; the
+            verdicts are then False (counted as wrong). None when grading succeeded.
     """
 
     extracted: str | None
@@ -428,6 +453,8 @@ class Grade:
     equivalent: bool | None
     no_answer: bool
     timed_out: bool = False
+    score: float | None = None
+    error: str | None = None
 
 
 def grade(output: str, reference: str | None, timeout_seconds: float = 5.0) -> Grade:
@@ -447,7 +474,7 @@ def grade(output: str, reference: str | None, timeout_seconds: float = 5.0) -> G
         return Grade(extracted, None, None, None, no_answer=extracted is None)
     equivalent, timed_out = False, False
     if extracted is not None:
-        equivalent, timed_out = _equivalent(extracted, reference, timeout_seconds)
+        equivalent, timed_out = equivalence(extracted, reference, timeout_seconds)
     return Grade(
         extracted=extracted,
         exact_match=check_answer_exact_match(extracted, reference),

@@ -35,7 +35,7 @@ from tinkerkit.train.examples import (
     split_data,
     truncation_warning,
 )
-from tinkerkit.train.held_out import HeldOut, load_held_out, sample_accuracy
+from tinkerkit.train.held_out import HeldOut, load_held_out, sample_evaluations
 from tinkerkit.train.loop import PendingStep, TrainResult, await_step, divergence_error, train
 from tinkerkit.train.metrics import (
     StepLog,
@@ -75,7 +75,7 @@ __all__ = [
     "config_for_resume", "default_run_dir", "divergence_error", "dry_run", "export_final",
     "is_due", "learning_rate_at", "length_covering", "load_examples", "load_held_out",
     "make_renderer", "normalize_batch", "peak_memory_gib", "plan_steps", "plateau_warning",
-    "plot_loss_curve", "positions_warning", "resolve_resume", "sample_accuracy",
+    "plot_loss_curve", "positions_warning", "resolve_resume", "sample_evaluations",
     "save_checkpoint", "split_data", "train", "truncate_logs", "truncation_warning",
     "write_summary",
 ]

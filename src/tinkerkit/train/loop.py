@@ -42,7 +42,7 @@ from tinkerkit.errors import (
     TrainingDivergedError,
 )
 from tinkerkit.train.examples import load_examples, normalize_batch
-from tinkerkit.train.held_out import load_held_out, sample_accuracy
+from tinkerkit.train.held_out import load_held_out, sample_evaluations
 from tinkerkit.train.metrics import (
     StepLog,
     StepRecord,
@@ -166,7 +166,7 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
                 log.write(await_step(previous, run_dir, timer))
             # 3. Sample from a snapshot of the weights after this step (waits for it on the engine).
             if is_due(step + 1, config.sample_eval_every, total_steps):
-                current.evaluations["eval_accuracy"] = sample_accuracy(client, held_out, config)
+                current.evaluations.update(sample_evaluations(client, held_out, config, console))
             # 4. Before a checkpoint, await this step too, so it is checked and logged first.
             if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
                 log.write(await_step(current, run_dir, timer))

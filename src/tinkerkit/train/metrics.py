@@ -6,8 +6,9 @@ Each completed optimizer step is one line of ``metrics.jsonl``::
      "total_tokens": 1630, "seconds": 0.8123, "eval_loss": 1.31}
 
 ``loss`` is the mean NLL per weighted token of the step, ``seconds`` the wall time since the
-previous step completed, and ``eval_loss``/``eval_accuracy`` appear on the steps where they are
-due. At the end, ``loss_curve.png`` and ``summary.json`` are drawn from the whole file (a resumed
+previous step completed, and ``eval_loss``/``eval_accuracy`` (with a ``GRADER`` file also
+``eval_grading_errors``, and ``eval_score`` when it defines ``score``) appear on the steps where
+they are due. At the end, ``loss_curve.png`` and ``summary.json`` are drawn from the whole file (a resumed
 run's lines included).
 """
 
@@ -51,7 +52,8 @@ class StepRecord:
         lr: Its learning rate.
         weighted_tokens: Weighted tokens of the batch; ``total_tokens`` all its tokens.
         seconds: Wall seconds since the previous step completed.
-        evaluations: ``eval_loss`` and ``eval_accuracy`` when due (a value may be None: nothing
+        evaluations: ``eval_loss`` and ``eval_accuracy`` (and a grader file's
+            ``eval_grading_errors`` and ``eval_score``) when due (a value may be None: nothing
             gradable), else empty.
     """
 
@@ -119,7 +121,7 @@ class StepLog:
                                   f"{record.total_tokens / max(record.seconds, 1e-9):.0f} tok/s")
         if record.evaluations:
             self.progress.console.print(f"step {record.step}: " + "  ".join(
-                f"{k} {v:.4f}" if v is not None else f"{k} n/a"
+                f"{k} n/a" if v is None else f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}"
                 for k, v in record.evaluations.items()))
         warning = plateau_warning(self.losses, self.plateau_window)
         if warning:
@@ -187,7 +189,7 @@ def write_summary(console: Console, run_dir: Path, steps: int, wall: float, chec
         "wall_seconds": round(wall, 1),
         "model_path": checkpoint,
     }
-    for name in ("eval_loss", "eval_accuracy"):  # the last value logged, if any
+    for name in ("eval_loss", "eval_accuracy", "eval_score"):  # the last value logged, if any
         logged = [r for r in records if name in r]
         if logged:
             summary[f"final_{name}"] = logged[-1][name]
