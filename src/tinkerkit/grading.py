@@ -460,6 +460,10 @@ class Grade:
 def grade(output: str, reference: str | None, timeout_seconds: float = 5.0) -> Grade:
     """Extract the final answer of ``output`` and judge it against ``reference`` by every criterion.
 
+    ``equivalent`` is ``exact_match``, or else math-verify's equivalence of the extracted answer
+    (:func:`equivalence`): the rule a ``GRADER`` file's functions combine by as well
+    (:mod:`tinkerkit.grader`).
+
     Args:
         output: The generated text.
         reference: The reference answer, or None when the record has none (then only the
@@ -472,12 +476,13 @@ def grade(output: str, reference: str | None, timeout_seconds: float = 5.0) -> G
     extracted = extract_final_answer(output)
     if reference is None:
         return Grade(extracted, None, None, None, no_answer=extracted is None)
-    equivalent, timed_out = False, False
-    if extracted is not None:
+    exact_match = check_answer_exact_match(extracted, reference)
+    equivalent, timed_out = exact_match, False  # an exact match is equivalent (grader.py too)
+    if not exact_match and extracted is not None:
         equivalent, timed_out = equivalence(extracted, reference, timeout_seconds)
     return Grade(
         extracted=extracted,
-        exact_match=check_answer_exact_match(extracted, reference),
+        exact_match=exact_match,
         contains=check_answer_contains(output, reference),
         equivalent=equivalent,
         no_answer=extracted is None,
