@@ -22,7 +22,7 @@ import runpy
 import tomllib
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
@@ -121,6 +121,15 @@ class TrainConfig(BaseModel):
     export_merged: bool = Field(False, description="The export also writes a merged HF model (--merge).")
     export_dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="dtype of the merged model.")
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1 (and 1.0); `BATCH_SIZE = true` is never meant. Not
+        # strict mode: it would also refuse 1000.0 for an int (`--set MAX_STEPS=1e3`).
+        if isinstance(value, bool) and _wants_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number, got a boolean")
+        return value
+
     @field_validator("data_files", "test_files", "eval_data_files", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
@@ -183,6 +192,21 @@ class TrainConfig(BaseModel):
 
 
 FIELDS = tuple(TrainConfig.model_fields)
+
+
+def _wants_number(annotation: Any) -> bool:
+    """Whether a field's type takes an int or a float but not a bool (``int | None`` does,
+    ``bool | Literal["auto"]`` does not)."""
+    types = set()
+    pending = [annotation]
+    while pending:
+        kind = pending.pop()
+        args = get_args(kind)
+        if args and get_origin(kind) is not Literal:
+            pending.extend(args)
+        else:
+            types.add(kind)
+    return bool(types & {int, float}) and bool not in types
 
 
 def _suggest(key: str) -> str:
