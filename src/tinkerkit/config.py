@@ -95,6 +95,7 @@ class TrainConfig(BaseModel):
     # Run directory and checkpoints
     run_dir: str | None = Field(None, description="Run directory (default runs/<timestamp>).")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list, description="Experiment trackers that receive every metrics.jsonl line, the evaluation metrics and this config, under the run's name: any of tensorboard, wandb, mlflow (each needs pip install 'tinkerkit[NAME]').")
 
     # Sampling for evaluation
     temperature: float = Field(0.0, description="Sampling temperature for evaluation (0 = greedy).")
@@ -130,10 +131,15 @@ class TrainConfig(BaseModel):
             raise ValueError("expected a number, got a boolean")
         return value
 
-    @field_validator("data_files", "test_files", "eval_data_files", mode="before")
+    @field_validator("data_files", "test_files", "eval_data_files", "report_to", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, (str, Path)) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_tracker_once(cls, names: list[str]) -> list[str]:
+        return list(dict.fromkeys(names))
 
     @field_validator("data_files", "eval_data_files")  # TEST_FILES are checked when evaluating
     @classmethod
