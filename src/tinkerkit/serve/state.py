@@ -235,8 +235,9 @@ class ModelRunner:
             self._failure = message
             client, self.client = self.client, None
             self._drain()
-        if client is not None:
-            threading.Thread(target=client.close, name="tinkerkit-release", daemon=True).start()
+        if client is not None:  # its queued calls are cancelled: nobody waits for them any more
+            threading.Thread(target=client.close, kwargs={"cancel": True},
+                             name="tinkerkit-release", daemon=True).start()
 
 
 @dataclass
@@ -266,10 +267,11 @@ class Session:
 
 
 def _close_in_background(client_future: Future) -> None:
-    """Close a released sampling client once its queued samples finished (not in this thread)."""
+    """Close a released sampling client (not in this thread), cancelling its queued samples and
+    stopping the one being generated at its next decode step: nobody waits for them any more."""
     if not client_future.cancelled() and client_future.exception() is None:
-        threading.Thread(target=client_future.result().close, name="tinkerkit-release",
-                         daemon=True).start()
+        threading.Thread(target=client_future.result().close, kwargs={"cancel": True},
+                         name="tinkerkit-release", daemon=True).start()
 
 
 def _mask_prompt_logprobs(response: types.SampleResponse, last_n: int | None):
