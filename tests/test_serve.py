@@ -26,6 +26,7 @@ from tinker.proto.request_conv import forward_backward_request_to_proto
 from tinker.proto.response_conv import deserialize_proto_response
 
 from helpers import KEY, checkpoint_dir, running_server, service
+from tinkerkit.engines import tinker as tinker_engine
 from tinkerkit.engines.local import LocalSamplingClient, LocalTrainingClient
 from tinkerkit.errors import ConfigError, EngineError
 from tinkerkit.export import export_adapter
@@ -574,3 +575,25 @@ def test_a_cancelled_local_sampler_stops_at_a_decode_step(tiny_model):
     assert queued.cancelled() or isinstance(queued.exception(0), EngineError)
     with pytest.raises(EngineError, match="the sampling client is closed"):
         client.sample(types.ModelInput.from_ints([1, 17]), 1, huge)
+
+
+def test_a_tinker_export_leaves_no_empty_training_run(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setenv("TINKER_API_KEY", KEY)
+    with running_server(tmp_path / "root") as running, service(running.url) as client:
+        training = client.create_lora_training_client(tiny_model, **LORA).result()
+        path = training.save_state("step_1").result().path
+        rest = tinker.RestClient(base_url=running.url, api_key=KEY)
+
+        def runs() -> list[str]:
+            return [r.training_run_id for r in rest.list_training_runs().result().training_runs]
+
+        assert runs() == [training.model_id]
+        for attempt in range(2):  # each export loads the checkpoint into a run of its own
+            dest = tmp_path / f"export{attempt}"
+            assert tinker_engine.download_adapter(path, dest, base_url=running.url) == tiny_model
+            assert (dest / "adapter_model.safetensors").is_file()
+            _wait(lambda: runs() == [training.model_id], 10)
+        assert sorted(p.name for p in (running.root / "runs").iterdir()) == [training.model_id]
+        # a run released with a checkpoint in it stays listed
+        assert [c.tinker_path for c in rest.list_checkpoints(training.model_id).result()
+                .checkpoints] == [path]
