@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -10,6 +11,7 @@ import pytest
 import tinker
 from rich.console import Console
 
+from tinkerkit.config import load_config
 from tinkerkit.data.conversation import Conversation, Message
 from tinkerkit.errors import ConfigError, DataError, EngineError
 from tinkerkit.evaluate import (
@@ -20,6 +22,7 @@ from tinkerkit.evaluate import (
     load_results,
     pass_at_k,
     print_summary,
+    run_evaluation,
     write_report,
     write_results,
 )
@@ -332,3 +335,26 @@ def test_eval_settings_defaults_are_the_configs():
                                                config.top_p, config.top_k, config.stop,
                                                config.eval_limit)
     assert (settings.num_samples, settings.seed) == (1, 0)  # evaluation's own
+
+
+def test_a_prompt_longer_than_the_models_positions_is_skipped_counted_and_reported(tiny_model,
+                                                                                  tmp_path):
+    data = tmp_path / "test.jsonl"
+    long_question = "What is " + " plus ".join(["1"] * 400) + "?"  # > 512 tokens
+    rows = [{"question": "What is 2 + 2?", "answer": "#### 4"},
+            {"question": long_question, "answer": "#### 400"},
+            {"question": "What is 3 + 3?", "answer": "#### 6"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config(None, [f"BASE_MODEL={tiny_model}", "MAX_TOKENS=4", "DEVICE=cpu"])
+    output = tmp_path / "eval.json"
+    result = run_evaluation(config, [str(data)], output=output, console=Console(file=io.StringIO()))
+    assert result.metrics["skipped_too_long"] == 1
+    assert result.metrics["num_examples"] == 2
+    assert [e["source"] for e in result.examples] == [f"{data}:1", f"{data}:3"]
+    warning = (f"1 example(s) skipped: the prompt is longer than the 511 tokens the model's "
+               f"positions leave to sample from ({data}:2)")
+    assert result.warnings == [warning]
+    saved = json.loads(output.read_text())
+    assert saved["metrics"]["skipped_too_long"] == 1 and saved["warnings"] == [warning]
+    report = output.with_suffix(".md").read_text()
+    assert "| skipped_too_long | 1 |" in report and warning in report

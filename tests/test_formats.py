@@ -374,3 +374,75 @@ def test_gsm8k_test_references_match_the_marker():
     assert not any("<<" in c.messages[1].content for c in conversations)
     with_commas = [c for c in conversations if "," in c.messages[1].content.rsplit("####", 1)[1]]
     assert with_commas and all("," not in c.reference_answer for c in with_commas)
+
+
+# ------------------------------------------------------------- OpenAI content parts (issue 20)
+
+def parts(*texts: str) -> list[dict]:
+    return [{"type": "text", "text": text} for text in texts]
+
+
+def test_content_parts_are_joined_for_every_role():
+    record = {"messages": [{"role": "system", "content": parts("Be brief.", "Be exact.")},
+                           {"role": "user", "content": parts("What is 2 + 2?")},
+                           {"role": "assistant", "content": parts("2 + 2 = 4.", "\\boxed{4}")}]}
+    conversation = normalize_record(record, None, "w:1")
+    assert conversation.messages == (Message(role="system", content="Be brief.\nBe exact."),
+                                     user("What is 2 + 2?"), assistant("2 + 2 = 4.\n\\boxed{4}"))
+    assert conversation.reference_answer == "4"
+
+
+def test_content_parts_in_conversational_prompt_completion():
+    record = {"prompt": [{"role": "user", "content": parts("P1", "P2")}],
+              "completion": [{"role": "assistant", "content": parts("<think>t</think>C")}]}
+    assert normalize_record(record, None, "w:1").messages == (user("P1\nP2"),
+                                                              assistant("C", thinking="t"))
+
+
+def test_content_parts_equal_the_string_form():
+    as_parts = {"messages": [{"role": "user", "content": parts("Q")},
+                             {"role": "assistant", "content": parts("A")}]}
+    as_strings = {"messages": [{"role": "user", "content": "Q"},
+                               {"role": "assistant", "content": "A"}]}
+    assert normalize_record(as_parts, None, "w:1") == normalize_record(as_strings, None, "w:1")
+
+
+@pytest.mark.parametrize("content,field,message", [
+    ([{"type": "image_url", "image_url": {"url": "https://x/cat.png"}}], "messages[1].content[0]",
+     "a 'image_url' content part; only text parts can be trained on here"),
+    (parts("see:") + [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}],
+     "messages[1].content[1]", "a 'input_audio' content part"),
+    ([{"type": "file", "file": {"file_id": "f"}}], "messages[1].content[0]", "a 'file' content part"),
+    (["text"], "messages[1].content[0]", "expected a content part {type, text}, got string"),
+    ([{"text": "no type"}], "messages[1].content[0]", "a content part needs a string 'type', got null"),
+    ([{"type": "text", "text": 3}], "messages[1].content[0].text", "expected a string, got number"),
+    ([], "messages[1].content", "empty list of parts"),
+    (parts(" ", ""), "messages[1].content", "is empty"),
+])
+def test_invalid_content_parts_name_file_line_and_part(tmp_path, content, field, message):
+    good = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
+    bad = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": content},
+                        {"role": "assistant", "content": "A"}]}
+    path = tmp_path / "parts.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError) as info:
+        load_conversations([path])
+    assert str(info.value).startswith(f"{path}:2: field '{field}': {message}")
+    assert (info.value.path, info.value.line, info.value.field) == (str(path), 2, field)
+
+
+def test_non_text_part_is_a_counted_skip(tmp_path):
+    image = {"messages": [{"role": "user", "content": parts("What is in") + [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+        {"role": "assistant", "content": "a cat"}]}
+    good = {"messages": [{"role": "user", "content": parts("Q")},
+                         {"role": "assistant", "content": parts("A")}]}
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (good, image, good)))
+    result = load_conversations([path], on_error="skip")
+    assert [c.source for c in result.conversations] == [f"{path}:1", f"{path}:3"]
+    assert result.skipped == [(f"{path}:2", "field 'messages[0].content[1]': a 'image_url' "
+                               "content part; only text parts can be trained on here (remove the "
+                               "part, or skip such records: --on-error skip, or ON_ERROR = "
+                               "\"skip\" in a train config)")]
+    assert result.counts == {str(path): 2}

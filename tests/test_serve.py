@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 import urllib.request
 import warnings
 from pathlib import Path
@@ -24,8 +26,9 @@ from tinker.proto.request_conv import forward_backward_request_to_proto
 from tinker.proto.response_conv import deserialize_proto_response
 
 from helpers import KEY, checkpoint_dir, running_server, service
+from tinkerkit.engines import tinker as tinker_engine
 from tinkerkit.engines.local import LocalSamplingClient, LocalTrainingClient
-from tinkerkit.errors import ConfigError
+from tinkerkit.errors import ConfigError, EngineError
 from tinkerkit.export import export_adapter
 from tinkerkit.serve import make_server, protobuf
 from tinkerkit.serve.futures import ServerFuture
@@ -516,3 +519,81 @@ def test_a_model_that_fails_to_load_leaves_no_training_run(tmp_path, tiny_model)
         assert [run.training_run_id for run in runs] == [good.model_id]
         assert [run.base_model for run in runs] == ["Good/Model"]
         assert sorted(p.name for p in (running.root / "runs").iterdir()) == [good.model_id]
+
+
+def _sample_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("tinkerkit-sample")]
+
+
+def _wait(condition, seconds: float) -> float:
+    """Seconds until ``condition()`` held; fails after ``seconds``."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < seconds, f"not within {seconds} s"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_a_huge_sample_stops_when_its_session_ends_and_at_shutdown(tmp_path, tiny_model):
+    # 4 x 256 samples of 500 tokens each, 32 rows at a time: minutes of CPU if nothing stops it.
+    huge = types.SamplingParams(max_tokens=100_000, temperature=1.0, seed=3)
+    prompt = types.ModelInput.from_ints([1, 17, 305])
+    assert _sample_threads() == []
+    with running_server(tmp_path / "root") as running:
+        with service(running.url) as client:
+            sampler = client.create_sampling_client(base_model=tiny_model).result()
+            for _ in range(4):
+                sampler.sample(prompt, 256, huge)
+            _wait(lambda: _sample_threads(), 60)  # generating
+            time.sleep(0.5)
+        # the session ended: its samples are cancelled, the worker stops at a decode step
+        assert _wait(lambda: not _sample_threads(), 15) < 15
+        with service(running.url) as client:
+            sampler = client.create_sampling_client(base_model=tiny_model).result()
+            for _ in range(4):
+                sampler.sample(prompt, 256, huge)
+            _wait(lambda: _sample_threads(), 60)
+            time.sleep(0.5)
+            # the server's shutdown (server_close on Ctrl-C in `tinkerkit serve`) releases the
+            # live session: the same cancellation, so the process exits without waiting
+            running.state.close()
+            assert _wait(lambda: not _sample_threads(), 15) < 15
+
+
+def test_a_cancelled_local_sampler_stops_at_a_decode_step(tiny_model):
+    client = LocalSamplingClient(tiny_model)
+    huge = types.SamplingParams(max_tokens=100_000, temperature=1.0, seed=3)
+    running = client.sample(types.ModelInput.from_ints([1, 17, 305]), 32, huge)
+    queued = client.sample(types.ModelInput.from_ints([1, 17]), 32, huge)
+    _wait(lambda: running.running() or running.done(), 30)
+    time.sleep(0.3)
+    started = time.monotonic()
+    client.close(cancel=True)
+    assert time.monotonic() - started < 5
+    with pytest.raises(EngineError, match="sampling cancelled: the sampling client was closed"):
+        running.result(0)
+    assert queued.cancelled() or isinstance(queued.exception(0), EngineError)
+    with pytest.raises(EngineError, match="the sampling client is closed"):
+        client.sample(types.ModelInput.from_ints([1, 17]), 1, huge)
+
+
+def test_a_tinker_export_leaves_no_empty_training_run(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setenv("TINKER_API_KEY", KEY)
+    with running_server(tmp_path / "root") as running, service(running.url) as client:
+        training = client.create_lora_training_client(tiny_model, **LORA).result()
+        path = training.save_state("step_1").result().path
+        rest = tinker.RestClient(base_url=running.url, api_key=KEY)
+
+        def runs() -> list[str]:
+            return [r.training_run_id for r in rest.list_training_runs().result().training_runs]
+
+        assert runs() == [training.model_id]
+        for attempt in range(2):  # each export loads the checkpoint into a run of its own
+            dest = tmp_path / f"export{attempt}"
+            assert tinker_engine.download_adapter(path, dest, base_url=running.url) == tiny_model
+            assert (dest / "adapter_model.safetensors").is_file()
+            _wait(lambda: runs() == [training.model_id], 10)
+        assert sorted(p.name for p in (running.root / "runs").iterdir()) == [training.model_id]
+        # a run released with a checkpoint in it stays listed
+        assert [c.tinker_path for c in rest.list_checkpoints(training.model_id).result()
+                .checkpoints] == [path]

@@ -135,3 +135,15 @@ def test_split_refuses_to_overwrite_its_input(tmp_path):
     with pytest.raises(ConfigError, match="would overwrite the input file"):
         run_split([data], tmp_path)
     assert data.read_bytes() == before
+
+
+def test_fewer_than_two_prompts_names_the_input_files(tmp_path):
+    paths = []
+    for name in ("a.jsonl", "b.jsonl"):
+        path = tmp_path / name
+        path.write_text('{"question": "Same?", "answer": "#### 1"}\n')
+        paths.append(path)
+    with pytest.raises(DataError) as info:
+        run_split(paths, tmp_path / "out", console=quiet())
+    assert str(info.value) == (f"need at least 2 distinct prompts to split, found 1 among 2 "
+                               f"records of {paths[0]}, {paths[1]}")

@@ -132,6 +132,13 @@ def test_the_loop_on_tinker_gives_the_local_losses_and_adapter(runs):
     assert sorted(p.name for p in tinker_export.iterdir()) == \
         sorted(p.name for p in local_export.iterdir())
     assert not list((tinker.run_dir / "export").glob(".download-*"))  # the download is removed
+    # peak_memory_gib is this process's; with BACKEND=tinker the summary says it is the client's
+    tinker_summary = files.read_json(tinker.run_dir / "summary.json")
+    assert tinker_summary["peak_memory_of"] == ("this client process only; the model trains on "
+                                                "the Tinker server, whose memory is not "
+                                                "measured here")
+    assert tinker_summary["peak_memory_gib"] > 0
+    assert "peak_memory_of" not in files.read_json(local.run_dir / "summary.json")
 
 
 def test_resume_from_a_tinker_checkpoint_is_exact(runs, tinker_env, monkeypatch):

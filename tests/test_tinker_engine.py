@@ -2,6 +2,9 @@
 
 import logging
 import socket
+import subprocess
+import sys
+import time
 
 import httpx
 import pytest
@@ -125,6 +128,39 @@ def test_an_unreachable_server_fails_in_seconds(monkeypatch):
     with pytest.raises(EngineError, match=f"cannot reach the Tinker server at http://127.0.0.1:"
                                           f"{port}.*is `tinkerkit serve` running there"):
         engine.create_training_client(config)
+
+
+def test_a_web_server_that_is_not_tinker_fails_within_a_minute_naming_the_url(monkeypatch,
+                                                                             tmp_path):
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TINKER_API_KEY", CANARY)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
+                               "127.0.0.1"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while engine._connect_error(f"http://127.0.0.1:{port}", 1.0) is not None:
+            assert time.monotonic() < deadline, "http.server did not start"
+            time.sleep(0.1)
+        config = _config(TINKER_BASE_URL=f"http://127.0.0.1:{port}")
+        started = time.monotonic()
+        with pytest.raises(EngineError) as info:
+            engine.create_training_client(config)
+        assert time.monotonic() - started < 60
+        assert str(info.value) == (
+            f"cannot reach the Tinker server at http://127.0.0.1:{port}: a web server that is "
+            f"not Tinker answers there (GET http://127.0.0.1:{port}/api/v1/healthz: HTTP 404 "
+            "File not found) (is `tinkerkit serve` running there? set TINKER_BASE_URL)")
+        with pytest.raises(EngineError, match="a web server that is not Tinker"):
+            engine.rest_client(f"http://127.0.0.1:{port}")  # export and checkpoint listing too
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def test_known_base_models_tokenize_offline(monkeypatch):

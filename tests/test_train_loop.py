@@ -8,6 +8,7 @@ import pytest
 import tinker
 
 from tinkerkit.config import load_config
+from tinkerkit.errors import ConfigError
 from tinkerkit.render import RenderedExample
 from tinkerkit.train import batch_indices, learning_rate_at, train
 from tinkerkit.train import loop as train_loop
@@ -146,3 +147,21 @@ def test_a_fresh_run_refuses_a_used_run_dir_and_a_finished_run_has_nothing_to_do
     again = train(config, resume=str(tmp_path / "run"))
     assert again.losses == [] and again.steps == 1
     assert (tmp_path / "run" / "summary.json").read_text() == summary  # untouched
+
+
+def test_run_dir_with_resume_is_refused_unless_it_is_the_run(fake_engine, tmp_path):
+    data = tmp_path / "train.jsonl"
+    write_chat(data, ["a", "b", "c", "d"])
+    config = load_config(None, [f"DATA_FILES={data}", "BATCH_SIZE=2", "SAVE_EVERY=1",
+                                "MAX_STEPS=1"])
+    run = tmp_path / "run"
+    train(config, run_dir=run)
+    longer = config.model_copy(update={"max_steps": 2})
+    with pytest.raises(ConfigError) as info:
+        train(longer, run_dir=tmp_path / "elsewhere", resume=str(run))
+    assert str(info.value) == (f"--run-dir {tmp_path / 'elsewhere'}: --resume continues the run in "
+                               f"its own directory {run}; drop --run-dir, or start a new run from "
+                               f"its weights with --init-from {run} --run-dir "
+                               f"{tmp_path / 'elsewhere'}")
+    assert not (tmp_path / "elsewhere").exists()
+    assert train(longer, run_dir=run, resume=str(run)).steps == 2  # its own directory: fine

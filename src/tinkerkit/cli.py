@@ -112,15 +112,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return
     from tinkerkit.config import load_config
     from tinkerkit.evaluate import run_evaluation
+    from tinkerkit.train import report_evaluation
 
     config = load_config(args.config, args.set, base_model=args.model, max_tokens=args.max_tokens,
                          temperature=args.temperature, eval_limit=args.limit, grader=args.grader)
     data = args.data or config.test_files
     if not data:
         raise ConfigError("no test data: pass --data FILE (or set TEST_FILES in the config)")
-    run_evaluation(config, data=data if isinstance(data, list) else [data],
-                   checkpoint=args.checkpoint, output=args.output, num_samples=args.num_samples,
-                   console=console, base_model=args.model)
+    result = run_evaluation(config, data=data if isinstance(data, list) else [data],
+                            checkpoint=args.checkpoint, output=args.output,
+                            num_samples=args.num_samples, console=console, base_model=args.model)
+    reported = report_evaluation(args.checkpoint, result.metrics)
+    if reported:
+        console.print(f"Reported to the run's trackers: {', '.join(reported)}")
 
 
 # -- export -------------------------------------------------------------------------------------
@@ -141,7 +145,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from tinkerkit.demo import run_demo
 
-    run_demo(Path(args.output_dir), console=console, quick=args.quick)
+    run_demo(Path(args.output_dir), console=console, quick=args.quick, overrides=args.set)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -275,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole pipeline on generated arithmetic problems")
     p.add_argument("--output-dir", default="demo_output")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a demo setting, e.g. --set 'REPORT_TO=[tensorboard, mlflow]'")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     p.set_defaults(func=cmd_demo)
 

@@ -22,7 +22,7 @@ import runpy
 import tomllib
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
@@ -95,6 +95,7 @@ class TrainConfig(BaseModel):
     # Run directory and checkpoints
     run_dir: str | None = Field(None, description="Run directory (default runs/<timestamp>).")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list, description="Experiment trackers that receive every metrics.jsonl line, the evaluation metrics and this config, under the run's name: any of tensorboard, wandb, mlflow (each needs pip install 'tinkerkit[NAME]').")
 
     # Sampling for evaluation
     temperature: float = Field(0.0, description="Sampling temperature for evaluation (0 = greedy).")
@@ -125,10 +126,24 @@ class TrainConfig(BaseModel):
     export_merged: bool = Field(False, description="The export also writes a merged HF model (--merge).")
     export_dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="dtype of the merged model.")
 
-    @field_validator("data_files", "test_files", "eval_data_files", mode="before")
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1 (and 1.0); `BATCH_SIZE = true` is never meant. Not
+        # strict mode: it would also refuse 1000.0 for an int (`--set MAX_STEPS=1e3`).
+        if isinstance(value, bool) and _wants_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number, got a boolean")
+        return value
+
+    @field_validator("data_files", "test_files", "eval_data_files", "report_to", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, (str, Path)) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_tracker_once(cls, names: list[str]) -> list[str]:
+        return list(dict.fromkeys(names))
 
     @field_validator("data_files", "eval_data_files")  # TEST_FILES are checked when evaluating
     @classmethod
@@ -200,6 +215,21 @@ class TrainConfig(BaseModel):
 
 
 FIELDS = tuple(TrainConfig.model_fields)
+
+
+def _wants_number(annotation: Any) -> bool:
+    """Whether a field's type takes an int or a float but not a bool (``int | None`` does,
+    ``bool | Literal["auto"]`` does not)."""
+    types = set()
+    pending = [annotation]
+    while pending:
+        kind = pending.pop()
+        args = get_args(kind)
+        if args and get_origin(kind) is not Literal:
+            pending.extend(args)
+        else:
+            types.add(kind)
+    return bool(types & {int, float}) and bool not in types
 
 
 def _suggest(key: str) -> str:

@@ -18,7 +18,7 @@ from tinkerkit.data.demo import write_demo_data
 from tinkerkit.data.split import run_split
 from tinkerkit.evaluate import run_evaluation
 from tinkerkit.export import export_checkpoint
-from tinkerkit.train import train
+from tinkerkit.train import check_trackers, report_evaluation, train
 
 DEMO_MODEL = "smollm2-135m-instruct"
 
@@ -38,13 +38,15 @@ def demo_settings(output_dir: Path, quick: bool) -> dict:
     }
 
 
-def run_demo(output_dir: Path, console: Console | None = None, quick: bool = False) -> dict:
+def run_demo(output_dir: Path, console: Console | None = None, quick: bool = False,
+             overrides: list[str] | None = None) -> dict:
     """Run the demo pipeline into ``output_dir`` and print a summary.
 
     Args:
         output_dir: Everything is written below it (data, run, evaluations, exports).
         console: Where to print.
         quick: A few steps and examples only (a smoke test of the wiring).
+        overrides: ``KEY=VALUE`` settings over the demo's (``REPORT_TO=[tensorboard]``).
 
     Returns:
         The summary dict (also written to ``output_dir/summary.json``).
@@ -58,7 +60,8 @@ def run_demo(output_dir: Path, console: Console | None = None, quick: bool = Fal
 
     console.rule("1. Split")
     run_split([source], output_dir / "data", test_ratio=0.1, seed=7, console=console)
-    config = load_config(None, **demo_settings(output_dir, quick))
+    config = load_config(None, overrides, **demo_settings(output_dir, quick))
+    check_trackers(config.report_to)  # a missing tracker package fails before any model loads
 
     console.rule("2. Evaluate the base model")
     before = run_evaluation(config, data=config.test_files, checkpoint=None,
@@ -68,6 +71,7 @@ def run_demo(output_dir: Path, console: Console | None = None, quick: bool = Fal
     console.rule("4. Evaluate the fine-tuned model")
     after = run_evaluation(config, data=config.test_files, checkpoint=result.final_checkpoint,
                            output=output_dir / "eval_after.json", console=console)
+    report_evaluation(result.run_dir, after.metrics)  # REPORT_TO: the run's trackers
     console.rule("5. Export")
     exported = export_checkpoint(result.final_checkpoint, output_dir / "export", merge=True,
                                  dtype="bf16")

@@ -39,6 +39,7 @@ from tinkerkit.engines import check_engine, create_sampling_client
 from tinkerkit.errors import ConfigError, DataError, EngineError
 from tinkerkit.files import atomic_write_json, atomic_write_text
 from tinkerkit.grader import Grader, GraderConfig, grading_example
+from tinkerkit.models import max_positions
 from tinkerkit.render import Renderer, end_of_turn_ids
 from tinkerkit.sampling_rules import sampling_problems
 
@@ -263,7 +264,8 @@ def _metrics(examples: list[dict], num_samples: int, wall_seconds: float,
 def evaluate(conversations: Sequence[Conversation], sampling_client,
              build_prompt: Callable[[Conversation], tinker.types.ModelInput], tokenizer,
              settings: EvalSettings, progress: bool = True,
-             console: Console | None = None, grader: Grader | None = None) -> EvalResult:
+             console: Console | None = None, grader: Grader | None = None,
+             max_prompt_tokens: int | None = None) -> EvalResult:
     """Sample answers for ``conversations`` and grade them against their reference answers.
 
     Every request is submitted first (``sampling_client.sample`` returns futures), then the
@@ -303,6 +305,9 @@ def evaluate(conversations: Sequence[Conversation], sampling_client,
         progress: Show a progress bar and print the summary table; False is silent.
         console: Where to print; a new ``rich.console.Console()`` by default.
         grader: Grades each output; None: the built-in grader. The caller closes it.
+        max_prompt_tokens: Longest prompt the model can sample from (its positions less one);
+            a longer one is skipped, not sent, and counted in ``skipped_too_long`` and a
+            warning. None sends every prompt.
 
     Returns:
         The :class:`EvalResult`.
@@ -317,6 +322,11 @@ def evaluate(conversations: Sequence[Conversation], sampling_client,
     grader = grader or Grader()
     selected = list(conversations)[:settings.limit]
     prompts = [build_prompt(c) for c in selected]
+    too_long = [c.source for c, p in zip(selected, prompts)
+                if max_prompt_tokens is not None and p.length > max_prompt_tokens]
+    if too_long:  # skipped, counted and named: one long prompt does not stop the evaluation
+        kept = [(c, p) for c, p in zip(selected, prompts) if p.length <= max_prompt_tokens]
+        selected, prompts = [c for c, _ in kept], [p for _, p in kept]
     start = time.perf_counter()
     responses = _sample_all(sampling_client, prompts, [c.source for c in selected], settings,
                             console, progress)
@@ -332,8 +342,15 @@ def evaluate(conversations: Sequence[Conversation], sampling_client,
             bar.advance(task)
     grading_seconds = time.perf_counter() - start - wall_seconds
 
-    result = EvalResult(_metrics(examples, settings.num_samples, wall_seconds, grading_seconds),
-                        examples, settings, _warnings(settings, examples), grader.describe())
+    metrics = _metrics(examples, settings.num_samples, wall_seconds, grading_seconds)
+    metrics = {"num_examples": metrics.pop("num_examples"), "skipped_too_long": len(too_long),
+               **metrics}
+    warnings = _warnings(settings, examples)
+    if too_long:
+        warnings.append(f"{len(too_long)} example(s) skipped: the prompt is longer than the "
+                        f"{max_prompt_tokens} tokens the model's positions leave to sample from "
+                        f"({', '.join(map(str, too_long[:3]))}{', ...' if len(too_long) > 3 else ''})")
+    result = EvalResult(metrics, examples, settings, warnings, grader.describe())
     if progress:
         print_summary(result, console)
     return result
@@ -706,9 +723,11 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
         console.print(f"Evaluating {checkpoint or base} on {len(loaded.conversations)} examples "
                       f"from {', '.join(map(str, data))}"
                       + (f" (first {settings.limit})" if settings.limit else ""))
+        positions = max_positions(base)
         try:
             result = evaluate(loaded.conversations, client, renderer.build_prompt, tokenizer,
-                              settings, console=console, grader=grader)
+                              settings, console=console, grader=grader,
+                              max_prompt_tokens=None if positions is None else positions - 1)
         finally:
             client.close()
     run_config = {**config.dump(), "BASE_MODEL": base, "CHECKPOINT": checkpoint,

@@ -22,6 +22,14 @@ s1k                 ``question``, ``thinking_trajectories``,         ``solution`
 alpaca              ``instruction``, ``input?``, ``output``          none
 ==================  ===============================================  ===============================
 
+A message's ``content`` is a string or, as in OpenAI's chat API, a list of content parts
+(``[{"type": "text", "text": "…"}, …]``): its text parts are joined with a newline, the way vLLM's
+OpenAI-compatible server joins them before the chat template (``"\n".join(texts)`` in
+``vllm/entrypoints/chat_utils.py``), so a model trained here sees what it is later served. (HF
+multimodal templates concatenate text parts with no separator, which glues words across parts.) A
+non-text part (``image_url``, ``input_audio``, ``file``, …) is an error naming the part
+(``messages[1].content[0]``), or a skipped record with ``on_error="skip"``.
+
 Locations are written ``path:N``: N is the 1-based line on which the record starts (JSON Lines and
 JSON arrays), or the 1-based record number in Parquet files.
 
@@ -398,7 +406,7 @@ def _messages(record: dict, key: str, where: str) -> list[Message]:
             raise _error(where, f"{name}.role",
                          f"unknown role {role!r} (expected {', '.join(ROLES)})")
         thinking = _thinking(turn, role, where, name)
-        content = _text(turn, "content", where, prefix=name, allow_empty=bool(thinking))
+        content = _content(turn, where, name, allow_empty=bool(thinking))
         if role == "assistant":
             inline, content = _inline_thinking(content, where, f"{name}.content",
                                                has_thinking=thinking is not None)
@@ -459,6 +467,52 @@ def _inline_thinking(content: str, where: str, name: str,
     if thinking is None and not answer.strip() and not has_thinking:
         raise _error(where, name, "holds only an empty <think></think> block, no answer")
     return thinking, answer
+
+
+# OpenAI content parts are joined as vLLM's OpenAI server joins them (see the module docstring).
+CONTENT_PART_SEPARATOR = "\n"
+
+
+def _content(turn: dict, where: str, name: str, allow_empty: bool = False) -> str:
+    """A message's ``content``: a string, or OpenAI content parts with their text joined.
+
+    Args:
+        turn: One message object.
+        where: ``"path:N"`` for errors.
+        name: The message's field name (``messages[1]``).
+        allow_empty: An empty content is allowed (the message carries reasoning).
+
+    Returns:
+        The content text; for a list of parts, the ``text`` of each part joined with
+        :data:`CONTENT_PART_SEPARATOR`.
+
+    Raises:
+        DataError: Content missing, of the wrong type or empty; a part that is not an object, not
+            of type ``"text"`` (image, audio, file: this toolkit trains text models) or without a
+            string ``text``; the message names the part (``messages[1].content[0]``).
+    """
+    parts = turn.get("content")
+    if not isinstance(parts, list):
+        return _text(turn, "content", where, prefix=name, allow_empty=allow_empty)
+    texts = []
+    for i, part in enumerate(parts):
+        part_name = f"{name}.content[{i}]"
+        if not isinstance(part, dict):
+            raise _error(where, part_name,
+                         f"expected a content part {{type, text}}, got {_kind(part)}")
+        kind = part.get("type")
+        if kind != "text":
+            raise _error(where, part_name,
+                         f"a {kind!r} content part; only text parts can be trained on here "
+                         "(remove the part, or skip such records: --on-error skip, or ON_ERROR = \"skip\" "
+                         "in a train config)"
+                         if isinstance(kind, str) else
+                         f"a content part needs a string 'type', got {_kind(kind)}")
+        texts.append(_text(part, "text", where, prefix=part_name, allow_empty=True))
+    content = CONTENT_PART_SEPARATOR.join(texts)
+    if not allow_empty and not content.strip():
+        raise _error(where, f"{name}.content", "is empty" if parts else "empty list of parts")
+    return content
 
 
 def _text(record: dict, key: str, where: str, prefix: str = "", allow_empty: bool = False) -> str:

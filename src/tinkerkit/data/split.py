@@ -53,8 +53,9 @@ class SplitResult:
 
 
 def split_conversations(conversations: list[Conversation], test_ratio: float | None,
-                        test_size: int | None, seed: int) -> tuple[list[Conversation],
-                                                                   list[Conversation]]:
+                        test_size: int | None, seed: int,
+                        inputs: Sequence[str | Path] = ()) -> tuple[list[Conversation],
+                                                                    list[Conversation]]:
     """Split conversations into train and test sets without prompt leakage.
 
     Conversations are grouped by :attr:`Conversation.prompt_key`; the groups are shuffled with
@@ -68,6 +69,7 @@ def split_conversations(conversations: list[Conversation], test_ratio: float | N
         test_ratio: Fraction of records for the test set, in (0, 1); used if ``test_size`` is None.
         test_size: Number of records for the test set, in ``[1, n - 1]``; wins over ``test_ratio``.
         seed: Seed of the shuffles.
+        inputs: The files the conversations came from, named in errors about the whole input.
 
     Returns:
         ``(train, test)``.
@@ -81,7 +83,7 @@ def split_conversations(conversations: list[Conversation], test_ratio: float | N
         groups.setdefault(conversation.prompt_key, []).append(conversation)
     if len(groups) < 2:
         raise DataError(f"need at least 2 distinct prompts to split, found {len(groups)} "
-                        f"among {len(conversations)} records")
+                        f"among {len(conversations)} records{_of_files(inputs)}")
     target = _test_target(len(conversations), test_ratio, test_size)
     rng = random.Random(seed)
     ordered = list(groups.values())
@@ -97,6 +99,11 @@ def split_conversations(conversations: list[Conversation], test_ratio: float | N
     rng.shuffle(train)
     rng.shuffle(test)
     return train, test
+
+
+def _of_files(inputs: Sequence[str | Path]) -> str:
+    """`` of a.jsonl, b.jsonl`` for errors about the whole input; empty without files."""
+    return f" of {', '.join(map(str, inputs))}" if inputs else ""
 
 
 def _test_target(n: int, test_ratio: float | None, test_size: int | None) -> int:
@@ -149,7 +156,7 @@ def run_split(paths: Sequence[str | Path], output_dir: str | Path, test_ratio: f
             raise ConfigError(f"--output-dir {output_dir}: writing {target.name} there would "
                               f"overwrite the input file {target}; choose another --output-dir")
     load = load_conversations(paths, format=format, on_error=on_error)
-    train, test = split_conversations(load.conversations, test_ratio, test_size, seed)
+    train, test = split_conversations(load.conversations, test_ratio, test_size, seed, paths)
     # Both files at once: a crash never pairs a new train set with an old test set (a leak).
     atomic_write_files({train_path: json_bytes([c.to_record() for c in train]),
                         test_path: json_bytes([c.to_record() for c in test])})

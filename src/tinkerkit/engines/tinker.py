@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 from tinker import types
 
 from tinkerkit import models
@@ -74,6 +75,8 @@ UNREACHABLE_SECONDS = 60.0
 itself retries a lost connection for as long as the caller waits: without this, a run whose
 server stopped waited forever."""
 POLL_SECONDS = 5.0
+# How long check_reachable waits for the health route's answer.
+HEALTH_TIMEOUT_SECONDS = 10.0
 """How often a waiting call checks that the server still accepts connections."""
 
 
@@ -296,21 +299,54 @@ def _connect_error(base_url: str, timeout_seconds: float = 5.0) -> str | None:
 
 
 def check_reachable(base_url: str, timeout_seconds: float = 5.0) -> None:
-    """Fail in seconds, not after the SDK's five minutes of retries, when nothing listens there.
+    """Fail in seconds, not after the SDK's retries, when nothing listens there or what listens
+    is not a Tinker server.
 
+    Two checks: a TCP connection to the URL's host and port, then ``GET /api/v1/healthz`` (the
+    Tinker API's health route, answered without a key by the hosted service and by
+    ``tinkerkit serve``). Another web server (a `python -m http.server`, a proxy's error page)
+    answers that with 404/405/501 or with something that is not JSON, and the SDK would retry its
+    requests to it forever. A 401/403 or 5xx answer is left to the SDK, which reports it.
     Skipped when a proxy is configured (the SDK then connects through it, not directly).
 
     Raises:
-        EngineError: No TCP connection to the URL's host and port.
+        EngineError: No TCP connection to the URL's host and port, or the server there does not
+            answer the health route as a Tinker server does; one line naming the URL.
     """
     if _proxied():
         return
     reason = _connect_error(base_url, timeout_seconds)
+    if reason is None:
+        reason = _not_tinker(base_url, HEALTH_TIMEOUT_SECONDS)
     if reason is not None:
         hint = (" (is `tinkerkit serve` running there? set TINKER_BASE_URL)"
                 if urlsplit(base_url).hostname in ("127.0.0.1", "localhost", "::1") else "")
         raise EngineError(f"cannot reach the Tinker server at {_address(base_url)}: "
                           f"{reason}{hint}")
+
+
+def _not_tinker(base_url: str, timeout_seconds: float) -> str | None:
+    """Why the server at ``base_url`` is not a Tinker API server; None when it may be one."""
+    url = base_url.rstrip("/") + "/api/v1/healthz"
+    try:
+        response = httpx.get(url, timeout=timeout_seconds, follow_redirects=False)
+    except httpx.TimeoutException:
+        return f"no answer to GET {url} within {timeout_seconds:.0f} s; is it a Tinker server?"
+    except httpx.HTTPError as e:
+        return f"GET {url} failed ({type(e).__name__}: {e}); is it a Tinker server?"
+    if response.status_code in (401, 403) or response.status_code >= 500 \
+            and response.status_code != 501:
+        return None  # an API that wants a key, or one failing now: the SDK reports it
+    try:
+        response.json()
+        is_json = response.is_success
+    except ValueError:
+        is_json = False
+    if is_json:
+        return None
+    return (f"a web server that is not Tinker answers there (GET {url}: HTTP "
+            f"{response.status_code}{'' if response.is_success else ' ' + response.reason_phrase}"
+            f"{', not JSON' if response.is_success else ''})")
 
 
 _SERVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -664,7 +700,6 @@ def create_training_client(config: TrainConfig, state: str | None = None,
 
 def _download_file(url: str, target: Path, name: str, limit: int) -> int:
     """Stream one URL into ``target``; errors name the file, never the (signed) URL."""
-    import httpx
 
     written = 0
     try:

@@ -35,6 +35,7 @@ instead.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import logging
 import secrets
 import threading
@@ -229,14 +230,27 @@ class ModelRunner:
                 return
         client.close()
 
-    def fail(self, message: str) -> None:
-        """The model is gone (failed to load, or released): fail waiting and later requests."""
+    def fail(self, message: str, on_closed: Callable[[], None] | None = None) -> None:
+        """The model is gone (failed to load, or released): fail waiting and later requests.
+
+        Args:
+            message: The error of every waiting and later request.
+            on_closed: Called (in a background thread) once the client is closed: the running
+                call finished and the queued ones cancelled, so nothing writes to the run any
+                more.
+        """
         with self._lock:
             self._failure = message
             client, self.client = self.client, None
             self._drain()
-        if client is not None:
-            threading.Thread(target=client.close, name="tinkerkit-release", daemon=True).start()
+
+        def close() -> None:
+            if client is not None:  # queued calls are cancelled: nobody waits for them any more
+                client.close(cancel=True)
+            if on_closed is not None:
+                on_closed()
+
+        threading.Thread(target=close, name="tinkerkit-release", daemon=True).start()
 
 
 @dataclass
@@ -266,10 +280,11 @@ class Session:
 
 
 def _close_in_background(client_future: Future) -> None:
-    """Close a released sampling client once its queued samples finished (not in this thread)."""
+    """Close a released sampling client (not in this thread), cancelling its queued samples and
+    stopping the one being generated at its next decode step: nobody waits for them any more."""
     if not client_future.cancelled() and client_future.exception() is None:
-        threading.Thread(target=client_future.result().close, name="tinkerkit-release",
-                         daemon=True).start()
+        threading.Thread(target=client_future.result().close, kwargs={"cancel": True},
+                         name="tinkerkit-release", daemon=True).start()
 
 
 def _mask_prompt_logprobs(response: types.SampleResponse, last_n: int | None):
@@ -349,7 +364,16 @@ class ServerState:
         """Finish a session: release its models and samplers (idempotent)."""
         self._release(self._session(session_id, owner, alive=False), "finished")
 
-    def _release(self, session: Session, why: str) -> None:
+    def _release(self, session: Session, why: str, discard_empty: bool = True) -> None:
+        """Release a session's models and samplers.
+
+        Args:
+            session: The session.
+            why: Named in the errors of later requests to its models.
+            discard_empty: Remove its runs that hold no checkpoint once their clients closed
+                (:meth:`_discard_if_empty`); False for a session that only went silent, whose
+                client may come back and is then told its model is not loaded.
+        """
         with self._lock:
             if session.finished:
                 return
@@ -360,10 +384,20 @@ class ServerState:
             samplers = [self._samplers.pop(i) for i in session.samplers.values()
                         if i in self._samplers]
         for runner in runners:
-            runner.fail(f"model {runner.model_id} was released: its session {why}")
+            discard = functools.partial(self._discard_if_empty, runner.model_id)
+            runner.fail(f"model {runner.model_id} was released: its session {why}",
+                        on_closed=discard if discard_empty else None)
         for sampler in samplers:
             sampler.client.add_done_callback(_close_in_background)
         log.info("session %s %s; released %d model(s)", session.session_id, why, len(runners))
+
+    def _discard_if_empty(self, model_id: str) -> None:
+        """Remove a released run that holds no checkpoint: its weights went with its session, so
+        nothing can be loaded from it, and the listing would show an empty run (each
+        ``tinker://`` export, which loads a checkpoint into a new run, left one)."""
+        if not self.store.list_checkpoints(model_id):
+            self.store.discard_run(model_id)
+            log.info("run %s discarded: released with no checkpoint", model_id)
 
     def release_idle_sessions(self) -> None:
         """Release sessions silent for longer than ``session_timeout_seconds``, and forget
@@ -376,7 +410,8 @@ class ServerState:
                         if s.finished and now - s.finished_at > FINISHED_SESSION_SECONDS]:
                 del self._sessions[old.session_id]
         for session in idle:
-            self._release(session, f"sent no heartbeat for {self.session_timeout_seconds:.0f} s")
+            self._release(session, f"sent no heartbeat for {self.session_timeout_seconds:.0f} s",
+                          discard_empty=False)
 
     # -- training models
 

@@ -9,6 +9,8 @@ The modules, in the order a run uses them:
 * :mod:`~tinkerkit.train.run_dir` — the run directory: fresh-run check, resume, checkpoints,
   the final export.
 * :mod:`~tinkerkit.train.metrics` — ``metrics.jsonl``, the progress bar, the loss plot, the summary.
+* :mod:`~tinkerkit.train.trackers` — the experiment trackers of ``REPORT_TO`` (TensorBoard, W&B,
+  MLflow).
 * :mod:`~tinkerkit.train.loop` — :func:`train`, the loop itself.
 * :mod:`~tinkerkit.train.dryrun` — :func:`dry_run` (``tinkerkit train --dry-run``).
 
@@ -54,6 +56,7 @@ from tinkerkit.train.run_dir import (
     config_for_resume,
     default_run_dir,
     export_final,
+    refuse_other_run_dir,
     resolve_resume,
     save_checkpoint,
     truncate_logs,
@@ -66,16 +69,25 @@ from tinkerkit.train.schedule import (
     learning_rate_at,
     plan_steps,
 )
+from tinkerkit.train.trackers import (
+    TRACKERS,
+    Trackers,
+    check_trackers,
+    open_trackers,
+    report_evaluation,
+)
 
 __all__ = [
     "CONFIG_FILE", "EXPORT_DIR", "LENGTH_ROUNDING", "METRICS_FILE",
     "DryRunReport", "HeldOut", "PendingStep", "StepLog", "StepRecord", "StepTimer",
-    "TrainResult", "TrainingDivergedError",
+    "TRACKERS", "Trackers", "TrainResult", "TrainingDivergedError",
     "adam_params", "await_step", "batch_indices", "batches_per_epoch", "check_new_run_dir",
+    "check_trackers",
     "config_for_resume", "default_run_dir", "divergence_error", "dry_run", "export_final",
     "is_due", "learning_rate_at", "length_covering", "load_examples", "load_held_out",
-    "make_renderer", "normalize_batch", "peak_memory_gib", "plan_steps", "plateau_warning",
-    "plot_loss_curve", "positions_warning", "resolve_resume", "sample_evaluations",
+    "make_renderer", "normalize_batch", "open_trackers", "peak_memory_gib", "plan_steps",
+    "plateau_warning", "plot_loss_curve", "positions_warning", "refuse_other_run_dir",
+    "report_evaluation", "resolve_resume", "sample_evaluations",
     "save_checkpoint", "split_data", "train", "truncate_logs", "truncation_warning",
     "write_summary",
 ]

@@ -59,7 +59,7 @@ def split_data(config: TrainConfig
     if config.eval_split_ratio is None:
         return loaded.conversations, [], loaded.skipped
     train_set, held_out = split_conversations(loaded.conversations, config.eval_split_ratio,
-                                              None, config.seed)
+                                              None, config.seed, config.data_files)
     return train_set, held_out, loaded.skipped
 
 

@@ -88,8 +88,10 @@ def load_held_out(config: TrainConfig, tokenizer, console: Console) -> HeldOut |
     renderer = make_renderer(config, tokenizer)
     examples, stats = renderer.render_dataset(conversations)
     if config.eval_every and not examples:
+        files = config.eval_data_files if config.eval_split_ratio is None else config.data_files
         raise DataError("no held-out example left after rendering for EVAL_EVERY "
-                        f"({stats.skipped} skipped, {stats.failed} failed)")
+                        f"({stats.skipped} skipped, {stats.failed} failed)",
+                        path=", ".join(map(str, files)))
     console.print(f"Held out for evaluation: {len(conversations)} examples ({stats.truncated} "
                   f"truncated, {stats.skipped} skipped, {stats.failed} failed in eval_loss)")
     datums = normalize_batch(examples)[0]

@@ -53,10 +53,12 @@ from tinkerkit.train.metrics import (
 )
 from tinkerkit.train.run_dir import (
     CONFIG_FILE,
+    METRICS_FILE,
     check_new_run_dir,
     default_run_dir,
     export_final,
     interrupt_names_checkpoint,
+    refuse_other_run_dir,
     resolve_resume,
     save_checkpoint,
     stopped_message,
@@ -69,6 +71,7 @@ from tinkerkit.train.schedule import (
     learning_rate_at,
     plan_steps,
 )
+from tinkerkit.train.trackers import check_trackers, open_trackers
 
 
 @dataclass(frozen=True)
@@ -113,13 +116,15 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
     console = console or Console()
     start_step = 0
     if resume:
-        run_dir, entry = resolve_resume(resume)
+        given, (run_dir, entry) = run_dir, resolve_resume(resume)
+        refuse_other_run_dir(given, run_dir)
         start_step = entry["step"]
     run_dir = Path(run_dir or config.run_dir or default_run_dir())
     if not resume:
         check_new_run_dir(run_dir)
     if init_from:  # a run directory means its latest checkpoint, as for eval and export
         init_from = resolve_checkpoint(init_from)
+    check_trackers(config.report_to)  # a missing tracker package fails before the model loads
     # Data first: a bad file or too many long examples fail in seconds, before the model loads.
     tokenizer = engines.load_engine_tokenizer(config)
     held_out = load_held_out(config, tokenizer, console)
@@ -138,49 +143,57 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
         for reason in entry.get("skipped", []):
             console.print(f"skipped the newer {reason}; the steps after {start_step} are "
                           "trained and saved again")
-    files.atomic_write_json(run_dir / CONFIG_FILE,
-                            config.model_copy(update={"run_dir": str(run_dir)}).dump())
+    resolved = config.model_copy(update={"run_dir": str(run_dir)}).dump()
+    files.atomic_write_json(run_dir / CONFIG_FILE, resolved)
     console.print(f"Training {total_steps} steps ({per_epoch} per epoch, batch {config.batch_size}) "
                   f"in {run_dir}")
 
     started = time.perf_counter()
+    kept = files.read_jsonl(run_dir / METRICS_FILE) if resume else []  # replayed to the trackers
     # Ctrl-C here stops with the checkpoint to resume from (TrainingInterrupted).
-    with progress_bar(console) as progress, interrupt_names_checkpoint(run_dir):
-        task = progress.add_task("train", total=total_steps, completed=start_step, info="")
-        log, timer = StepLog(run_dir, progress, task, config.loss_plateau_window), StepTimer()
-        previous = None  # the step submitted in the last iteration and not awaited yet
-        for step in range(start_step, total_steps):
-            epoch, indices = batch_indices(step, len(examples), config.batch_size, config.seed)
-            datums, weighted, tokens = normalize_batch([examples[i] for i in indices])
-            lr = learning_rate_at(step, total_steps, config)
-            # 1. Submit this step; nothing is awaited, the engine queues it behind the previous one.
-            current = PendingStep(step, epoch, lr, weighted, tokens,
-                                  client.forward_backward(datums, "cross_entropy"),
-                                  client.optim_step(adam_params(config, lr)))
-            if is_due(step + 1, config.eval_every, total_steps):
-                # Gradient-free forwards, queued behind this step's optim_step: they see its weights.
-                current.eval_loss = [client.forward(batch, "cross_entropy")
-                                     for batch in held_out.batches]
-            # 2. Await the previous step (the engine meanwhile works on this one) and log it.
-            if previous is not None:
+    with open_trackers(config.report_to, run_dir, resolved, kept) as trackers:
+        with progress_bar(console) as progress, interrupt_names_checkpoint(run_dir):
+            task = progress.add_task("train", total=total_steps, completed=start_step, info="")
+            log = StepLog(run_dir, progress, task, config.loss_plateau_window, trackers)
+            timer = StepTimer()
+            previous = None  # the step submitted in the last iteration and not awaited yet
+            for step in range(start_step, total_steps):
+                epoch, indices = batch_indices(step, len(examples), config.batch_size, config.seed)
+                datums, weighted, tokens = normalize_batch([examples[i] for i in indices])
+                lr = learning_rate_at(step, total_steps, config)
+                # 1. Submit this step; nothing is awaited, the engine queues it behind the last.
+                current = PendingStep(step, epoch, lr, weighted, tokens,
+                                      client.forward_backward(datums, "cross_entropy"),
+                                      client.optim_step(adam_params(config, lr)))
+                if is_due(step + 1, config.eval_every, total_steps):
+                    # Gradient-free forwards queued behind this optim_step: they see its weights.
+                    current.eval_loss = [client.forward(batch, "cross_entropy")
+                                         for batch in held_out.batches]
+                # 2. Await the previous step (the engine meanwhile works on this one); log it.
+                if previous is not None:
+                    log.write(await_step(previous, run_dir, timer))
+                # 3. Sample from a snapshot of the weights after this step (waits for it).
+                if is_due(step + 1, config.sample_eval_every, total_steps):
+                    current.evaluations.update(sample_evaluations(client, held_out, config,
+                                                                  console))
+                # 4. Before a checkpoint, await this step too, so it is checked and logged first.
+                if config.save_every and (step + 1) % config.save_every == 0 \
+                        and step + 1 < total_steps:
+                    log.write(await_step(current, run_dir, timer))
+                    save_checkpoint(client, run_dir, step + 1, epoch)
+                    previous = None
+                else:
+                    previous = current
+            if previous is not None:  # the last step, unless a checkpoint awaited it already
                 log.write(await_step(previous, run_dir, timer))
-            # 3. Sample from a snapshot of the weights after this step (waits for it on the engine).
-            if is_due(step + 1, config.sample_eval_every, total_steps):
-                current.evaluations.update(sample_evaluations(client, held_out, config, console))
-            # 4. Before a checkpoint, await this step too, so it is checked and logged first.
-            if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
-                log.write(await_step(current, run_dir, timer))
-                save_checkpoint(client, run_dir, step + 1, epoch)
-                previous = None
-            else:
-                previous = current
-        if previous is not None:  # the last step, unless a checkpoint awaited it already
-            log.write(await_step(previous, run_dir, timer))
-    final_checkpoint = save_checkpoint(client, run_dir, total_steps, (total_steps - 1) // per_epoch)
-    wall = time.perf_counter() - started
-    exported = export_final(final_checkpoint, run_dir, config, console)
-    plot_loss_curve(run_dir)
-    write_summary(console, run_dir, total_steps - start_step, wall, final_checkpoint, exported)
+        final_checkpoint = save_checkpoint(client, run_dir, total_steps,
+                                           (total_steps - 1) // per_epoch)
+        wall = time.perf_counter() - started
+        exported = export_final(final_checkpoint, run_dir, config, console)
+        plot_loss_curve(run_dir)
+        summary = write_summary(console, run_dir, total_steps - start_step, wall,
+                                final_checkpoint, exported, engines.backend_of(config))
+        trackers.summarize(summary, total_steps)
     return TrainResult(run_dir, final_checkpoint, total_steps, log.losses)
 
 

@@ -28,6 +28,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemaining
 from tinkerkit import files
 from tinkerkit.export import ExportResult
 from tinkerkit.train.run_dir import METRICS_FILE
+from tinkerkit.train.trackers import NO_TRACKERS, Trackers
 
 
 class StepTimer:
@@ -101,6 +102,7 @@ class StepLog:
         run_dir: The run directory (``metrics.jsonl`` is appended to).
         progress: The progress bar and ``task`` its task; warnings print to its console.
         plateau_window: ``LOSS_PLATEAU_WINDOW`` (0: no plateau check).
+        trackers: The experiment trackers (``REPORT_TO``) that receive each line.
         losses: The losses logged by this invocation, in step order.
     """
 
@@ -108,12 +110,14 @@ class StepLog:
     progress: Progress
     task: TaskID
     plateau_window: int
+    trackers: Trackers = NO_TRACKERS
     losses: list[float] = field(default_factory=list)
 
     def write(self, record: StepRecord) -> None:
-        """Append ``record``'s line, advance the bar, print its evaluations and, when the loss
-        has stopped falling, :func:`plateau_warning`."""
+        """Append ``record``'s line, send it to the trackers, advance the bar, print its
+        evaluations and, when the loss has stopped falling, :func:`plateau_warning`."""
         files.append_jsonl(self.run_dir / METRICS_FILE, record.line())
+        self.trackers.log(record.line(), record.step)
         self.losses.append(record.loss)
         self.progress.update(self.task, advance=1,
                              info=f"epoch {record.epoch} loss {record.loss:.4f} "
@@ -166,7 +170,7 @@ def plot_loss_curve(run_dir: Path) -> Path | None:
 
 
 def write_summary(console: Console, run_dir: Path, steps: int, wall: float, checkpoint: str,
-                  exported: ExportResult | None) -> None:
+                  exported: ExportResult | None, backend: str = "local") -> dict:
     """Write ``summary.json`` and print it.
 
     Args:
@@ -176,6 +180,11 @@ def write_summary(console: Console, run_dir: Path, steps: int, wall: float, chec
         wall: Wall seconds of this invocation's loop and final save.
         checkpoint: The final checkpoint (``model_path``).
         exported: The final export, or None.
+        backend: The engine (``engines.backend_of``): with ``"tinker"`` the model is on the
+            server, so ``peak_memory_gib`` is this client process's alone, and says so.
+
+    Returns:
+        The summary, as written.
     """
     records = files.read_jsonl(run_dir / METRICS_FILE)
     all_losses = [r["loss"] for r in records]
@@ -189,6 +198,9 @@ def write_summary(console: Console, run_dir: Path, steps: int, wall: float, chec
         "wall_seconds": round(wall, 1),
         "model_path": checkpoint,
     }
+    if backend == "tinker":
+        summary["peak_memory_of"] = ("this client process only; the model trains on the Tinker "
+                                     "server, whose memory is not measured here")
     for name in ("eval_loss", "eval_accuracy", "eval_score"):  # the last value logged, if any
         logged = [r for r in records if name in r]
         if logged:
@@ -201,3 +213,4 @@ def write_summary(console: Console, run_dir: Path, steps: int, wall: float, chec
     console.print("[bold]Training finished[/bold]")
     for key, value in summary.items():
         console.print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+    return summary

@@ -131,6 +131,22 @@ def config_for_resume(run_dir: Path, overrides: dict | None = None) -> TrainConf
     return build_config(values, origins)
 
 
+def refuse_other_run_dir(given: str | Path | None, resumed: Path) -> None:
+    """Refuse a ``--run-dir`` that is not the directory of the run being resumed.
+
+    A resumed run continues in its own directory: its checkpoints, ``metrics.jsonl`` and config
+    are there, and a second directory would split one run's history in two. (To start a new run
+    from a checkpoint's weights elsewhere, ``--init-from`` takes a ``--run-dir``.)
+
+    Raises:
+        ConfigError: ``given`` is set and is another directory than ``resumed``.
+    """
+    if given is not None and Path(given).resolve() != Path(resumed).resolve():
+        raise ConfigError(f"--run-dir {given}: --resume continues the run in its own directory "
+                          f"{resumed}; drop --run-dir, or start a new run from its weights with "
+                          f"--init-from {resumed} --run-dir {given}")
+
+
 def truncate_logs(run_dir: Path, step: int) -> None:
     """Drop metric and checkpoint lines after ``step`` so every step is logged exactly once."""
     for name in (METRICS_FILE, CHECKPOINTS_FILE):

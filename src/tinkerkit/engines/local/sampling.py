@@ -252,6 +252,7 @@ class LocalSamplingClient:
         self._pending: list[_Request] = []
         self._lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinkerkit-sample")
+        self._cancelled = threading.Event()  # close(cancel=True): generation stops at a step
 
     def get_tokenizer(self):
         """The model's tokenizer."""
@@ -270,9 +271,22 @@ class LocalSamplingClient:
         """This client: lets SDK-style ``create_sampling_client(...).result()`` code run as is."""
         return self
 
-    def close(self) -> None:
-        """Finish the queued requests and stop the worker thread."""
-        self._worker.shutdown(wait=True)
+    def close(self, cancel: bool = False) -> None:
+        """Stop the worker thread, after the queued requests or, with ``cancel``, at once.
+
+        Args:
+            cancel: Cancel the queued requests and stop the one being generated at its next
+                decode step (its future fails with :class:`EngineError`), so closing takes one
+                step, not the rest of a long generation (``tinkerkit serve`` releasing a session,
+                or shutting down).
+        """
+        if cancel:
+            self._cancelled.set()
+            with self._lock:
+                pending, self._pending = self._pending, []
+            for request in pending:
+                request.future.cancel()
+        self._worker.shutdown(wait=True, cancel_futures=cancel)
 
     def _end_token_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -365,6 +379,8 @@ class LocalSamplingClient:
         return self._enqueue(_Request(Future(), self._prompt_ids(prompt, to_sample=False)))
 
     def _enqueue(self, request: _Request) -> Future:
+        if self._cancelled.is_set():
+            raise EngineError("the sampling client is closed")
         with self._lock:
             self._pending.append(request)
         self._worker.submit(self._drain)
@@ -446,6 +462,8 @@ class LocalSamplingClient:
         next_position, active = positions[:, -1:] + 1, list(rows)
         logits = out.logits[:, -1].float()
         while True:
+            if self._cancelled.is_set():  # checked once per decode step: close(cancel=True)
+                raise EngineError("sampling cancelled: the sampling client was closed")
             if all(row.request.params.temperature == 0 for row in active):
                 chosen = logits.argmax(-1)  # greedy: one call for the batch
             else:

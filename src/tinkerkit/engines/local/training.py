@@ -301,9 +301,14 @@ class LocalTrainingClient:
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return {"cpu": torch.get_rng_state(), "cuda": cuda}
 
-    def close(self) -> None:
-        """Finish the queued calls and stop the worker thread."""
-        self._worker.shutdown(wait=True)
+    def close(self, cancel: bool = False) -> None:
+        """Stop the worker thread, after the queued calls or, with ``cancel``, after the running
+        one only (the queued ones' futures are cancelled).
+
+        Args:
+            cancel: Cancel the calls not started yet (``tinkerkit serve`` releasing a session).
+        """
+        self._worker.shutdown(wait=True, cancel_futures=cancel)
 
     # -- information
 
