@@ -98,6 +98,11 @@ def test_every_problem_reported_at_once():
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.py")
+    exits = tmp_path / "exits.py"
+    exits.write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(ConfigError) as error:  # not a silent exit of the whole command
+        load_config(exits)
+    assert str(error.value) == f"{exits}: could not run the config file: SystemExit: 3"
     with pytest.raises(ConfigError) as error:
         load_config(tmp_path)
     assert str(error.value) == (f"config file {tmp_path}: is a directory; pass the config file "

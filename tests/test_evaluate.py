@@ -270,7 +270,7 @@ def test_compare_only_what_the_files_share(tokenizer, tmp_path):
     comparison = compare_results(load("before"), load("after"), console,
                                  names=("before.json", "after.json"))
     printed = console.export_text()
-    assert ("Warning: only 3 prompts are in both files (before.json: 4, after.json: 3); "
+    assert ("Warning: only 3 examples' prompts are in both files (before.json: 4, after.json: 3); "
             "comparing those 3") in printed
     accuracy = comparison["metrics"]["accuracy_equivalent"]  # on the three shared prompts
     assert (accuracy["before"], accuracy["after"]) == (pytest.approx(2 / 3), 1.0)
@@ -285,11 +285,29 @@ def test_compare_only_what_the_files_share(tokenizer, tmp_path):
                                 "results of different test sets cannot be compared")
 
 
+def test_compare_pairs_a_repeated_prompt_with_its_repeat(tokenizer, tmp_path):
+    """A test set may hold one prompt twice (the demo's does): the same test set is no partial
+    overlap, and each repeat pairs with the other file's repeat."""
+    answers = {"What is 2+3?": [(r"\boxed{5}", "stop")], "What is 3+4?": [("7", "stop")]}
+    conversations = [conversation("What is 2+3?", "5"), conversation("What is 2+3?", "5"),
+                     conversation("What is 3+4?", "7")]
+    for name in ("before", "after"):
+        result = evaluate(conversations, FakeSamplingClient(tokenizer, answers),
+                          build_prompt_for(tokenizer), tokenizer, EvalSettings(), progress=False)
+        write_results(result, tmp_path / f"{name}.json")
+    console = Console(record=True, width=200)
+    comparison = compare_results(load_results(tmp_path / "before.json"),
+                                 load_results(tmp_path / "after.json"), console)
+    assert comparison["matched"] == 3 and comparison["changed"] == []
+    assert "Warning" not in console.export_text()
+    assert comparison["metrics"]["num_examples"] == {"before": 3, "after": 3, "delta": 0}
+
+
 def test_greedy_samples_warn_that_pass_at_k_is_pass_at_1(tokenizer, tmp_path):
     answers = {q: [(out, stop)] * 3 for q, _, out, stop in QUESTIONS}
     _, greedy = run_four(tokenizer, answers=answers, num_samples=3, temperature=0.0)
     warning = ("3 samples at temperature 0 are greedy, so identical: pass@k equals pass@1 "
-               "(sample at a temperature above 0 for pass@k)")
+               "(sample at a temperature above 0, top_k not 1, for pass@k)")
     assert greedy.warnings == [warning]
     console = Console(record=True, width=300)
     print_summary(greedy, console)
@@ -301,6 +319,8 @@ def test_greedy_samples_warn_that_pass_at_k_is_pass_at_1(tokenizer, tmp_path):
     _, sampled = run_four(tokenizer, answers=answers, num_samples=3, temperature=0.7)
     _, single = run_four(tokenizer, temperature=0.0)
     assert sampled.warnings == [] and single.warnings == []
+    _, top_1 = run_four(tokenizer, answers=answers, num_samples=3, temperature=0.7, top_k=1)
+    assert top_1.warnings == [warning.replace("at temperature 0", "with top_k 1")]
 
 
 def test_output_named_md_and_limit_zero_are_refused(tmp_path):

@@ -217,7 +217,27 @@ def test_merge_from_an_exported_adapter_dir(untied, tmp_path):
 def test_adapter_dir_with_a_registry_hub_id_resolves_to_the_registry_name(tmp_path):
     config = LoraConfig(r=4, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
     config.save_pretrained(tmp_path)
-    assert export._recorded_base_model(tmp_path) == "smollm2-135m-instruct"
+    assert export._base_model(tmp_path, None) == "smollm2-135m-instruct"
+
+
+def test_an_adapter_that_names_no_base_model_takes_one_from_the_command_line(untied, tmp_path):
+    base_dir, ckpt, _ = untied
+    anonymous = tmp_path / "anonymous"
+    shutil.copytree(ckpt, anonymous)
+    (anonymous / "tinkerkit_state.json").unlink(missing_ok=True)
+    config = json.loads((anonymous / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None
+    (anonymous / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as error:
+        export_checkpoint(anonymous, tmp_path / "refused")
+    assert str(error.value) == (f"{anonymous / 'adapter_config.json'}: no base_model_name_or_path; "
+                                "name the base model (tinkerkit export --model NAME, or "
+                                "base_model=)")
+    result = export_checkpoint(anonymous, tmp_path / "named", merge=True, dtype="fp32",
+                               base_model=str(base_dir))
+    assert result.max_logit_diff < 1e-4
+    assert json.loads((result.adapter_dir / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str(base_dir)
 
 
 def test_export_checkpoint_writes_adapter_and_merged(untied, tmp_path):

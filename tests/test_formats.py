@@ -164,6 +164,10 @@ def test_reasoning_in_a_field_and_inline_is_read_once_when_equal():
       {"role": "assistant", "content": "<think>a</think>yo", "thinking": "b"}],
      "f:3: field 'messages[1].content': holds <think> reasoning that differs from the same "
      "message's 'thinking'; keep one of the two"),
+    ([{"role": "user", "content": "hi"},
+      {"role": "assistant", "content": "<think>a</think>yo", "reasoning_content": "b"}],
+     "f:3: field 'messages[1].content': holds <think> reasoning that differs from the same "
+     "message's 'reasoning_content'; keep one of the two"),
     ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "4", "thinking": 5}],
      "f:3: field 'messages[1].thinking': expected a string, got number"),
     ([{"role": "user", "content": "q"},

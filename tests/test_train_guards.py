@@ -273,6 +273,16 @@ def test_ctrl_c_during_training_names_the_checkpoint_to_resume_from(tmp_path, mo
     assert str(caught.value) == message
     assert isinstance(caught.value, KeyboardInterrupt)
 
+    (tmp_path / "early").mkdir()
+    early_dir, _, early = scripted_run(tmp_path / "early", monkeypatch, LOSSES,
+                                       {1: KeyboardInterrupt()}, ["SAVE_EVERY=3"])
+    with pytest.raises(TrainingInterrupted) as before_any:
+        early()
+    assert str(before_any.value) == (
+        "training stopped; the run stopped before its first checkpoint, so there is nothing to "
+        f"resume (it saves every 3 steps: SAVE_EVERY=3): start it again: remove {early_dir}, or "
+        "choose another --run-dir")
+
     def interrupted(*args, **kwargs):
         raise caught.value
 
@@ -339,3 +349,35 @@ def test_cli_dry_run_calls_dry_run_instead_of_train(tmp_path, monkeypatch):
     monkeypatch.setattr("tinkerkit.train.train", lambda *a, **k: pytest.fail("train was called"))
     assert main(["train", "--data", str(data), "--batch-size", "2", "--dry-run"]) == 0
     assert [(c.data_files, c.batch_size, c.strict) for c in calls] == [([str(data)], 2, False)]
+
+
+def test_two_quick_ctrl_c_end_the_command_at_once_with_one_line(tmp_path, tiny_model):
+    """The console script: the first Ctrl-C names the checkpoint, a second one right after it is
+    ignored (it used to abort the interpreter's shutdown with a traceback), exit code 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    data = write_chat(tmp_path / "train.jsonl", [f"answer {i}" for i in range(400)])
+    run_dir = tmp_path / "run"
+    script = Path(sys.executable).with_name("tinkerkit")
+    child = subprocess.Popen(
+        [str(script), "train", "--data", str(data), "--model", tiny_model, "--batch-size", "1",
+         "--run-dir", str(run_dir), "--set", "SAVE_EVERY=2", "--set", "DEVICE=cpu"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints.jsonl").exists() and child.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    err = child.communicate(timeout=60)[1]
+    assert child.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("interrupted: training stopped, the last good checkpoint, ")
+    assert lines[-1].endswith(f"continue with --resume {run_dir}")
+    assert "Traceback" not in err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -110,18 +111,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
         compare_results(load_results(args.compare[0]), load_results(args.compare[1]), console,
                         names=(args.compare[0], args.compare[1]))
         return
-    from tinkerkit.config import load_config
+    from tinkerkit.config import load_config, parse_overrides
     from tinkerkit.evaluate import run_evaluation
     from tinkerkit.train import report_evaluation
 
     config = load_config(args.config, args.set, base_model=args.model, max_tokens=args.max_tokens,
-                         temperature=args.temperature, eval_limit=args.limit, grader=args.grader)
+                         temperature=args.temperature, eval_limit=args.limit, grader=args.grader,
+                         backend=args.backend)
+    # A base model named on the command line (--model, or --set BASE_MODEL=) is the user's
+    # choice, checked against a checkpoint's own; one from a config file yields to it.
+    chosen = args.model or parse_overrides(args.set).get("base_model")
     data = args.data or config.test_files
     if not data:
         raise ConfigError("no test data: pass --data FILE (or set TEST_FILES in the config)")
     result = run_evaluation(config, data=data if isinstance(data, list) else [data],
                             checkpoint=args.checkpoint, output=args.output,
-                            num_samples=args.num_samples, console=console, base_model=args.model)
+                            num_samples=args.num_samples, console=console, base_model=chosen)
     reported = report_evaluation(args.checkpoint, result.metrics)
     if reported:
         console.print(f"Reported to the run's trackers: {', '.join(reported)}")
@@ -134,7 +139,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from tinkerkit.export import export_checkpoint
 
     result = export_checkpoint(resolve_checkpoint(args.checkpoint), args.output, merge=args.merge,
-                               dtype=args.dtype)
+                               dtype=args.dtype, base_model=args.model)
     console.print(f"PEFT adapter: {result.adapter_dir}")
     if result.merged_dir is not None:
         console.print(f"Merged model ({result.dtype}): {result.merged_dir}  "
@@ -181,6 +186,8 @@ def _data_options(p: argparse.ArgumentParser) -> None:
                    help="stop at a malformed record (default) or skip and count it")
 
 
+_BACKEND_HELP = ("BACKEND: local (in process) or tinker (the tinker SDK: the hosted service, or "
+                 "`tinkerkit serve` at TINKER_BASE_URL)")
 _GRADER_HELP = ("GRADER: a Python file of your own grading functions (extract_final_answer, "
                 "check_answer_exact_match, check_answer_contains, check_answer_equivalent, "
                 "score); what it does not define stays built in")
@@ -235,9 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory means its latest checkpoint")
     p.add_argument("--data", nargs="+", help="DATA_FILES")
     p.add_argument("--model", help="BASE_MODEL")
-    p.add_argument("--backend", choices=["local", "tinker"],
-                   help="BACKEND: local (in process) or tinker (the tinker SDK: the hosted "
-                   "service, or `tinkerkit serve` at TINKER_BASE_URL)")
+    p.add_argument("--backend", choices=["local", "tinker"], help=_BACKEND_HELP)
     p.add_argument("--rank", type=int, help="LORA_RANK")
     p.add_argument("--lr", type=float, help="LEARNING_RATE")
     p.add_argument("--epochs", type=int, help="NUM_EPOCHS")
@@ -264,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, help="most generated tokens per answer (MAX_TOKENS)")
     p.add_argument("--temperature", type=float, help="0 = greedy (TEMPERATURE)")
     p.add_argument("--grader", metavar="FILE", help=_GRADER_HELP)
+    p.add_argument("--backend", choices=["local", "tinker"], help=_BACKEND_HELP)
     p.add_argument("--config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
@@ -275,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--merge", action="store_true", help="also write a merged HF model")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--model", help="the base model, for an adapter that names none (default: "
+                                   "the one recorded with the checkpoint)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the whole pipeline on generated arithmetic problems")
@@ -325,5 +333,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _interrupt_once(signum: int, frame: object) -> None:
+    """Ctrl-C: a ``KeyboardInterrupt``, the first time only (later ones are ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def run() -> None:
+    """The ``tinkerkit`` console script: :func:`main`, then its exit code.
+
+    After Ctrl-C (exit code 130) the process ends at once, without waiting for the engine's worker
+    threads to finish the steps queued behind the interrupted one, and a second Ctrl-C is
+    ignored: waiting there is what a user pressing Ctrl-C does not want, and a second interrupt
+    while the first one unwinds (or during the interpreter's shutdown) aborted it with a
+    traceback. Everything written is written
+    atomically (checkpoints, results) or line by line (logs), as after a kill.
+    """
+    signal.signal(signal.SIGINT, _interrupt_once)
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -253,7 +253,7 @@ def _normalize_keys(raw: dict[str, Any], origin: str) -> dict[str, Any]:
 def _read_python(path: Path) -> dict[str, Any]:
     try:
         namespace = runpy.run_path(str(path))
-    except Exception as e:  # the user's own code failed: report it on one line
+    except (Exception, SystemExit) as e:  # the user's own code failed: report it on one line
         raise ConfigError(f"{path}: could not run the config file: {type(e).__name__}: {e}") from e
     return {k: v for k, v in namespace.items()
             if k.isupper() and not k.startswith("_") and not callable(v)

@@ -358,9 +358,10 @@ def evaluate(conversations: Sequence[Conversation], sampling_client,
 
 def _warnings(settings: EvalSettings, examples: list[dict]) -> list[str]:
     warnings = []
-    if settings.num_samples > 1 and settings.temperature == 0:
-        warnings.append(f"{settings.num_samples} samples at temperature 0 are greedy, so "
-                        "identical: pass@k equals pass@1 (sample at a temperature above 0 for "
+    if settings.num_samples > 1 and (settings.temperature == 0 or settings.top_k == 1):
+        why = "at temperature 0" if settings.temperature == 0 else "with top_k 1"
+        warnings.append(f"{settings.num_samples} samples {why} are greedy, so identical: pass@k "
+                        "equals pass@1 (sample at a temperature above 0, top_k not 1, for "
                         "pass@k)")
     errors = [(e["index"], o["grading_error"]) for e in examples for o in e["outputs"]
               if o.get("grading_error")]
@@ -548,9 +549,21 @@ def _compare_metrics(a: dict, b: dict) -> dict:
     return rows
 
 
-def _shared_metrics(results: dict, prompts: set[str]) -> dict:
-    """The metrics of a results file's examples whose prompt is in ``prompts`` (no timings)."""
-    examples = [e for e in results["examples"] if e["prompt"] in prompts]
+def _keyed(examples: list[dict]) -> dict[tuple[str, int], dict]:
+    """Examples keyed by ``(prompt, n)``, the n-th example of that prompt in the file: a test set
+    may repeat a prompt, and its repeats pair with the other file's in order."""
+    seen: dict[str, int] = {}
+    keyed = {}
+    for example in examples:
+        n = seen[example["prompt"]] = seen.get(example["prompt"], -1) + 1
+        keyed[(example["prompt"], n)] = example
+    return keyed
+
+
+def _shared_metrics(results: dict, keys: set[tuple[str, int]]) -> dict:
+    """The metrics of a results file's examples whose key (:func:`_keyed`) is in ``keys``, without
+    timings."""
+    examples = [e for key, e in _keyed(results["examples"]).items() if key in keys]
     metrics = _metrics(examples, results["metrics"]["num_samples"], 0.0, 0.0)
     for timing in ("wall_seconds", "tokens_per_second", "grading_seconds"):
         metrics.pop(timing)
@@ -563,11 +576,11 @@ def _verdict(example: dict) -> dict:
 
 
 def _changed_examples(a: list[dict], b: list[dict]) -> tuple[int, list[dict]]:
-    """(number of prompts found in both, the matched examples whose num_correct differs)."""
-    after_by_prompt = {e["prompt"]: e for e in b}
+    """(number of examples paired by :func:`_keyed`, the pairs whose num_correct differs)."""
+    after_by_key = _keyed(b)
     matched, changed = 0, []
-    for before in a:
-        after = after_by_prompt.get(before["prompt"])
+    for key, before in _keyed(a).items():
+        after = after_by_key.get(key)
         if after is None:
             continue
         matched += 1
@@ -584,8 +597,9 @@ def compare_results(a: dict, b: dict, console: Console,
                     names: tuple[str, str] = ("before", "after")) -> dict:
     """Compare two evaluation results (before = ``a``, after = ``b``) and print the comparison.
 
-    Examples are matched by their exact ``prompt`` text, so both runs must have used the same
-    prompt format; only the prompts both files hold are compared. Metrics are compared name by
+    Examples are matched by their exact ``prompt`` text (a prompt repeated in a test set pairs with
+    its repeats in order), so both runs must have used the same prompt format; only the examples
+    both files hold are compared. Metrics are compared name by
     name (delta = after - before for numbers): the files' own metrics when they hold the same
     prompts, else those of the shared examples recomputed (timings left out), under a warning
     that says how many prompts each file holds. An example has changed when its number of correct
@@ -606,7 +620,7 @@ def compare_results(a: dict, b: dict, console: Console,
     Raises:
         DataError: The two files share no prompt (results of different test sets).
     """
-    shared = {e["prompt"] for e in a["examples"]} & {e["prompt"] for e in b["examples"]}
+    shared = _keyed(a["examples"]).keys() & _keyed(b["examples"]).keys()
     if not shared:
         raise DataError(f"{names[0]} and {names[1]} share no prompt ({len(a['examples'])} and "
                         f"{len(b['examples'])} examples): results of different test sets "
@@ -619,7 +633,7 @@ def compare_results(a: dict, b: dict, console: Console,
                       soft_wrap=True)
     same = all(len(r["examples"]) == len(shared) for r in (a, b))
     if not same:
-        console.print(f"[yellow]Warning: only {len(shared)} prompts are in both files "
+        console.print(f"[yellow]Warning: only {len(shared)} examples' prompts are in both files "
                       f"({names[0]}: {len(a['examples'])}, {names[1]}: {len(b['examples'])}); "
                       f"comparing those {len(shared)} (metrics recomputed on them, without "
                       "timings)[/yellow]")

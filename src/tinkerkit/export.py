@@ -91,7 +91,8 @@ class ExportResult:
 
 
 def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, merge: bool = False,
-                      dtype: str = "bf16", base_url: str | None = None) -> ExportResult:
+                      dtype: str = "bf16", base_url: str | None = None,
+                      base_model: str | None = None) -> ExportResult:
     """Export a checkpoint to ``output_dir/adapter`` and, with ``merge``, ``output_dir/merged``.
 
     Args:
@@ -102,6 +103,8 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, merge: boo
         dtype: The merged model's dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"``.
         base_url: The Tinker server of a ``tinker://`` checkpoint (None: ``$TINKER_BASE_URL``,
             else the hosted service).
+        base_model: The base model (``--model``), for an adapter that records none, or another
+            copy of the recorded one (see :func:`merge_adapter`).
 
     Returns:
         The paths written and, with ``merge``, the merge check's numbers.
@@ -123,22 +126,25 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, merge: boo
         if output_dir.resolve() == source or output_dir.resolve().is_relative_to(source):
             raise ExportError(f"--output {output_dir}: inside the checkpoint {checkpoint}; "
                               "export next to it, not into it")
-        return _export(Path(checkpoint), output_dir, merge, dtype)
+        return _export(Path(checkpoint), output_dir, merge, dtype, base_model)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=output_dir) as download:
         download_adapter(str(checkpoint), Path(download), base_url)
-        return _export(Path(download), output_dir, merge, dtype)
+        return _export(Path(download), output_dir, merge, dtype, base_model)
 
 
-def _export(source: Path, output_dir: Path, merge: bool, dtype: str) -> ExportResult:
-    adapter_dir = export_adapter(source, output_dir / "adapter")
+def _export(source: Path, output_dir: Path, merge: bool, dtype: str,
+            base_model: str | None) -> ExportResult:
+    adapter_dir = export_adapter(source, output_dir / "adapter", base_model)
     if not merge:
         return ExportResult(adapter_dir=adapter_dir)
-    merged_dir, diff, tolerance = merge_adapter(source, output_dir / "merged", dtype=dtype)
+    merged_dir, diff, tolerance = merge_adapter(source, output_dir / "merged", dtype=dtype,
+                                                base_model=base_model)
     return ExportResult(adapter_dir, merged_dir, diff, tolerance, dtype)
 
 
-def export_adapter(checkpoint: str | Path, output_dir: str | Path) -> Path:
+def export_adapter(checkpoint: str | Path, output_dir: str | Path,
+                   base_model: str | None = None) -> Path:
     """Write a self-contained PEFT adapter directory from a checkpoint.
 
     The directory holds ``adapter_config.json`` (``base_model_name_or_path`` is the base model's hub
@@ -153,6 +159,7 @@ def export_adapter(checkpoint: str | Path, output_dir: str | Path) -> Path:
             downloaded from a Tinker server); its base model comes from ``tinkerkit_state.json``,
             else from ``adapter_config.json`` (a registry model's hub id maps to its name).
         output_dir: The adapter directory to write.
+        base_model: Overrides the recorded base model (see :func:`merge_adapter`).
 
     Returns:
         ``output_dir`` as a Path.
@@ -166,7 +173,7 @@ def export_adapter(checkpoint: str | Path, output_dir: str | Path) -> Path:
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     adapter = _read_adapter(checkpoint)
     config = adapter.config
-    base_model = _recorded_base_model(checkpoint)
+    base_model = _base_model(checkpoint, base_model)
     tokenizer = load_tokenizer(base_model)
     config.base_model_name_or_path = hub_id_of(base_model)
     config.inference_mode = True  # as PeftModel.save_pretrained records it
@@ -222,7 +229,7 @@ def merge_adapter(checkpoint_or_adapter: str | Path, output_dir: str | Path, dty
     _check_dtype(dtype)
     source, output_dir = Path(checkpoint_or_adapter), Path(output_dir)
     adapter = _read_adapter(source)
-    base_name = base_model or _recorded_base_model(source)
+    base_name = _base_model(source, base_model)
     model = load_model(base_name, "float32")
     tokenizer = load_tokenizer(base_name)
     input_ids = _check_input_ids(tokenizer)
@@ -309,11 +316,16 @@ def _check_meta_agrees(path: Path, meta: dict, config) -> None:
                                   f"{meta[field]} but {ADAPTER_CONFIG} says {value}")
 
 
-def _recorded_base_model(path: Path) -> str:
+def _base_model(path: Path, given: str | None) -> str:
+    """The base model to export onto: ``given`` (another copy of the recorded model, say a local
+    directory for a hub id; the merge checks that every tensor fits), else the one recorded
+    beside the adapter."""
+    if given is not None:
+        return given
     recorded = base_model_of(path)
     if recorded is None:
-        raise CheckpointError(f"{path / ADAPTER_CONFIG}: no base_model_name_or_path; "
-                              f"pass base_model=")
+        raise CheckpointError(f"{path / ADAPTER_CONFIG}: no base_model_name_or_path; name the "
+                              "base model (tinkerkit export --model NAME, or base_model=)")
     return recorded
 
 

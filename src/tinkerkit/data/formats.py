@@ -411,9 +411,11 @@ def _messages(record: dict, key: str, where: str) -> list[Message]:
             inline, content = _inline_thinking(content, where, f"{name}.content",
                                                has_thinking=thinking is not None)
             if inline is not None and thinking is not None and inline.strip() != thinking.strip():
+                field = next(key for key in _THINKING_KEYS
+                             if isinstance(turn.get(key), str) and turn[key].strip())
                 raise _error(where, f"{name}.content",
                              "holds <think> reasoning that differs from the same message's "
-                             "'thinking'; keep one of the two")
+                             f"'{field}'; keep one of the two")
             thinking = thinking if thinking is not None else inline
         messages.append(Message(role=role, content=content, thinking=thinking))
     return messages

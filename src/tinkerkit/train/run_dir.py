@@ -186,8 +186,8 @@ def stopped_message(run_dir: Path, advice: str) -> str:
     """
     saved = files.read_jsonl(run_dir / CHECKPOINTS_FILE)
     if not saved:
-        return ("training stopped, no checkpoint was saved before it (SAVE_EVERY=0 saves only "
-                "at the end)")
+        return (f"training stopped; the run {_NOTHING_TO_RESUME}{_saves(run_dir)}: start it "
+                f"again: remove {run_dir}, or choose another --run-dir")
     last = checkpoint_path(run_dir, saved[-1])
     return (f"training stopped, the last good checkpoint, {last} (step {saved[-1]['step']}), is "
             f"the latest in {run_dir / CHECKPOINTS_FILE}: {advice}continue with --resume {run_dir}")

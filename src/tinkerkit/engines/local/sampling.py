@@ -62,7 +62,7 @@ from tinkerkit.engines.local.model import (
     merge_lora,
     resolve_device,
 )
-from tinkerkit.errors import EngineError
+from tinkerkit.errors import CheckpointError, EngineError
 from tinkerkit.models import load_tokenizer, positions_in
 from tinkerkit.render import end_of_turn_ids
 from tinkerkit.sampling_rules import sampling_problems
@@ -235,13 +235,16 @@ class LocalSamplingClient:
         self.base_model, self.max_batch_size = base_model, max_batch_size
         if adapter_path is not None:
             check_base_model(adapter_path, base_model)
-        if model is None:
-            model = load_model(base_model, dtype).to(resolve_device(device))
-            if adapter_path is not None:  # the model is ours: fold the adapter into its weights
-                model = merge_lora(apply_adapter(model, adapter_path, share_base=False),
-                                   adapter_path)
-        elif adapter_path is not None:
-            model = apply_adapter(model, adapter_path)
+        try:
+            if model is None:
+                model = load_model(base_model, dtype).to(resolve_device(device))
+                if adapter_path is not None:  # the model is ours: fold the adapter in
+                    model = merge_lora(apply_adapter(model, adapter_path, share_base=False),
+                                       adapter_path)
+            elif adapter_path is not None:
+                model = apply_adapter(model, adapter_path)
+        except CheckpointError as e:  # say which base model the adapter did not fit
+            raise CheckpointError(f"{e} (base model '{base_model}')") from e
         check_plain_lm_head(model)
         self._model = model.eval()
         self.device = next(model.parameters()).device
