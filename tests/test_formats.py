@@ -450,3 +450,14 @@ def test_non_text_part_is_a_counted_skip(tmp_path):
                                "part, or skip such records: --on-error skip, or ON_ERROR = "
                                "\"skip\" in a train config)")]
     assert result.counts == {str(path): 2}
+
+
+def test_question_answer_takes_an_explicit_reference_answer():
+    """Multiple-choice data in GSM8K's shape: the answer has no ``####`` line, so the reference
+    comes from ``reference_answer`` when the record has one (as for ``messages``)."""
+    record = {"question": "2+2? (A) 3 (B) 4", "answer": "B", "reference_answer": "B"}
+    assert normalize_record(record, None, "f:1").reference_answer == "B"
+    assert normalize_record({"question": "2+2?", "answer": "4\n#### 4"}, None,
+                            "f:1").reference_answer == "4"
+    assert normalize_record({"question": "2+2?", "answer": "B"}, None, "f:1").reference_answer \
+        is None

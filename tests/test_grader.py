@@ -270,6 +270,13 @@ RUN_ERRORS = [
      "score raised SystemExit: 2 (line 3)"),
     ("dies", "import os\ndef score(output, example):\n    os._exit(3)\n",
      "the grader's process exited (code 3) in score"),
+    ("interrupts", "def extract_final_answer(text):\n    raise KeyboardInterrupt\n",
+     "extract_final_answer raised KeyboardInterrupt:  (line 2)"),
+    ("unprintable_error", "class Bad(Exception):\n    def __str__(self):\n        raise "
+     "RuntimeError\ndef extract_final_answer(text):\n    raise Bad()\n",
+     "extract_final_answer raised Bad: <Bad that cannot be shown> (line 5)"),
+    ("lone_surrogate", "def extract_final_answer(text):\n    return '\\ud800'\n",
+     "extract_final_answer returned a str that is not valid Unicode ('\\ud800')"),
 ]
 
 
@@ -297,6 +304,41 @@ def test_a_hung_grader_times_out_is_stopped_and_the_next_output_is_graded(tmp_pa
                                  "0.5 s (GRADER_TIMEOUT_SECONDS); stopped")
         assert first_worker.poll() is not None  # killed
         assert grader.grade(" 5 ", "5") == Grade("5", True, True, True, no_answer=False)
+
+
+def test_writing_to_descriptor_1_or_closing_it_cannot_break_the_replies(tmp_path):
+    """The worker's replies travel on a descriptor of their own: a file that writes to stdout by
+    any route is graded as usual, and one that closes it and hangs times out."""
+    noisy = ("import os, sys\ndef extract_final_answer(text):\n    os.write(1, b'debug\\n')\n"
+             "    os.system('echo from-shell')\n    print('x', file=sys.__stdout__)\n"
+             "    return text.strip()\n")
+    with Grader(grader_file(tmp_path, noisy)) as grader:
+        assert grader.grade(" 5 ", "5") == Grade("5", True, True, True, no_answer=False)
+    closes = "import os, time\ndef extract_final_answer(text):\n    os.close(1)\n    time.sleep(600)\n"
+    with Grader(grader_file(tmp_path, closes), timeout_seconds=0.5) as grader:
+        start = time.monotonic()
+        assert grader.grade("5", "5").error == (
+            "my_grading.py: extract_final_answer did not return within 0.5 s "
+            "(GRADER_TIMEOUT_SECONDS); stopped")
+        assert time.monotonic() - start < 5
+
+
+def test_a_stopped_grader_takes_what_it_started_with_it(tmp_path):
+    marker = tmp_path / "child.pid"
+    source = ("import os, subprocess, sys\n"
+              "def extract_final_answer(text):\n"
+              "    child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+              f"    open({str(marker)!r}, 'w').write(str(child.pid))\n"
+              "    child.wait()\n")
+    with Grader(grader_file(tmp_path, source), timeout_seconds=1.0) as grader:
+        assert "did not return within 1 s" in grader.grade("5", "5").error
+    child = int(marker.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and Path(f"/proc/{child}").exists() \
+            and "Z" not in Path(f"/proc/{child}/stat").read_text().split()[2]:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{child}").exists() or \
+        Path(f"/proc/{child}/stat").read_text().split()[2] == "Z"  # killed (a zombie until reaped)
 
 
 def test_a_grader_changed_during_the_run_is_not_silently_mixed_in(tmp_path):

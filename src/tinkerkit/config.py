@@ -107,7 +107,7 @@ class TrainConfig(BaseModel):
 
     # Grading
     grader: str | None = Field(None, description="Your own grading functions: a Python file defining any of extract_final_answer(text), check_answer_exact_match(pred, ref), check_answer_contains(output, ref), check_answer_equivalent(pred, ref) and score(output, example); what it does not define stays built in. Used by `tinkerkit eval` and SAMPLE_EVAL_EVERY (--grader FILE). A relative path is from the working directory, as for DATA_FILES. See docs/MODEL_EXPORT_EVALUATION.md.")
-    grader_timeout_seconds: float = Field(10.0, gt=0, description="Time limit of the GRADER file's functions on one output; an output that overruns it is a grading error (counted as wrong) and the run goes on.")
+    grader_timeout_seconds: float = Field(10.0, gt=0, le=86400, description="Time limit of the GRADER file's functions on one output; an output that overruns it is a grading error (counted as wrong) and the run goes on.")
 
     # Evaluation during training
     eval_data_files: list[str] = Field(default_factory=list, description="Held-out files for evaluation during training.")

@@ -54,6 +54,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import importlib.util
@@ -63,6 +64,7 @@ import math
 import numbers
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -139,8 +141,11 @@ class _GradingError(Exception):
     """One output could not be graded (raised and caught inside the worker)."""
 
 
-def _one_line(text: str) -> str:
-    text = " ".join(str(text).split())
+def _one_line(text: object) -> str:
+    try:
+        text = " ".join(str(text).split())
+    except Exception:  # an exception whose __str__ itself fails
+        text = f"<{type(text).__name__} that cannot be shown>"
     return text if len(text) <= _MESSAGE_CHARS else text[:_MESSAGE_CHARS] + " …"
 
 
@@ -228,8 +233,15 @@ def _load_functions(path: Path, sha256: str) -> dict[str, Callable]:
 def _checked(name: str, value: Any) -> Any:
     """``value`` as the grader needs it, or a :class:`_GradingError` naming the wrong type."""
     if name == "extract_final_answer":
-        if value is None or isinstance(value, str):
+        if value is None:
             return value
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+                return value
+            except UnicodeEncodeError:  # a lone surrogate: no file could hold the results
+                raise _GradingError(f"{name} returned a str that is not valid Unicode "
+                                    f"({_one_line(ascii(value))[:80]})") from None
     elif name == "score":
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             number = float(value)
@@ -251,7 +263,7 @@ def _grade_request(functions: dict[str, Callable], request: dict, path: Path,
         announce({"calling": name})  # so that a timeout names the function that hung
         try:
             value = functions[name](*args)
-        except (Exception, SystemExit) as e:
+        except (Exception, SystemExit, KeyboardInterrupt) as e:
             raise _GradingError(f"{name} raised {type(e).__name__}: {_one_line(e)}"
                                 f"{_line_in(e, path)}") from None
         return _checked(name, value)
@@ -282,7 +294,12 @@ def _serve(path: str, sha256: str) -> None:
     then per request any number of ``{"calling": name}`` and one ``{"result": ...}``. Whatever
     else writes to ``sys.stdout`` (the file's prints) goes to stderr instead.
     """
-    replies, sys.stdout = sys.stdout, sys.stderr
+    # Replies travel on a descriptor of their own (not inherited by the file's subprocesses),
+    # and descriptor 1 becomes stderr: whatever the file writes there (print, os.write(1, ...),
+    # os.system, a subprocess, sys.__stdout__) cannot corrupt a reply, nor closing it end them.
+    replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
 
     def reply(message: dict) -> None:
         print(json.dumps(message), file=replies, flush=True)
@@ -307,7 +324,8 @@ def _kill(holder: list) -> None:
     process = holder[0]
     holder[0] = None
     if process is not None:
-        process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # the worker and whatever it started
         process.wait()
         process.stdin.close()
         process.stdout.close()
@@ -324,9 +342,11 @@ class _Worker:
         package_root = str(Path(__file__).resolve().parents[1])  # the worker imports this copy
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [package_root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        # A session of its own: Ctrl-C in the terminal reaches only this process (which kills
+        # the worker), and killing the worker's process group also ends what the file started.
         self.process = subprocess.Popen(
             [sys.executable, "-c", _WORKER_CODE, str(path), sha256], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, bufsize=0, env=env)
+            stdout=subprocess.PIPE, bufsize=0, env=env, start_new_session=True)
         self._buffer = b""
 
     def send(self, message: dict) -> bool:
@@ -352,7 +372,10 @@ class _Worker:
                 raise EOFError
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)
+        try:
+            return json.loads(line)
+        except ValueError:  # not a reply: treat the worker as gone
+            raise EOFError from None
 
 
 class Grader:
@@ -425,8 +448,9 @@ class Grader:
         try:
             reply = worker.receive(time.monotonic() + _WORKER_START_SECONDS)
         except EOFError:
-            reply = {"error": f"the worker process exited (code {worker.process.wait()}) while "
-                              "loading it (its errors are on stderr above)"}
+            _kill(self._holder)
+            reply = {"error": f"the worker process exited (code {worker.process.returncode}) "
+                              "while loading it (its errors are on stderr above)"}
         if reply is None or "ready" not in reply:
             _kill(self._holder)
             self._worker = None
@@ -472,8 +496,8 @@ class Grader:
                     calling = reply["calling"]
                     reply = worker.receive(deadline)
             except EOFError:  # it died: os._exit, a crash in C code, killed from outside
-                exit_code = worker.process.wait()
-                self._stop()
+                self._stop()  # kills what is left of it, then waits
+                exit_code = worker.process.returncode
                 return {"error": f"{self.path.name}: the grader's process exited (code "
                                  f"{exit_code}) in {calling}"}
             if reply is not None:

@@ -338,6 +338,8 @@ def _from_question_answer(record: dict, where: str) -> Normalized:
     question, answer = _text(record, "question", where), _text(record, "answer", where)
     messages = [Message(role="user", content=question),
                 Message(role="assistant", content=_strip_calculator_annotations(answer))]
+    if record.get("reference_answer") is not None:  # an explicit reference, as for messages
+        return messages, _answer_text(record, "reference_answer", where)
     return messages, gsm8k_final_answer(answer)
 
 

@@ -57,8 +57,8 @@ def dry_run(config: TrainConfig, console: Console | None = None) -> DryRunReport
     """
     console = console or Console()
     tokenizer = engines.load_engine_tokenizer(config)
+    load_held_out(config, tokenizer, console)  # checks GRADER first, as a run does
     examples = load_examples(config, tokenizer, console)
-    load_held_out(config, tokenizer, console)
     per_epoch, total_steps = plan_steps(len(examples), config)
     planned = (f"Dry run: {len(examples)} examples, {total_steps} steps ({per_epoch} per epoch, "
                f"batch {config.batch_size})")
