@@ -447,8 +447,8 @@ def test_non_text_part_is_a_counted_skip(tmp_path):
     assert [c.source for c in result.conversations] == [f"{path}:1", f"{path}:3"]
     assert result.skipped == [(f"{path}:2", "field 'messages[0].content[1]': a 'image_url' "
                                "content part; only text parts can be trained on here (remove the "
-                               "part, or skip such records: --on-error skip, or ON_ERROR = "
-                               "\"skip\" in a train config)")]
+                               "part, or skip such records: ON_ERROR = \"skip\" in the config, "
+                               "--set ON_ERROR=skip, or --on-error skip for split and stats)")]
     assert result.counts == {str(path): 2}
 
 

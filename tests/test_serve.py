@@ -6,6 +6,7 @@ hosted service. Results are compared with the local engine run in process on the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -548,7 +549,8 @@ def test_a_huge_sample_stops_when_its_session_ends_and_at_shutdown(tmp_path, tin
             time.sleep(0.5)
         # the session ended: its samples are cancelled, the worker stops at a decode step
         assert _wait(lambda: not _sample_threads(), 15) < 15
-        with service(running.url) as client:
+        client = tinker.ServiceClient(base_url=running.url, api_key=KEY)
+        try:
             sampler = client.create_sampling_client(base_model=tiny_model).result()
             for _ in range(4):
                 sampler.sample(prompt, 256, huge)
@@ -558,6 +560,9 @@ def test_a_huge_sample_stops_when_its_session_ends_and_at_shutdown(tmp_path, tin
             # live session: the same cancellation, so the process exits without waiting
             running.state.close()
             assert _wait(lambda: not _sample_threads(), 15) < 15
+        finally:  # the server has stopped: finishing the session may never be answered
+            with contextlib.suppress(Exception):
+                client.close("interrupted").result(timeout=10)
 
 
 def test_a_cancelled_local_sampler_stops_at_a_decode_step(tiny_model):

@@ -744,6 +744,12 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
                               max_prompt_tokens=None if positions is None else positions - 1)
         finally:
             client.close()
+    if loaded.skipped:  # ON_ERROR=skip: counted and named, as stats, split and train do
+        where, reason = loaded.skipped[0]
+        result.metrics["skipped_records"] = len(loaded.skipped)
+        result.warnings.append(f"{len(loaded.skipped)} record(s) skipped (ON_ERROR=skip); the "
+                               f"first, {where}: {reason}")
+        console.print(f"[yellow]Warning: {result.warnings[-1]}[/yellow]", soft_wrap=True)
     run_config = {**config.dump(), "BASE_MODEL": base, "CHECKPOINT": checkpoint,
                   "DATA": [str(d) for d in data]}
     write_results(result, output, config=run_config)

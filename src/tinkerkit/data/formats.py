@@ -508,8 +508,8 @@ def _content(turn: dict, where: str, name: str, allow_empty: bool = False) -> st
         if kind != "text":
             raise _error(where, part_name,
                          f"a {kind!r} content part; only text parts can be trained on here "
-                         "(remove the part, or skip such records: --on-error skip, or ON_ERROR = \"skip\" "
-                         "in a train config)"
+                         "(remove the part, or skip such records: ON_ERROR = \"skip\" in the "
+                         "config, --set ON_ERROR=skip, or --on-error skip for split and stats)"
                          if isinstance(kind, str) else
                          f"a content part needs a string 'type', got {_kind(kind)}")
         texts.append(_text(part, "text", where, prefix=part_name, allow_empty=True))
