@@ -39,3 +39,19 @@ def tiny_qwen3(tmp_path_factory, qwen_tokenizer) -> str:
                                initializer_range=0.2)
     save_random_model(config, path, qwen_tokenizer, seed=0)
     return str(path)
+
+
+@pytest.fixture
+def fake_engine(monkeypatch, smol_tokenizer):
+    """Every training client the loop creates is a scripted ``test_train_loop.FakeClient``;
+    returns the list of those created."""
+    from test_train_loop import FakeClient
+
+    clients = []
+
+    def create(config, checkpoint_root, state=None, with_optimizer=False):
+        clients.append(FakeClient(smol_tokenizer, checkpoint_root))
+        return clients[-1]
+
+    monkeypatch.setattr("tinkerkit.engines.create_training_client", create)
+    return clients

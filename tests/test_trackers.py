@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from test_train_loop import FakeClient, write_chat
+from test_train_loop import write_chat
 from tinkerkit import files
 from tinkerkit.config import load_config
 from tinkerkit.errors import ConfigError
@@ -24,18 +24,6 @@ from tinkerkit.train.trackers import TRACKERS_FILE, check_trackers
 def needs(package: str):
     return pytest.mark.skipif(importlib.util.find_spec(package) is None,
                               reason=f"{package} is not installed: pip install 'tinkerkit[{package}]'")
-
-
-@pytest.fixture
-def fake_engine(monkeypatch, smol_tokenizer):
-    clients = []
-
-    def create(config, checkpoint_root, state=None, with_optimizer=False):
-        clients.append(FakeClient(smol_tokenizer, checkpoint_root))
-        return clients[-1]
-
-    monkeypatch.setattr("tinkerkit.engines.create_training_client", create)
-    return clients
 
 
 def run(tmp_path, report_to: str, *extra: str):

@@ -52,18 +52,6 @@ class FakeClient:
         return done(type("Saved", (), {"path": str(path)})())
 
 
-@pytest.fixture
-def fake_engine(monkeypatch, smol_tokenizer, tmp_path):
-    clients = []
-
-    def create(config, checkpoint_root, state=None, with_optimizer=False):
-        clients.append(FakeClient(smol_tokenizer, checkpoint_root))
-        return clients[-1]
-
-    monkeypatch.setattr("tinkerkit.engines.create_training_client", create)
-    return clients
-
-
 def write_chat(path, answers):
     lines = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
                                       {"role": "assistant", "content": a}]})
