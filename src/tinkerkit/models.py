@@ -231,6 +231,41 @@ def _build_qwen3_tiny_random(out: Path) -> None:
     save_random_model(qwen3_tiny_config(), out, load_tokenizer("qwen3-tokenizer"))
 
 
+def qwen3_moe_tiny_config(vocab_size: int = QWEN3_VOCAB_SIZE, **overrides):
+    """The config of ``qwen3-moe-tiny-random``: Qwen3-MoE's architecture at a tiny width.
+
+    Hidden size 256, 4 layers, 4 attention heads of dimension 64 (2 key/value heads), a sparse
+    MLP in every layer: 8 experts of width 128, 2 routed per token, softmax router with the top-k
+    weights renormalized (as Qwen3-30B-A3B's ``norm_topk_prob``), untied embeddings, Qwen3's RoPE
+    base, RMSNorm epsilon, positions and token ids. transformers 5 builds the experts of a layer
+    as two fused parameters, ``experts.gate_up_proj [E, 2I, H]`` (gate rows first, then up) and
+    ``experts.down_proj [E, H, I]``; its checkpoints store each expert's ``gate_proj``,
+    ``up_proj`` and ``down_proj`` apart.
+
+    Args:
+        vocab_size: Embedding rows (Qwen3's 151,936 by default).
+        **overrides: Other ``Qwen3MoeConfig`` fields (tests shrink the model with them).
+
+    Returns:
+        A ``transformers.Qwen3MoeConfig``.
+    """
+    from transformers import Qwen3MoeConfig
+
+    fields = dict(vocab_size=vocab_size, hidden_size=256, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                  intermediate_size=1024, moe_intermediate_size=128, num_experts=8,
+                  num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+                  mlp_only_layers=[], tie_word_embeddings=False, max_position_embeddings=40960,
+                  rope_theta=1_000_000.0, rms_norm_eps=1e-6, bos_token_id=QWEN_FIRST_ADDED_ID,
+                  eos_token_id=QWEN_FIRST_ADDED_ID + 2, pad_token_id=QWEN_FIRST_ADDED_ID)
+    fields.update(overrides)
+    return Qwen3MoeConfig(**fields)
+
+
+def _build_qwen3_moe_tiny_random(out: Path) -> None:
+    save_random_model(qwen3_moe_tiny_config(), out, load_tokenizer("qwen3-tokenizer"))
+
+
 REGISTRY: dict[str, RegistryEntry] = {
     entry.name: entry
     for entry in [
@@ -252,6 +287,13 @@ REGISTRY: dict[str, RegistryEntry] = {
             description="random Qwen3-architecture model (hidden 256, 4 layers, real 151,936 "
                         "vocabulary, seeded) with the Qwen3 tokenizer, for tests and benchmarks",
             build=_build_qwen3_tiny_random,
+        ),
+        RegistryEntry(
+            name="qwen3-moe-tiny-random",
+            description="random Qwen3-MoE-architecture model (hidden 256, 4 layers of 8 experts, "
+                        "2 routed, real 151,936 vocabulary, seeded) with the Qwen3 tokenizer, "
+                        "for tests and benchmarks",
+            build=_build_qwen3_moe_tiny_random,
         ),
     ]
 }
