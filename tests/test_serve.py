@@ -316,8 +316,8 @@ def test_unknown_base_model_and_models_file(tmp_path, tiny_model):
         with pytest.raises(tinker.BadRequestError) as refused:
             client.create_lora_training_client("meta-llama/Llama-3.1-8B", rank=4).result()
         assert str(refused.value).endswith(  # registry models with weights; no tokenizer-only
-            "served models: Qwen/Qwen3-8B, qwen3-tiny-random, smollm2-135m-instruct or a HF model "
-            'directory on the server"}')
+            "served models: Qwen/Qwen3-8B, qwen3-moe-tiny-random, qwen3-tiny-random, "
+            'smollm2-135m-instruct or a HF model directory on the server"}')
         training = client.create_lora_training_client("Qwen/Qwen3-8B", **LORA).result()
         assert training.get_info().model_data.model_name == "Qwen/Qwen3-8B"
         # no tokenizer_id in the entry: the model directory's own tokenizer, offline
