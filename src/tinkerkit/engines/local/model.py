@@ -388,6 +388,33 @@ def _check_base_copies(model: PeftModel, tensors: dict[str, torch.Tensor], path:
                                   "weight; only LoRA weights (lora_A, lora_B) can be applied")
 
 
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The weight change of a LoRA pair, ``scaling · B·A``, in float32.
+
+    The one formula for merges (export's streaming merge, expert merges); ``scaling`` is
+    ``alpha / r`` (LoRA, Hu et al. 2021, eq. 4; PEFT's ``scaling``).
+
+    Args:
+        lora_A: ``[r, in]``, or for experts in Tinker's layout ``[E or 1, r, in]``.
+        lora_B: ``[out, r]``, or ``[E or 1, out, r]``. A leading dimension of 1 is a factor
+            shared by all experts (Tinker's "shared outer" scheme) and is broadcast.
+        scaling: ``alpha / r``.
+
+    Returns:
+        ``[out, in]``, or ``[E, out, in]`` for experts; float32 whatever the inputs' dtype.
+
+    Raises:
+        ValueError: The shapes do not chain (``A``'s rank against ``B``'s, or two expert counts
+            that differ and are not 1).
+    """
+    a, b = lora_A.float(), lora_B.float()
+    if a.dim() != b.dim() or a.dim() not in (2, 3) or a.shape[-2] != b.shape[-1] or (
+            a.dim() == 3 and 1 not in (a.shape[0], b.shape[0]) and a.shape[0] != b.shape[0]):
+        raise ValueError(f"LoRA shapes do not chain: lora_A {list(a.shape)}, "
+                         f"lora_B {list(b.shape)}")
+    return scaling * torch.matmul(b, a)
+
+
 def merge_lora(model: PeftModel, source: str | Path) -> torch.nn.Module:
     """Fold a ``PeftModel``'s LoRA weights into its base weights and return the base model.
 
