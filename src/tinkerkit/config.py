@@ -317,7 +317,7 @@ def _parse_scalar(text: str) -> Any:
     return value
 
 
-def _without_userinfo(url: str) -> str:
+def without_userinfo(url: str) -> str:
     """``url`` with any ``user:password@`` part replaced by ``***@`` (for error messages)."""
     parsed = urlsplit(url)
     if parsed.username is None and parsed.password is None:
@@ -335,7 +335,7 @@ def _format_validation(error: ValidationError, values: dict[str, Any],
             continue
         value = values.get(name, item.get("input"))
         if name == "tinker_base_url" and isinstance(value, str):
-            value = _without_userinfo(value)
+            value = without_userinfo(value)
         message = item["msg"].removeprefix("Value error, ")
         where = f"{origins[name]}: " if name in origins else ""
         problems.append(f"{where}{name.upper()}={value!r}: {message}")

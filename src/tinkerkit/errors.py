@@ -110,3 +110,8 @@ class RequestError(TinkerkitError, ValueError):
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
         return cls(400, f"{what}: {where}: {first['msg']}")
+
+
+class TrackerError(TinkerkitError, RuntimeError):
+    """An experiment tracker (``REPORT_TO``) that failed to start its run or to record a value;
+    the message names the tracker. The trackers already opened are closed as failed."""

@@ -53,7 +53,6 @@ from tinkerkit.train.metrics import (
 )
 from tinkerkit.train.run_dir import (
     CONFIG_FILE,
-    METRICS_FILE,
     check_new_run_dir,
     default_run_dir,
     export_final,
@@ -137,8 +136,9 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
     client = engines.create_training_client(config, run_dir / "checkpoints",
                                             state=entry["path"] if resume else init_from,
                                             with_optimizer=bool(resume))
+    kept, logged_through = [], None  # a resumed run's lines and last logged step (trackers)
     if resume:
-        truncate_logs(run_dir, start_step)
+        kept, logged_through = truncate_logs(run_dir, start_step)
         console.print(f"Resuming {run_dir} from step {start_step} ({entry['path']})")
         for reason in entry.get("skipped", []):
             console.print(f"skipped the newer {reason}; the steps after {start_step} are "
@@ -149,9 +149,8 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
                   f"in {run_dir}")
 
     started = time.perf_counter()
-    kept = files.read_jsonl(run_dir / METRICS_FILE) if resume else []  # replayed to the trackers
     # Ctrl-C here stops with the checkpoint to resume from (TrainingInterrupted).
-    with open_trackers(config.report_to, run_dir, resolved, kept) as trackers:
+    with open_trackers(config.report_to, run_dir, resolved, kept, logged_through) as trackers:
         with progress_bar(console) as progress, interrupt_names_checkpoint(run_dir):
             task = progress.add_task("train", total=total_steps, completed=start_step, info="")
             log = StepLog(run_dir, progress, task, config.loss_plateau_window, trackers)

@@ -147,11 +147,18 @@ def refuse_other_run_dir(given: str | Path | None, resumed: Path) -> None:
                           f"--init-from {resumed} --run-dir {given}")
 
 
-def truncate_logs(run_dir: Path, step: int) -> None:
-    """Drop metric and checkpoint lines after ``step`` so every step is logged exactly once."""
+def truncate_logs(run_dir: Path, step: int) -> tuple[list[dict], int]:
+    """Drop metric and checkpoint lines after ``step`` so every step is logged exactly once.
+
+    Returns:
+        The ``metrics.jsonl`` lines kept, and the last step it held before (0: none), which is
+        what the run's trackers were sent.
+    """
+    logged = files.read_jsonl(run_dir / METRICS_FILE)
     for name in (METRICS_FILE, CHECKPOINTS_FILE):
-        records = files.read_jsonl(run_dir / name)
+        records = logged if name == METRICS_FILE else files.read_jsonl(run_dir / name)
         files.rewrite_jsonl(run_dir / name, [r for r in records if r["step"] <= step])
+    return [r for r in logged if r["step"] <= step], max((r["step"] for r in logged), default=0)
 
 
 def save_checkpoint(client, run_dir: Path, step: int, epoch: int) -> str:

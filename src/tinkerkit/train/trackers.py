@@ -4,7 +4,7 @@ Each tracker receives, through its library's own API and under the run's name (t
 directory's name):
 
 * every line of ``metrics.jsonl`` at its ``step`` (``loss``, ``lr``, tokens, ``seconds``,
-  ``eval_loss``/``eval_accuracy`` where due; a resumed run first replays the lines it keeps);
+  ``eval_loss``/``eval_accuracy`` where due), each step exactly once (see Resume below);
 * the resolved config (:meth:`TrainConfig.dump`, which holds no secret: the API key is read from
   the environment and never is a field) as hyperparameters;
 * the run's summary at the end (``final_eval_loss``, ``tokens_per_second``, ...) and the metrics
@@ -22,7 +22,21 @@ mlflow          ``MLFLOW_TRACKING_URI`` (default ``file:RUN_DIR/mlruns``, MLflow
 ==============  ===========================================================================
 
 The ids of the tracker runs are kept in ``RUN_DIR/trackers.json`` so that ``tinkerkit eval``
-adds its metrics to the run that trained the checkpoint.
+adds its metrics to the run that trained the checkpoint, and ``--resume`` continues them.
+
+Usability is checked before the model loads (:func:`check_trackers`): the package, W&B's API key
+(unless ``WANDB_MODE`` is ``offline`` or ``disabled``), MLflow's ``MLFLOW_TRACKING_URI``. When a
+tracker fails to start or to record, or the run fails, every tracker run already started ends as
+failed (MLflow ``FAILED``, W&B exit code 1), never left ``RUNNING``.
+
+Resume: a resumed run continues the tracker runs of ``trackers.json`` (the same MLflow run, set
+``RUNNING`` again; the same W&B run, ``resume="allow"``; the same TensorBoard directory) and sends
+each tracker only the steps after the last one it holds: TensorBoard's and MLflow's own record
+(the event files, the ``loss`` history), W&B's the last step of ``metrics.jsonl`` before the
+resume. A step logged before the run stopped and trained again after the resume keeps its first
+values there (the same ones, as resume is exact, except ``seconds``); ``metrics.jsonl`` holds the
+new ones. A tracker added to ``REPORT_TO`` at the resume starts a run and first gets the kept
+lines.
 
 Example::
 
@@ -33,6 +47,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -43,7 +58,8 @@ from typing import Any, Protocol
 
 from tinkerkit import files
 from tinkerkit.checkpoint import CHECKPOINTS_FILE, checkpoint_path, is_tinker_path
-from tinkerkit.errors import ConfigError
+from tinkerkit.config import without_userinfo
+from tinkerkit.errors import ConfigError, TrackerError
 from tinkerkit.train.run_dir import CONFIG_FILE
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -56,21 +72,79 @@ _MLFLOW_PARAM_LENGTH = 6000
 
 
 def check_trackers(names: Sequence[str]) -> None:
-    """Check that the package of every tracker in ``names`` is installed (without importing it).
+    """Check, before the model loads, that every tracker in ``names`` can start its run.
+
+    The package of each must be installed (found without importing it). W&B, unless
+    ``WANDB_MODE`` is ``offline`` or ``disabled``, needs an API key: ``wandb.login`` finds it
+    in ``WANDB_API_KEY``, W&B's settings or ``~/.netrc`` without contacting the server (and asks
+    for it at a terminal). MLflow with ``MLFLOW_TRACKING_URI`` set must reach its store there
+    (the default store is a directory of the run: nothing to check).
 
     Raises:
-        ConfigError: A tracker's package is missing; one line naming the extra that installs it.
+        ConfigError: A tracker cannot start; one line naming what to install or to set.
     """
     for name in names:
         if importlib.util.find_spec(_MODULES[name]) is None:
             raise ConfigError(f"REPORT_TO includes {name!r} but the {_MODULES[name]} package is not "
                               f"installed: pip install 'tinkerkit[{name}]'")
+    if "wandb" in names:
+        _check_wandb()
+    if "mlflow" in names and os.environ.get("MLFLOW_TRACKING_URI"):
+        _check_mlflow(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def _check_wandb() -> None:
+    """W&B's credentials, where its mode needs them (:func:`check_trackers`)."""
+    if os.environ.get("WANDB_MODE", "").strip().lower() in ("offline", "dryrun", "disabled"):
+        return
+    # Imported here: the optional `wandb` package is needed only when it is reported to.
+    import wandb
+    from wandb.errors import AuthenticationError, UsageError
+
+    try:
+        wandb.login(verify=False)  # no request to the server: wandb.init verifies the key
+    except (UsageError, AuthenticationError) as e:  # W&B's messages never hold the key
+        raise ConfigError(f"REPORT_TO includes 'wandb' but W&B has no usable API key ({e}): set "
+                          "WANDB_API_KEY or run `wandb login`, or set WANDB_MODE=offline to log "
+                          "without an account") from None
+
+
+def _check_mlflow(uri: str) -> None:
+    """That MLflow's store at ``uri`` answers (:func:`check_trackers`)."""
+    from mlflow.exceptions import MlflowException  # optional package, as above
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=uri).get_experiment_by_name(_mlflow_experiment())
+    except MlflowException as e:
+        raise ConfigError(f"REPORT_TO includes 'mlflow' but MLflow's store at "
+                          f"MLFLOW_TRACKING_URI={without_userinfo(uri)} does not answer: "
+                          f"{_first_line(e.message)}; start its server, or unset "
+                          "MLFLOW_TRACKING_URI to log into RUN_DIR/mlruns") from None
+
+
+def _mlflow_experiment() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or "tinkerkit"
+
+
+def _first_line(text: str) -> str:
+    return " ".join(str(text).split("\n")[0].split())
 
 
 class Tracker(Protocol):
-    """One experiment tracker's run."""
+    """One experiment tracker's run.
+
+    Made as ``Tracker(run_dir, config, run_id=None, resume=False)``: a new run (``run_id``
+    None), the run ``run_id`` continued by a resumed training (``resume``: it is running again
+    and ends with the run), or the run ``run_id`` given values after its training
+    (``tinkerkit eval``: its status is left as it is where the tracker has one).
+    """
 
     run_id: str
+
+    def held_step(self) -> int | None:
+        """The last step the run holds (0: none), from the tracker's own record; None when the
+        tracker cannot tell (the caller then knows from ``metrics.jsonl``)."""
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Record numeric ``metrics`` at optimizer ``step``."""
@@ -97,7 +171,8 @@ def _flat_params(config: dict) -> dict[str, Any]:
 class TensorBoardTracker:
     """Event files in ``RUN_DIR/tensorboard``; the config as the hparams plugin's session."""
 
-    def __init__(self, run_dir: Path, config: dict, run_id: str | None = None) -> None:
+    def __init__(self, run_dir: Path, config: dict, run_id: str | None = None,
+                 resume: bool = False) -> None:
         # Imported here: the optional `tensorboard` package is needed only when it is reported to.
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
@@ -109,6 +184,16 @@ class TensorBoardTracker:
             for summary in hparams(_flat_params(config), {}):  # experiment, session start, end
                 self.writer.file_writer.add_summary(summary)
             self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
+
+    def held_step(self) -> int | None:
+        # What the event files hold (a killed run loses the events still in the writer's queue,
+        # so metrics.jsonl's last step may be later); read with TensorBoard's own reader.
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(self.run_id, size_guidance={"scalars": 0})
+        events.Reload()
+        return max((event.step for tag in events.Tags()["scalars"]
+                    for event in events.Scalars(tag)), default=0)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for key, value in metrics.items():
@@ -123,15 +208,18 @@ class TensorBoardTracker:
 class WandbTracker:
     """A W&B run named after the run directory; W&B's environment variables apply."""
 
-    def __init__(self, run_dir: Path, config: dict, run_id: str | None = None) -> None:
+    def __init__(self, run_dir: Path, config: dict, run_id: str | None = None,
+                 resume: bool = False) -> None:
         import wandb  # optional package, as above
 
-        self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "tinkerkit",
                               name=run_dir.name, config=config, id=run_id,
                               resume="allow" if run_id else None,
                               dir=os.environ.get("WANDB_DIR") or str(run_dir), reinit="create_new")
         self.run_id = self.run.id
+
+    def held_step(self) -> int | None:
+        return None  # offline, W&B cannot know what an earlier process logged
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
@@ -148,7 +236,8 @@ class MlflowTracker:
     """An MLflow run named after the run directory, through :class:`mlflow.tracking.MlflowClient`
     (no global active run)."""
 
-    def __init__(self, run_dir: Path, config: dict, run_id: str | None = None) -> None:
+    def __init__(self, run_dir: Path, config: dict, run_id: str | None = None,
+                 resume: bool = False) -> None:
         from mlflow.entities import Param  # optional package, as above
         from mlflow.tracking import MlflowClient
 
@@ -159,17 +248,23 @@ class MlflowTracker:
             uri = (run_dir / "mlruns").resolve().as_uri()
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
+        self.ends_run = run_id is None or resume  # tinkerkit eval leaves the status alone
         if run_id is None:
-            name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "tinkerkit"
-            experiment = self.client.get_experiment_by_name(name)
+            experiment = self.client.get_experiment_by_name(_mlflow_experiment())
             experiment_id = (experiment.experiment_id if experiment is not None
-                             else self.client.create_experiment(name))
+                             else self.client.create_experiment(_mlflow_experiment()))
             run_id = self.client.create_run(experiment_id, run_name=run_dir.name,
                                             tags={"tinkerkit.run_dir": str(run_dir)}).info.run_id
             params = [Param(k, str(v)[:_MLFLOW_PARAM_LENGTH])
                       for k, v in _flat_params(config).items()]
             self.client.log_batch(run_id, params=params)
+        elif resume:  # the stopped run (FAILED, or RUNNING if killed) runs again
+            self.client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
+
+    def held_step(self) -> int | None:
+        return max((m.step for m in self.client.get_metric_history(self.run_id, "loss")),
+                   default=0)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -181,7 +276,8 @@ class MlflowTracker:
     summarize = log
 
     def close(self, failed: bool) -> None:
-        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+        if self.ends_run:
+            self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 _CLASSES = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}
@@ -189,67 +285,131 @@ _CLASSES = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": 
 
 class Trackers:
     """The trackers of one run, as one: :meth:`log` sends to each. A context manager that closes
-    them (marking the runs failed when the block raised)."""
+    them (marking the runs failed when the block raised).
 
-    def __init__(self, trackers: dict[str, Tracker]) -> None:
+    Args:
+        trackers: The open trackers by name.
+        held: The last step each one already holds (a resumed run's): :meth:`log` sends it only
+            later steps. Missing: 0.
+    """
+
+    def __init__(self, trackers: dict[str, Tracker], held: dict[str, int] | None = None) -> None:
         self.trackers = trackers
+        self.held = held if held is not None else {}
 
     def log(self, line: dict, step: int) -> None:
-        """Send the numeric values of a ``metrics.jsonl`` line at ``step``; None values (nothing
-        gradable) are left out."""
+        """Send the numeric values of a ``metrics.jsonl`` line at ``step`` to each tracker that
+        does not hold that step yet; None values (nothing gradable) are left out.
+
+        Raises:
+            TrackerError: A tracker failed to record them (its name and the step in the message).
+        """
         metrics = _numbers(line)
-        if metrics:
-            for tracker in self.trackers.values():
-                tracker.log(metrics, step)
+        for name, tracker in self.trackers.items():
+            if metrics and step > self.held.get(name, 0):
+                _calling(name, f"record step {step}", tracker.log, metrics, step)
 
     def summarize(self, line: dict, step: int) -> None:
         """Send the numeric values of a run's summary or evaluation results (see
-        :meth:`Tracker.summarize`)."""
+        :meth:`Tracker.summarize`).
+
+        Raises:
+            TrackerError: A tracker failed to record them.
+        """
         metrics = _numbers(line)
-        if metrics:
-            for tracker in self.trackers.values():
-                tracker.summarize(metrics, step)
+        for name, tracker in self.trackers.items():
+            if metrics:
+                _calling(name, "record the summary", tracker.summarize, metrics, step)
 
     def close(self, failed: bool = False) -> None:
-        """End every tracker's run."""
-        for tracker in self.trackers.values():
-            tracker.close(failed)
+        """End every tracker's run (each one, even when another fails to end).
+
+        Raises:
+            TrackerError: A tracker failed to end its run (after every other one was ended).
+        """
+        problems = []
+        for name, tracker in self.trackers.items():
+            try:
+                _calling(name, "end its run", tracker.close, failed)
+            except TrackerError as e:
+                problems.append(str(e))
+        if problems:
+            raise TrackerError("; ".join(problems))
 
     def __enter__(self) -> Trackers:
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
-        self.close(failed=kind is not None)
+        try:
+            self.close(failed=kind is not None)
+        except TrackerError:
+            if kind is None:  # the block's own error, if any, is the one to report
+                raise
 
 
 NO_TRACKERS = Trackers({})
 
 
-def open_trackers(names: Sequence[str], run_dir: Path, config: dict,
-                  replay: Sequence[dict] = ()) -> Trackers:
-    """Start a run in each tracker of ``names`` and record their ids in ``RUN_DIR/trackers.json``.
+def _calling(name: str, action: str, fn, *args: Any) -> Any:
+    """``fn(*args)``, a library's failure as a one-line :class:`TrackerError` naming the tracker."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        raise TrackerError(f"REPORT_TO: {name} could not {action}: {type(e).__name__}: "
+                           f"{_first_line(e)}") from e
+
+
+def open_trackers(names: Sequence[str], run_dir: Path, config: dict, kept: Sequence[dict] = (),
+                  logged_through: int | None = None) -> Trackers:
+    """Start a run in each tracker of ``names`` (or continue it, when resuming) and record their
+    ids in ``RUN_DIR/trackers.json``.
 
     Args:
         names: ``REPORT_TO``: any of :data:`TRACKERS`.
         run_dir: The run directory; its name is the tracker runs' name.
         config: The resolved config (:meth:`TrainConfig.dump`), sent as hyperparameters.
-        replay: ``metrics.jsonl`` lines already logged (a resumed run's), sent first.
+        kept: A resumed run's ``metrics.jsonl`` lines (up to its checkpoint): a tracker gets
+            those after the last step it holds (all of them when it starts a run).
+        logged_through: A resumed run's last step in ``metrics.jsonl`` before the resume (what
+            its trackers were sent); None for a new run.
 
     Returns:
         The trackers (:data:`NO_TRACKERS` when ``names`` is empty).
 
     Raises:
         ConfigError: A tracker's package is missing (:func:`check_trackers`).
+        TrackerError: A tracker failed to start or to record; those already started were ended
+            as failed.
     """
     if not names:
         return NO_TRACKERS
     check_trackers(names)
-    trackers = Trackers({name: _CLASSES[name](run_dir, config) for name in names})
-    files.atomic_write_json(run_dir / TRACKERS_FILE,
-                            {name: t.run_id for name, t in trackers.trackers.items()})
-    for line in replay:
-        trackers.log(line, line["step"])
+    previous = _tracker_ids(run_dir) if logged_through is not None else {}
+    trackers = Trackers({}, {})
+    try:
+        for name in names:
+            run_id = previous.get(name)
+            tracker = _calling(name, "start its run", _CLASSES[name], run_dir, config, run_id,
+                               run_id is not None)
+            trackers.trackers[name] = tracker
+            if run_id is not None:
+                held = _calling(name, "read the steps it holds", tracker.held_step)
+                trackers.held[name] = logged_through if held is None else held
+        files.atomic_write_json(run_dir / TRACKERS_FILE, {
+            **previous, **{name: t.run_id for name, t in trackers.trackers.items()}})
+        for line in kept:
+            trackers.log(line, line["step"])
+    except BaseException:
+        with contextlib.suppress(TrackerError):
+            trackers.close(failed=True)
+        raise
     return trackers
+
+
+def _tracker_ids(run_dir: Path) -> dict[str, str]:
+    """The tracker run ids of ``RUN_DIR/trackers.json`` (none when the run reported to none)."""
+    path = run_dir / TRACKERS_FILE
+    return files.read_json(path) if path.is_file() else {}
 
 
 def report_evaluation(checkpoint: str | Path | None, metrics: dict) -> list[str]:
@@ -266,19 +426,22 @@ def report_evaluation(checkpoint: str | Path | None, metrics: dict) -> list[str]
         The names of the trackers reported to (empty when the run reported to none).
 
     Raises:
-        ConfigError: A tracker's package is missing.
+        ConfigError: A tracker cannot start (:func:`check_trackers`).
+        TrackerError: A tracker failed to open the run or to record the metrics.
     """
     found = _run_of(checkpoint)
     if found is None:
         return []
     run_dir, step = found
-    ids = files.read_json(run_dir / TRACKERS_FILE)
+    ids = _tracker_ids(run_dir)
     check_trackers(list(ids))
     config = files.read_json(run_dir / CONFIG_FILE)
-    opened = {name: _CLASSES[name](run_dir, config, run_id=run_id) for name, run_id in ids.items()}
-    with Trackers(opened) as trackers:
+    with Trackers({}) as trackers:
+        for name, run_id in ids.items():
+            trackers.trackers[name] = _calling(name, "open its run", _CLASSES[name], run_dir,
+                                               config, run_id)
         trackers.summarize({f"eval/{k}": v for k, v in metrics.items()}, step)
-    return list(opened)
+    return list(ids)
 
 
 def _run_of(checkpoint: str | Path | None) -> tuple[Path, int] | None:
