@@ -51,6 +51,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,8 +120,13 @@ def _check_mlflow(uri: str) -> None:
     except MlflowException as e:
         raise ConfigError(f"REPORT_TO includes 'mlflow' but MLflow's store at "
                           f"MLFLOW_TRACKING_URI={without_userinfo(uri)} does not answer: "
-                          f"{_first_line(e.message)}; start its server, or unset "
+                          f"{_USERINFO.sub('://***@', _first_line(e.message))}; start its "
+                          "server, or unset "
                           "MLFLOW_TRACKING_URI to log into RUN_DIR/mlruns") from None
+
+
+# user:password@ in the URLs of MLflow's messages (the tracking URI may carry credentials)
+_USERINFO = re.compile(r"://[^/\s@]+@")
 
 
 def _mlflow_experiment() -> str:
