@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import tinker
 
+from tinkerkit import files
+from tinkerkit.cli import main
 from tinkerkit.config import load_config
 from tinkerkit.errors import ConfigError
 from tinkerkit.render import RenderedExample
@@ -153,3 +155,28 @@ def test_run_dir_with_resume_is_refused_unless_it_is_the_run(fake_engine, tmp_pa
                                f"{tmp_path / 'elsewhere'}")
     assert not (tmp_path / "elsewhere").exists()
     assert train(longer, run_dir=run, resume=str(run)).steps == 2  # its own directory: fine
+
+
+def test_run_dir_setting_with_resume_is_refused_unless_it_is_the_run(fake_engine, tmp_path,
+                                                                     capsys):
+    data = tmp_path / "train.jsonl"
+    write_chat(data, ["a", "b", "c", "d", "e", "f"])
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    settings = [f"DATA_FILES={data}", "BATCH_SIZE=2", "SAVE_EVERY=1", "MAX_STEPS=1"]
+    train(load_config(None, settings), run_dir=run)
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(f'DATA_FILES = ["{data}"]\nBATCH_SIZE = 2\nMAX_STEPS = 3\n'
+                           f'RUN_DIR = "{elsewhere}"\n')
+    refused = (f"error: RUN_DIR={elsewhere}: --resume continues the run in its own directory "
+               f"{run}; drop RUN_DIR, or start a new run from its weights with --init-from {run} "
+               f"--run-dir {elsewhere}\n")
+    for argv in (["--set", f"RUN_DIR={elsewhere}", "--set", "MAX_STEPS=2"], ["--config", str(config_file)]):
+        assert main(["train", "--resume", str(run), *argv]) == 1
+        assert capsys.readouterr().err == refused
+        assert not elsewhere.exists() and len(files.read_jsonl(run / "metrics.jsonl")) == 1
+    # RUN_DIR naming the run itself is its own directory; a moved run resumes where it is now
+    assert main(["train", "--resume", str(run), "--set", f"RUN_DIR={run}", "--set",
+                 "MAX_STEPS=2"]) == 0
+    run.rename(tmp_path / "moved")  # its config.json still says RUN_DIR = run
+    assert main(["train", "--resume", str(tmp_path / "moved"), "--set", "MAX_STEPS=3"]) == 0
+    assert [r["step"] for r in files.read_jsonl(tmp_path / "moved" / "metrics.jsonl")] == [1, 2, 3]

@@ -117,6 +117,7 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
     if resume:
         given, (run_dir, entry) = run_dir, resolve_resume(resume)
         refuse_other_run_dir(given, run_dir)
+        refuse_other_run_dir(config.run_dir, run_dir, "RUN_DIR")  # from --set or a config file
         start_step = entry["step"]
     run_dir = Path(run_dir or config.run_dir or default_run_dir())
     if not resume:

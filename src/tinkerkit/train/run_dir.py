@@ -117,6 +117,9 @@ def _saves(run_dir: Path) -> str:
 def config_for_resume(run_dir: Path, overrides: dict | None = None) -> TrainConfig:
     """The config saved in a run directory, with ``overrides`` (lower-case fields) applied.
 
+    ``RUN_DIR`` is the directory the run is in now (it may have been moved since it was saved);
+    an override of it is refused by :func:`refuse_other_run_dir` when training starts.
+
     Raises:
         ConfigError: ``config.json`` cannot be read, or the settings are invalid.
     """
@@ -124,26 +127,34 @@ def config_for_resume(run_dir: Path, overrides: dict | None = None) -> TrainConf
         saved = files.read_json(run_dir / CONFIG_FILE)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{run_dir / CONFIG_FILE}: cannot read the run's config: {e}") from e
-    values = {k.lower(): v for k, v in saved.items()}
+    values = {**{k.lower(): v for k, v in saved.items()}, "run_dir": str(run_dir)}
     origins = dict.fromkeys(values, str(run_dir / CONFIG_FILE))
     values.update(overrides or {})
     origins.update(dict.fromkeys(overrides or {}, "the command line"))
     return build_config(values, origins)
 
 
-def refuse_other_run_dir(given: str | Path | None, resumed: Path) -> None:
-    """Refuse a ``--run-dir`` that is not the directory of the run being resumed.
+def refuse_other_run_dir(given: str | Path | None, resumed: Path, setting: str = "--run-dir"
+                         ) -> None:
+    """Refuse a run directory (``--run-dir``, or the ``RUN_DIR`` setting from ``--set`` or a
+    config file) that is not the directory of the run being resumed.
 
     A resumed run continues in its own directory: its checkpoints, ``metrics.jsonl`` and config
     are there, and a second directory would split one run's history in two. (To start a new run
     from a checkpoint's weights elsewhere, ``--init-from`` takes a ``--run-dir``.)
 
+    Args:
+        given: The directory asked for (None: none).
+        resumed: The run's directory.
+        setting: How it was asked for: ``--run-dir`` or ``RUN_DIR``.
+
     Raises:
         ConfigError: ``given`` is set and is another directory than ``resumed``.
     """
     if given is not None and Path(given).resolve() != Path(resumed).resolve():
-        raise ConfigError(f"--run-dir {given}: --resume continues the run in its own directory "
-                          f"{resumed}; drop --run-dir, or start a new run from its weights with "
+        where = "--run-dir " if setting == "--run-dir" else "RUN_DIR="
+        raise ConfigError(f"{where}{given}: --resume continues the run in its own directory "
+                          f"{resumed}; drop {setting}, or start a new run from its weights with "
                           f"--init-from {resumed} --run-dir {given}")
 
 
