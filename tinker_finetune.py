@@ -7,6 +7,7 @@ engine. `tinkerkit train` is the full-featured version of this loop (resume, sch
 Usage: python tinker_finetune.py   (after `make install`; edit the settings below)
 """
 
+import argparse
 import sys
 
 import numpy as np
@@ -29,6 +30,9 @@ MAX_SEQUENCE_LENGTH = 512
 OUTPUT_NAME = "tinker_finetune_final"
 # -----------------------------------------------------------------------------------------------
 
+# No options: the settings are the lines above; -h prints this file's description and stops.
+argparse.ArgumentParser(description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 try:
     conversations = load_conversations([DATA_FILE]).conversations
 except TinkerkitError as error:  # a missing or malformed file: one line, no traceback

@@ -149,30 +149,30 @@ def test_long_sequence_settings_reach_the_local_engine(tmp_path):
         assert load_config(None, [f"MIXED_PRECISION={off}"]).mixed_precision == "no"
     (tmp_path / "c.yaml").write_text("MIXED_PRECISION: no\n")
     assert load_config(tmp_path / "c.yaml").mixed_precision == "no"
-    with pytest.raises(ConfigError, match="MIXED_PRECISION=True: Input should be 'auto', 'bf16'"):
+    with pytest.raises(ConfigError, match="MIXED_PRECISION=true: Input should be 'auto', 'bf16'"):
         load_config(None, ["MIXED_PRECISION=yes"])
     for bad in ("ACTIVATION_CHECKPOINTING=sometimes", "MIXED_PRECISION=fp16"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config(None, [bad])
 
 
-@pytest.mark.parametrize("name,text", [
-    ("c.py", "BATCH_SIZE = True\nLEARNING_RATE = False\n"),
-    ("c.toml", "BATCH_SIZE = true\nLEARNING_RATE = false\n"),
-    ("c.yaml", "BATCH_SIZE: true\nLEARNING_RATE: no\n"),
+@pytest.mark.parametrize("name,text,true,false", [  # echoed as the file spells them
+    ("c.py", "BATCH_SIZE = True\nLEARNING_RATE = False\n", "True", "False"),
+    ("c.toml", "BATCH_SIZE = true\nLEARNING_RATE = false\n", "true", "false"),
+    ("c.yaml", "BATCH_SIZE: true\nLEARNING_RATE: no\n", "true", "false"),
 ])
-def test_a_boolean_for_a_number_is_an_error(tmp_path, name, text):
+def test_a_boolean_for_a_number_is_an_error(tmp_path, name, text, true, false):
     path = tmp_path / name
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert str(info.value) == (f"invalid config: {path}: LEARNING_RATE=False: expected a number, "
-                               f"got a boolean; {path}: BATCH_SIZE=True: expected a number, got "
-                               "a boolean")
+    assert str(info.value) == (f"invalid config: {path}: LEARNING_RATE={false}: expected a "
+                               f"number, got a boolean; {path}: BATCH_SIZE={true}: expected a "
+                               "number, got a boolean")
 
 
 def test_a_boolean_for_a_number_in_set_is_an_error_and_numbers_still_parse():
-    with pytest.raises(ConfigError, match=r"--set: MAX_STEPS=True: expected a number, got a boolean"):
+    with pytest.raises(ConfigError, match=r"--set: MAX_STEPS=true: expected a number, got a boolean"):
         load_config(None, ["MAX_STEPS=true"])
     config = load_config(None, ["MAX_STEPS=1e3", "LORA_ALPHA=16", "ACTIVATION_CHECKPOINTING=true",
                                 "STRICT=yes"])

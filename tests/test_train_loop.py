@@ -180,3 +180,24 @@ def test_run_dir_setting_with_resume_is_refused_unless_it_is_the_run(fake_engine
     run.rename(tmp_path / "moved")  # its config.json still says RUN_DIR = run
     assert main(["train", "--resume", str(tmp_path / "moved"), "--set", "MAX_STEPS=3"]) == 0
     assert [r["step"] for r in files.read_jsonl(tmp_path / "moved" / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_counts_of_one_are_singular_in_messages(fake_engine, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from tinkerkit.errors import plural
+    from tinkerkit.train.run_dir import stopped_message
+
+    data = tmp_path / "train.jsonl"
+    write_chat(data, ["a", "b"])
+    out = io.StringIO()
+    config = load_config(None, [f"DATA_FILES={data}", "BATCH_SIZE=2", "SAVE_EVERY=1"])
+    train(config, run_dir=tmp_path / "run", console=Console(file=out, width=200))
+    assert f"Training 1 step (1 per epoch, batch 2) in {tmp_path / 'run'}" in out.getvalue()
+    (tmp_path / "run" / "checkpoints.jsonl").write_text("")  # as if killed before its save
+    assert stopped_message(tmp_path / "run", "").startswith(
+        "training stopped; the run stopped before its first checkpoint, so there is nothing to "
+        "resume (it saves every step: SAVE_EVERY=1)")
+    assert [plural(n, "example") for n in (0, 1, 2)] == ["0 examples", "1 example", "2 examples"]

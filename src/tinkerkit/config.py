@@ -325,6 +325,18 @@ def without_userinfo(url: str) -> str:
     return parsed._replace(netloc="***@" + parsed.netloc.rpartition("@")[2]).geturl()
 
 
+def _toml_form(value: Any) -> str:
+    """A value as a TOML/YAML file or ``--set`` spells it where Python's ``repr`` differs
+    (``true``, ``false``, ``null``; lists of them); other values as ``repr``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml_form, value)) + "]"
+    return repr(value)
+
+
 def _format_validation(error: ValidationError, values: dict[str, Any],
                        origins: dict[str, str]) -> str:
     problems = []
@@ -338,7 +350,8 @@ def _format_validation(error: ValidationError, values: dict[str, Any],
             value = without_userinfo(value)
         message = item["msg"].removeprefix("Value error, ")
         where = f"{origins[name]}: " if name in origins else ""
-        problems.append(f"{where}{name.upper()}={value!r}: {message}")
+        shown = repr(value) if origins.get(name, "").endswith(".py") else _toml_form(value)
+        problems.append(f"{where}{name.upper()}={shown}: {message}")
     return "invalid config: " + "; ".join(problems)
 
 

@@ -1,4 +1,4 @@
-"""The error hierarchy of tinkerkit.
+"""The error hierarchy of tinkerkit, and the wording its messages share (:func:`plural`).
 
 Every error a user can cause is a :class:`TinkerkitError`; the CLI prints its message on one line
 and exits non-zero, with no traceback. Messages name the file, the line and the field (or the config
@@ -10,6 +10,16 @@ library callers can catch ``ValueError``/``RuntimeError`` as usual (after tinker
 from __future__ import annotations
 
 import re
+
+
+def plural(count: int, noun: str) -> str:
+    """``"1 step"``, ``"2 steps"``: a count and its noun for messages (English ``-s`` plural).
+
+    Example::
+
+        plural(1, "step") == "1 step"; plural(0, "example") == "0 examples"
+    """
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 class TinkerkitError(Exception):

@@ -36,7 +36,7 @@ from tinkerkit.config import TrainConfig
 from tinkerkit.data.conversation import Conversation
 from tinkerkit.data.formats import load_conversations
 from tinkerkit.engines import check_engine, create_sampling_client
-from tinkerkit.errors import ConfigError, DataError, EngineError
+from tinkerkit.errors import ConfigError, DataError, EngineError, plural
 from tinkerkit.files import atomic_write_json, atomic_write_text
 from tinkerkit.grader import Grader, GraderConfig, grading_example
 from tinkerkit.models import max_positions
@@ -734,7 +734,7 @@ def run_evaluation(config, data: Sequence[str], checkpoint: str | None = None,
         tokenizer = client.get_tokenizer()
         settings.stop = with_end_of_turn(settings.stop, tokenizer)
         renderer = Renderer(tokenizer, config.train_on)
-        console.print(f"Evaluating {checkpoint or base} on {len(loaded.conversations)} examples "
+        console.print(f"Evaluating {checkpoint or base} on {plural(len(loaded.conversations), 'example')} "
                       f"from {', '.join(map(str, data))}"
                       + (f" (first {settings.limit})" if settings.limit else ""))
         positions = max_positions(base)

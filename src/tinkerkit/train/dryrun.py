@@ -13,6 +13,7 @@ from rich.console import Console
 from tinkerkit import engines
 from tinkerkit.config import TrainConfig
 from tinkerkit.engines.tinker import lora_options
+from tinkerkit.errors import plural
 from tinkerkit.train.examples import load_examples, normalize_batch
 from tinkerkit.train.held_out import load_held_out
 from tinkerkit.train.run_dir import default_run_dir
@@ -60,8 +61,8 @@ def dry_run(config: TrainConfig, console: Console | None = None) -> DryRunReport
     load_held_out(config, tokenizer, console)  # checks GRADER first, as a run does
     examples = load_examples(config, tokenizer, console)
     per_epoch, total_steps = plan_steps(len(examples), config)
-    planned = (f"Dry run: {len(examples)} examples, {total_steps} steps ({per_epoch} per epoch, "
-               f"batch {config.batch_size})")
+    planned = (f"Dry run: {plural(len(examples), 'example')}, {plural(total_steps, 'step')} "
+               f"({per_epoch} per epoch, batch {config.batch_size})")
     if config.backend == "tinker":
         lora_options(config)  # the LoRA settings Tinker lacks are refused here, as in a run
         console.print(f"{planned}; BACKEND=tinker: no session was opened on the Tinker server "

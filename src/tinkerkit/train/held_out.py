@@ -18,7 +18,7 @@ from rich.console import Console
 from tinkerkit.config import TrainConfig
 from tinkerkit.data.conversation import Conversation
 from tinkerkit.data.formats import load_conversations
-from tinkerkit.errors import DataError
+from tinkerkit.errors import DataError, plural
 from tinkerkit.evaluate import evaluate, training_eval_settings
 from tinkerkit.grader import Grader, GraderConfig
 from tinkerkit.render import Renderer
@@ -92,8 +92,8 @@ def load_held_out(config: TrainConfig, tokenizer, console: Console) -> HeldOut |
         raise DataError("no held-out example left after rendering for EVAL_EVERY "
                         f"({stats.skipped} skipped, {stats.failed} failed)",
                         path=", ".join(map(str, files)))
-    console.print(f"Held out for evaluation: {len(conversations)} examples ({stats.truncated} "
-                  f"truncated, {stats.skipped} skipped, {stats.failed} failed in eval_loss)")
+    console.print(f"Held out for evaluation: {plural(len(conversations), 'example')} "
+                  f"({stats.truncated} truncated, {stats.skipped} skipped, {stats.failed} failed in eval_loss)")
     datums = normalize_batch(examples)[0]
     batches = [datums[i:i + config.batch_size] for i in range(0, len(datums), config.batch_size)]
     return HeldOut(conversations, batches, renderer, grader)

@@ -40,6 +40,7 @@ from tinkerkit.errors import (
     EngineError,
     NonFiniteGradientError,
     TrainingDivergedError,
+    plural,
 )
 from tinkerkit.train.examples import load_examples, normalize_batch
 from tinkerkit.train.held_out import load_held_out, sample_evaluations
@@ -146,8 +147,8 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
                           "trained and saved again")
     resolved = config.model_copy(update={"run_dir": str(run_dir)}).dump()
     files.atomic_write_json(run_dir / CONFIG_FILE, resolved)
-    console.print(f"Training {total_steps} steps ({per_epoch} per epoch, batch {config.batch_size}) "
-                  f"in {run_dir}")
+    console.print(f"Training {plural(total_steps, 'step')} ({per_epoch} per epoch, batch "
+                  f"{config.batch_size}) in {run_dir}")
 
     started = time.perf_counter()
     # Ctrl-C here stops with the checkpoint to resume from (TrainingInterrupted).

@@ -25,7 +25,13 @@ from tinkerkit.checkpoint import (
     read_checkpoint_meta,
 )
 from tinkerkit.config import TrainConfig, build_config
-from tinkerkit.errors import CheckpointError, ConfigError, DataError, TrainingInterrupted
+from tinkerkit.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    TrainingInterrupted,
+    plural,
+)
 from tinkerkit.export import ExportResult, export_checkpoint
 
 METRICS_FILE = "metrics.jsonl"
@@ -111,7 +117,9 @@ def _saves(run_dir: Path) -> str:
         return ""
     if every == 0:
         return " (it saves only at its last step: SAVE_EVERY=0)"
-    return f" (it saves every {every} steps: SAVE_EVERY={every})" if isinstance(every, int) else ""
+    if not isinstance(every, int):
+        return ""
+    return f" (it saves every {'step' if every == 1 else plural(every, 'step')}: SAVE_EVERY={every})"
 
 
 def config_for_resume(run_dir: Path, overrides: dict | None = None) -> TrainConfig:
