@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -32,9 +34,15 @@ from tinkerkit.engines.local import LocalSamplingClient, LocalTrainingClient
 from tinkerkit.errors import ConfigError, EngineError
 from tinkerkit.export import export_adapter
 from tinkerkit.serve import make_server, protobuf
-from tinkerkit.serve.futures import ServerFuture
+from tinkerkit.serve.app import REAPER_INTERVAL_SECONDS
+from tinkerkit.serve.futures import CANCELLED_MESSAGE, ServerFuture
 from tinkerkit.serve.registry import read_models_file
-from tinkerkit.serve.state import ModelRunner, _SeenRequests
+from tinkerkit.serve.state import (
+    SDK_HEARTBEAT_SECONDS,
+    SESSION_TIMEOUT_SECONDS,
+    ModelRunner,
+    _SeenRequests,
+)
 
 OTHER_KEY = "tml-someone-else"
 ADAM = types.AdamParams(learning_rate=1e-2)
@@ -401,7 +409,7 @@ def test_silent_sessions_are_released(server, tiny_model):
         try:
             server.state.release_idle_sessions()
         finally:
-            server.state.session_timeout_seconds = 600.0
+            server.state.session_timeout_seconds = SESSION_TIMEOUT_SECONDS
         with pytest.raises(tinker.NotFoundError, match="not loaded"):
             training.forward(datums(), "cross_entropy").result()
         answer = httpx.post(f"{server.url}/api/v1/session_heartbeat", headers={"X-API-Key": KEY},
@@ -563,6 +571,55 @@ def test_a_huge_sample_stops_when_its_session_ends_and_at_shutdown(tmp_path, tin
         finally:  # the server has stopped: finishing the session may never be answered
             with contextlib.suppress(Exception):
                 client.close("interrupted").result(timeout=10)
+
+
+# A client that submits huge samples, prints its session id and waits to be killed.
+_KILLED_CLIENT = """
+import sys, time, warnings, tinker
+from tinker import types
+warnings.simplefilter("ignore")
+client = tinker.ServiceClient(base_url=sys.argv[1], api_key=sys.argv[2])
+sampler = client.create_sampling_client(base_model=sys.argv[3]).result()
+huge = types.SamplingParams(max_tokens=100_000, temperature=1.0, seed=3)
+futures = [sampler.sample(types.ModelInput.from_ints([1, 17, 305]), 256, huge) for _ in range(4)]
+print(client.holder.get_session_id(), flush=True)
+time.sleep(3600)
+"""
+
+
+@pytest.mark.slow  # about a minute of sampling on the CPU until the session times out
+def test_a_killed_clients_samples_stop_within_the_heartbeat_bound(tmp_path, tiny_model):
+    # The SDK beats every 10 s (tinker 0.38.0); three missed beats release the session.
+    assert SDK_HEARTBEAT_SECONDS == 10 and SESSION_TIMEOUT_SECONDS == 40
+    bound = SESSION_TIMEOUT_SECONDS + REAPER_INTERVAL_SECONDS + 10  # + the last decode step
+    assert _sample_threads() == []
+    with running_server(tmp_path / "root") as running:
+        client = subprocess.Popen([sys.executable, "-c", _KILLED_CLIENT, running.url, KEY,
+                                   tiny_model], stdout=subprocess.PIPE, text=True)
+        try:
+            session_id = client.stdout.readline().strip()
+            _wait(lambda: _sample_threads(), 120)  # generating
+            time.sleep(1)
+        finally:
+            client.kill()  # no ServiceClient.close: only its heartbeats stop
+            client.wait(30)
+        seconds = _wait(lambda: not _sample_threads(), bound)
+        assert seconds < bound
+        answer = httpx.post(f"{running.url}/api/v1/session_heartbeat", headers={"X-API-Key": KEY},
+                            json={"session_id": session_id})
+        assert answer.status_code == 410  # released
+
+
+def test_a_cancelled_queued_call_says_so():
+    from concurrent.futures import Future
+
+    queued = Future()
+    future = ServerFuture("req-1", KEY)
+    future.follow(queued)
+    queued.cancel()  # what closing a released session's clients does to their queued calls
+    assert future.error == (CANCELLED_MESSAGE, types.RequestErrorCategory.User)
+    assert CANCELLED_MESSAGE == ("cancelled: its session ended (closed by the client, silent past "
+                                 "the heartbeat timeout, or the server stopped) before it ran")
 
 
 def test_a_cancelled_local_sampler_stops_at_a_decode_step(tiny_model):

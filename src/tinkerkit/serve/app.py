@@ -49,7 +49,8 @@ log = logging.getLogger("tinkerkit.serve")
 MAX_JSON_BODY_BYTES = 16 * 1024 * 1024
 """Largest JSON request body accepted (16 MiB: a prompt of millions of tokens; every JSON body
 is parsed whole into Python objects, several times its size)."""
-REAPER_INTERVAL_SECONDS = 30.0
+REAPER_INTERVAL_SECONDS = 5.0
+"""How often silent sessions are looked for (:meth:`ServerState.release_idle_sessions`)."""
 
 
 @dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,15 +118,23 @@ class ServerFuture:
                                       sample_sequence_ids=self.sample_sequence_ids)
 
 
+CANCELLED_MESSAGE = ("cancelled: its session ended (closed by the client, silent past the "
+                     "heartbeat timeout, or the server stopped) before it ran")
+"""The error of a queued request cancelled when its session was released."""
+
+
 def describe_error(error: BaseException) -> tuple[str, types.RequestErrorCategory]:
     """The client-facing message and category of an exception.
 
     A :class:`tinkerkit.errors.TinkerkitError` (bad datum, incompatible checkpoint, unknown
-    model, ...) is the user's; anything else is the server's, named by its type.
+    model, ...) is the user's, and so is a cancellation (a queued call of a released session:
+    :data:`CANCELLED_MESSAGE`); anything else is the server's, named by its type.
     """
 
     if isinstance(error, TinkerkitError):
         return str(error), types.RequestErrorCategory.User
+    if isinstance(error, CancelledError):
+        return CANCELLED_MESSAGE, types.RequestErrorCategory.User
     return f"internal error: {type(error).__name__}: {error}", types.RequestErrorCategory.Server
 
 

@@ -23,8 +23,10 @@ future otherwise.
 
 Sessions. A session belongs to the API key that created it. The SDK heartbeats every 10 s; a
 session finished by the client (``ServiceClient.close``) or silent (no heartbeat, no request of
-its models or samplers) for ``session_timeout_seconds`` releases its models and samplers (their
-checkpoints stay on disk).
+its models or samplers) for ``session_timeout_seconds`` (40 s: three missed heartbeats) releases
+its models and samplers: their queued calls are cancelled (their futures answer
+:data:`~tinkerkit.serve.futures.CANCELLED_MESSAGE`), the sample being generated stops at its next
+decode step, and their checkpoints stay on disk.
 
 Sampling. Base weights for sampling are loaded once per served model and shared by every
 sampler of that model (each adds its adapter on a copy that shares the base weights); a
@@ -70,8 +72,15 @@ from tinkerkit.serve.store import (
 
 log = logging.getLogger("tinkerkit.serve")
 
-SESSION_TIMEOUT_SECONDS = 600.0
-"""A session without heartbeat or request for this long is released (the SDK beats every 10 s)."""
+SDK_HEARTBEAT_SECONDS = 10.0
+"""How often the SDK sends a session heartbeat (``SESSION_HEARTBEAT_PERIOD_SEC`` in
+``tinker.lib.internal_client_holder.InternalClientHolder._session_heartbeat``, tinker 0.38.0: it
+sleeps 10 s, then sends one with a 10 s timeout and no retry)."""
+SESSION_TIMEOUT_SECONDS = 4 * SDK_HEARTBEAT_SECONDS
+"""A session without heartbeat or request for this long is released and its queued work
+cancelled: three heartbeats missed in a row. A client killed without closing its session (no
+``ServiceClient.close``) then frees the samplers within this plus the reaper's interval
+(:data:`tinkerkit.serve.app.REAPER_INTERVAL_SECONDS`), not after minutes."""
 FINISHED_SESSION_SECONDS = 3600.0
 """How long a finished session is remembered (its heartbeats answer 410, then 404)."""
 DOWNLOAD_URL_SECONDS = 3600
