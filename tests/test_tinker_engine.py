@@ -1,10 +1,13 @@
 """The Tinker engine's pieces that need no server: key handling, LoRA options, tokenizers."""
 
+import json
 import logging
 import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -161,6 +164,59 @@ def test_a_web_server_that_is_not_tinker_fails_within_a_minute_naming_the_url(mo
     finally:
         server.terminate()
         server.wait(10)
+
+
+class _Unavailable(BaseHTTPRequestHandler):
+    """A server whose health route answers as Tinker's does and which answers every POST
+    with 503 (a proxy in front of a backend that is down); it counts the POSTs."""
+
+    posts = 0
+
+    def _answer(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._answer(200, {"status": "ok"} if self.path == "/api/v1/healthz" else {})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        type(self).posts += 1
+        self._answer(503, {"detail": "upstream unavailable"})
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_that_answers_503_to_every_request_fails_in_bounded_time(monkeypatch):
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TINKER_API_KEY", CANARY)
+    monkeypatch.setattr(engine, "UNAVAILABLE_SECONDS", 3.0)  # 30 s by default
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        expected = (f"the Tinker server at {url} answers POST /api/v1/client/config with HTTP 503 "
+                    "Service Unavailable (for 3 s): it is up but serves no request; try again "
+                    "later, or check the server")
+        started = time.monotonic()
+        with pytest.raises(EngineError) as info:  # tinkerkit train
+            engine.create_training_client(_config(TINKER_BASE_URL=url))
+        assert 3.0 <= time.monotonic() - started < 10
+        assert str(info.value) == expected
+        assert _Unavailable.posts >= 2  # asked again until the bound, as a restart would pass
+        with pytest.raises(EngineError) as info:  # tinkerkit eval (and export's listing)
+            engine.create_sampling_client(None, url, base_model="Qwen/Qwen3-8B")
+        assert str(info.value) == expected
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_known_base_models_tokenize_offline(monkeypatch):

@@ -75,9 +75,12 @@ UNREACHABLE_SECONDS = 60.0
 itself retries a lost connection for as long as the caller waits: without this, a run whose
 server stopped waited forever."""
 POLL_SECONDS = 5.0
-# How long check_reachable waits for the health route's answer.
-HEALTH_TIMEOUT_SECONDS = 10.0
 """How often a waiting call checks that the server still accepts connections."""
+HEALTH_TIMEOUT_SECONDS = 10.0
+"""How long check_reachable waits for the health route's answer."""
+UNAVAILABLE_SECONDS = 30.0
+"""How long check_reachable goes on asking a server that answers its first request with 5xx,
+408 or 429 (which the SDK retries for minutes at every call) before it fails."""
 
 
 # -- credentials and errors -------------------------------------------------------------------
@@ -298,26 +301,35 @@ def _connect_error(base_url: str, timeout_seconds: float = 5.0) -> str | None:
     return None
 
 
-def check_reachable(base_url: str, timeout_seconds: float = 5.0) -> None:
-    """Fail in seconds, not after the SDK's retries, when nothing listens there or what listens
-    is not a Tinker server.
+def check_reachable(base_url: str, timeout_seconds: float = 5.0, key: str | None = None) -> None:
+    """Fail in seconds, not after the SDK's retries, when nothing listens there, what listens
+    is not a Tinker server, or the server answers but serves nothing.
 
-    Two checks: a TCP connection to the URL's host and port, then ``GET /api/v1/healthz`` (the
+    Three checks: a TCP connection to the URL's host and port, then ``GET /api/v1/healthz`` (the
     Tinker API's health route, answered without a key by the hosted service and by
-    ``tinkerkit serve``). Another web server (a `python -m http.server`, a proxy's error page)
-    answers that with 404/405/501 or with something that is not JSON, and the SDK would retry its
-    requests to it forever. A 401/403 or 5xx answer is left to the SDK, which reports it.
-    Skipped when a proxy is configured (the SDK then connects through it, not directly).
+    ``tinkerkit serve``), then, with ``key``, the SDK's own first request (``POST
+    /api/v1/client/config``). Another web server (a `python -m http.server`, a proxy's error
+    page) answers the health route with 404/405/501 or with something that is not JSON, and the
+    SDK would retry its requests to it forever. A server (or the proxy in front of it) that
+    answers its requests with 5xx, 408 or 429 is asked again for :data:`UNAVAILABLE_SECONDS`
+    (a restart passes), then fails: the SDK would retry each call for minutes. Any other
+    answer (200, or a 401 the SDK reports) passes. Skipped when a proxy is configured (the SDK
+    then connects through it, not directly).
 
     Raises:
-        EngineError: No TCP connection to the URL's host and port, or the server there does not
-            answer the health route as a Tinker server does; one line naming the URL.
+        EngineError: No TCP connection to the URL's host and port, the server there does not
+            answer the health route as a Tinker server does, or it answers requests with an
+            error status for :data:`UNAVAILABLE_SECONDS`; one line naming the URL (and the
+            status).
     """
     if _proxied():
         return
     reason = _connect_error(base_url, timeout_seconds)
     if reason is None:
         reason = _not_tinker(base_url, HEALTH_TIMEOUT_SECONDS)
+    if reason is None and key is not None:
+        _check_serving(base_url, key)
+        return
     if reason is not None:
         hint = (" (is `tinkerkit serve` running there? set TINKER_BASE_URL)"
                 if urlsplit(base_url).hostname in ("127.0.0.1", "localhost", "::1") else "")
@@ -347,6 +359,39 @@ def _not_tinker(base_url: str, timeout_seconds: float) -> str | None:
     return (f"a web server that is not Tinker answers there (GET {url}: HTTP "
             f"{response.status_code}{'' if response.is_success else ' ' + response.reason_phrase}"
             f"{', not JSON' if response.is_success else ''})")
+
+
+def _check_serving(base_url: str, key: str) -> None:
+    """Fail when the server at ``base_url`` answers ``POST /api/v1/client/config`` (the SDK's
+    first request; the key in the ``X-API-Key`` header, as the SDK sends it) with 5xx, 408 or
+    429, or not at all, for :data:`UNAVAILABLE_SECONDS`.
+
+    Raises:
+        EngineError: One line naming the URL and the last status.
+    """
+    import tinker
+
+    route = "/api/v1/client/config"
+    body = types.ClientConfigRequest(sdk_version=tinker.__version__).model_dump()
+    deadline = time.monotonic() + UNAVAILABLE_SECONDS
+    while True:
+        try:
+            response = httpx.post(base_url.rstrip("/") + route, json=body,
+                                  headers={"X-API-Key": key}, timeout=HEALTH_TIMEOUT_SECONDS,
+                                  follow_redirects=False)
+            status = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
+            if not (response.status_code in (408, 429) or response.status_code >= 500):
+                return
+        except httpx.TimeoutException:
+            status = f"no answer within {HEALTH_TIMEOUT_SECONDS:.0f} s"
+        except httpx.HTTPError as e:  # the connection dropped: the SDK would retry it for minutes
+            status = f"{type(e).__name__}: {e}"
+        if time.monotonic() >= deadline:
+            raise EngineError(scrub(
+                f"the Tinker server at {_address(base_url)} answers POST {route} with {status} "
+                f"(for {UNAVAILABLE_SECONDS:.0f} s): it is up but serves no request; try again "
+                "later, or check the server"))
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
 
 _SERVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -381,7 +426,7 @@ def connect(base_url: str | None):
 
     key = api_key()
     url = resolved_base_url(base_url)
-    check_reachable(url)
+    check_reachable(url, key=key)
     quiet_long_polls()
     return _remember(tinker.ServiceClient(base_url=url, api_key=key), url)
 
@@ -392,7 +437,7 @@ def rest_client(base_url: str | None):
 
     key = api_key()
     url = resolved_base_url(base_url)
-    check_reachable(url)
+    check_reachable(url, key=key)
     quiet_long_polls()
     return _remember(tinker.RestClient(base_url=url, api_key=key), url)
 
