@@ -93,7 +93,7 @@ class TrainConfig(BaseModel):
     seed: int = Field(42, description="Seed for LoRA init, data order and dropout.")
 
     # Run directory and checkpoints
-    run_dir: str | None = Field(None, description="Run directory (default runs/<timestamp>).")
+    run_dir: str | None = Field(None, description="Run directory (default runs/<timestamp>); with --resume only the run's own directory is accepted.")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list, description="Experiment trackers that receive every metrics.jsonl line, the evaluation metrics and this config, under the run's name: any of tensorboard, wandb, mlflow (each needs pip install 'tinkerkit[NAME]').")
 
