@@ -120,8 +120,7 @@ def _check_mlflow(uri: str) -> None:
     except MlflowException as e:
         raise ConfigError(f"REPORT_TO includes 'mlflow' but MLflow's store at "
                           f"MLFLOW_TRACKING_URI={without_userinfo(uri)} does not answer: "
-                          f"{_USERINFO.sub('://***@', _first_line(e.message))}; start its "
-                          "server, or unset "
+                          f"{_first_line(e.message)}; start its server, or unset "
                           "MLFLOW_TRACKING_URI to log into RUN_DIR/mlruns") from None
 
 
@@ -133,8 +132,9 @@ def _mlflow_experiment() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or "tinkerkit"
 
 
-def _first_line(text: str) -> str:
-    return " ".join(str(text).split("\n")[0].split())
+def _first_line(text: object) -> str:
+    """The first line of a library's message, without the credentials of any URL in it."""
+    return _USERINFO.sub("://***@", " ".join(str(text).split("\n")[0].split()))
 
 
 class Tracker(Protocol):
