@@ -20,7 +20,11 @@ from tinkerkit import files
 from tinkerkit.config import load_config
 from tinkerkit.errors import ConfigError, EngineError, TrackerError
 from tinkerkit.train import report_evaluation, train
-from tinkerkit.train.trackers import TRACKERS_FILE, check_trackers
+from tinkerkit.train.trackers import (
+    TRACKERS_FILE,
+    check_evaluation_trackers,
+    check_trackers,
+)
 
 
 def needs(package: str):
@@ -289,6 +293,12 @@ def test_an_mlflow_server_that_does_not_answer_fails_before_the_model_loads(fake
                             "RUN_DIR/mlruns")
     assert "\n" not in message and "secret" not in message
     assert fake_engine == []
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    run(tmp_path, "mlflow", "SAVE_EVERY=1")
+    check_evaluation_trackers(tmp_path / "my-run")  # its own store answers
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match="^REPORT_TO includes 'mlflow' but MLflow's store at "):
+        check_evaluation_trackers(tmp_path / "my-run" / "checkpoints" / "step_000001")  # eval
 
 
 def test_a_missing_tracker_package_is_one_line_before_the_model_loads(fake_engine, tmp_path,

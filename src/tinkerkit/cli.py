@@ -113,7 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return
     from tinkerkit.config import load_config, parse_overrides
     from tinkerkit.evaluate import run_evaluation
-    from tinkerkit.train import report_evaluation
+    from tinkerkit.train import check_evaluation_trackers, report_evaluation
 
     config = load_config(args.config, args.set, base_model=args.model, max_tokens=args.max_tokens,
                          temperature=args.temperature, eval_limit=args.limit, grader=args.grader,
@@ -124,6 +124,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     data = args.data or config.test_files
     if not data:
         raise ConfigError("no test data: pass --data FILE (or set TEST_FILES in the config)")
+    check_evaluation_trackers(args.checkpoint)  # the run's trackers, before the model loads
     result = run_evaluation(config, data=data if isinstance(data, list) else [data],
                             checkpoint=args.checkpoint, output=args.output,
                             num_samples=args.num_samples, console=console, base_model=chosen)

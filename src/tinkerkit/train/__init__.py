@@ -72,6 +72,7 @@ from tinkerkit.train.schedule import (
 from tinkerkit.train.trackers import (
     TRACKERS,
     Trackers,
+    check_evaluation_trackers,
     check_trackers,
     open_trackers,
     report_evaluation,
@@ -82,7 +83,7 @@ __all__ = [
     "DryRunReport", "HeldOut", "PendingStep", "StepLog", "StepRecord", "StepTimer",
     "TRACKERS", "Trackers", "TrainResult", "TrainingDivergedError",
     "adam_params", "await_step", "batch_indices", "batches_per_epoch", "check_new_run_dir",
-    "check_trackers",
+    "check_evaluation_trackers", "check_trackers",
     "config_for_resume", "default_run_dir", "divergence_error", "dry_run", "export_final",
     "is_due", "learning_rate_at", "length_covering", "load_examples", "load_held_out",
     "make_renderer", "normalize_batch", "open_trackers", "peak_memory_gib", "plan_steps",

@@ -418,6 +418,19 @@ def _tracker_ids(run_dir: Path) -> dict[str, str]:
     return files.read_json(path) if path.is_file() else {}
 
 
+def check_evaluation_trackers(checkpoint: str | Path | None) -> None:
+    """:func:`check_trackers` for the trackers that :func:`report_evaluation` will send the
+    metrics of ``checkpoint`` to; called before the evaluation runs, so that a tracker that
+    cannot start fails it in seconds, not after the sampling.
+
+    Raises:
+        ConfigError: One of them cannot start.
+    """
+    found = _run_of(checkpoint)
+    if found is not None:
+        check_trackers(list(_tracker_ids(found[0])))
+
+
 def report_evaluation(checkpoint: str | Path | None, metrics: dict) -> list[str]:
     """Add ``tinkerkit eval`` metrics (prefixed ``eval/``) to the tracker runs that trained
     ``checkpoint``: those in its run directory's ``trackers.json``, at the checkpoint's step.
