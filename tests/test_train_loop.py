@@ -201,3 +201,17 @@ def test_counts_of_one_are_singular_in_messages(fake_engine, tmp_path):
         "training stopped; the run stopped before its first checkpoint, so there is nothing to "
         "resume (it saves every step: SAVE_EVERY=1)")
     assert [plural(n, "example") for n in (0, 1, 2)] == ["0 examples", "1 example", "2 examples"]
+
+
+def test_the_one_screen_script_prints_its_help_and_trains_nothing(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "tinker_finetune.py"
+    done = subprocess.run([sys.executable, str(script), "-h"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0
+    assert done.stdout.startswith("usage: tinker_finetune.py [-h]\n\nFine-tune a LoRA adapter in "
+                                  "one screen")
+    assert list(tmp_path.iterdir()) == []  # no runs/ directory: nothing trained
