@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 
 import numpy as np
@@ -204,6 +205,34 @@ def test_bad_inputs_and_configs_are_one_line_errors(tiny_model, smol_tokenizer, 
     assert client.forward_backward([good], "ppo").result().metrics["loss:sum"] != 0  # still fine
 
 
+def test_a_dropped_snapshot_samplers_tree_is_reused_with_the_new_weights(tiny_model,
+                                                                        smol_tokenizer, tmp_path):
+    client = make_client(tiny_model, tmp_path)
+    data = rl_data(client.model, smol_tokenizer)
+    tokens = data[0].model_input.to_ints() + data[0].loss_fn_inputs["target_tokens"].tolist()[-1:]
+    prompt = types.ModelInput.from_ints(tokens)
+
+    def scored(sampler) -> list[float]:
+        return sampler.compute_logprobs(prompt).result()[1:]
+
+    first = client.save_weights_and_get_sampling_client()
+    before, tree = scored(first), id(first._model)
+    del first
+    gc.collect()
+    client.forward_backward(data, "importance_sampling").result()
+    client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    second = client.save_weights_and_get_sampling_client()
+    held = client.save_weights_and_get_sampling_client()  # the second is held: a new tree
+    assert id(second._model) == tree and id(held._model) != tree
+    learner = client.forward([data[0]], "importance_sampling").result()
+    expected = learner.loss_fn_outputs[0]["logprobs"].tolist()
+    assert scored(second) == pytest.approx(expected, abs=1e-5) == scored(held)
+    assert max(abs(a - b) for a, b in zip(scored(second), before)) > 1e-3  # the policy moved
+    client.forward_backward(data, "importance_sampling").result()
+    client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    assert scored(second) == pytest.approx(expected, abs=1e-5)  # a snapshot stays fixed
+
+
 # ---------------------------------------------------------------------------- through serve
 
 LORA = {"rank": 4, "seed": 7, "train_unembed": False}
@@ -294,3 +323,20 @@ def test_forward_backward_custom_dpo_through_serve_gives_the_hand_gradient(
         assert (saved - expected).abs().max() <= 1e-4 * (g.abs().max() + 1e-12) + 1e-7, key
         changed += bool((g != 0).any())
     assert changed > 0
+
+
+def test_serve_keeps_the_newest_snapshot_samplers(server, tiny_model, smol_tokenizer):
+    from tinkerkit.serve.state import SNAPSHOT_SAMPLERS_KEPT
+
+    prompt = types.ModelInput.from_ints(smol_tokenizer.encode("Two plus two is"))
+    params = types.SamplingParams(max_tokens=3, temperature=1.0, seed=1)
+    with service(server.url) as client:
+        training = client.create_lora_training_client(tiny_model, **LORA).result()
+        samplers = [training.save_weights_and_get_sampling_client().result()
+                    for _ in range(SNAPSHOT_SAMPLERS_KEPT + 1)]
+        newest = samplers[-1].sample(prompt, 2, params).result()
+        assert all(len(s.logprobs) == len(s.tokens) == 3 for s in newest.sequences)
+        samplers[1].sample(prompt, 1, params).result()  # still kept
+        with pytest.raises(Exception, match=f"was released: tinkerkit serve keeps the "
+                                            f"{SNAPSHOT_SAMPLERS_KEPT} newest samplers"):
+            samplers[0].sample(prompt, 1, params).result()
