@@ -138,6 +138,24 @@ def test_losses_keep_packing_padding_and_checkpointing_exact(tiny_model, smol_to
         assert (grads_b[key] - value).abs().max() <= 1e-4 * value.abs().max(), key
 
 
+def test_losses_run_under_bf16_autocast_on_float32_logprobs(tiny_model, smol_tokenizer,
+                                                             tmp_path):
+    client = make_client(tiny_model, tmp_path, mixed_precision="bf16")
+    data = rl_data(client.model, smol_tokenizer)
+    config = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+    out = client.forward_backward(data, "cispo", config).result()
+    total = 0.0
+    for datum, output in zip(data, out.loss_fn_outputs):
+        lps = output["logprobs"].to_torch()
+        assert lps.dtype == torch.float32 and lps.shape == (len(datum.model_input.to_ints()),)
+        q = datum.loss_fn_inputs["logprobs"].tolist()
+        a = datum.loss_fn_inputs["advantages"].tolist()
+        total += sum(reference_term("cispo", lp, q[t], a[t], config).item()
+                     for t, lp in enumerate(lps))
+    assert out.metrics["loss:sum"] == pytest.approx(total, rel=1e-5)
+    assert sum(g.abs().sum().item() for g in grads(client).values()) > 0
+
+
 def test_config_defaults_are_tinkers():
     assert resolve_loss("ppo", None)[1] == {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
     assert resolve_loss("cispo", {})[1] == {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}
