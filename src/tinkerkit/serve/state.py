@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 from tinker import types
 
-from tinkerkit.checkpoint import read_checkpoint_meta
+from tinkerkit.checkpoint import ADAPTER_WEIGHTS, read_checkpoint_meta
 from tinkerkit.engines.local import (
     LocalSamplingClient,
     LocalTrainingClient,
@@ -91,6 +91,9 @@ MAX_SEQ_ID = 2**63 - 1
 its clone id times 10**9, which it keeps below this)."""
 _SEEN_SEQ_IDS = 1024
 """How many past seq ids of a model (or sampler) are remembered to answer retries."""
+SHARED_SAMPLERS = 8
+"""Most sampling clients kept for the OpenAI-compatible routes (:meth:`ServerState.shared_sampler`);
+the least recently used one beyond that is closed once its queued requests are done."""
 
 
 class _SeenRequests:
@@ -287,6 +290,14 @@ def _close_in_background(client_future: Future) -> None:
                          name="tinkerkit-release", daemon=True).start()
 
 
+def _close_when_done(client_future: Future) -> None:
+    """Close an evicted shared sampling client (not in this thread) once the requests already
+    queued on it are answered."""
+    if not client_future.cancelled() and client_future.exception() is None:
+        threading.Thread(target=client_future.result().close, name="tinkerkit-release",
+                         daemon=True).start()
+
+
 def _mask_prompt_logprobs(response: types.SampleResponse, last_n: int | None):
     """Keep only the last ``last_n`` prompt logprobs (``prompt_logprobs_last_n``)."""
     if last_n is None:
@@ -325,6 +336,7 @@ class ServerState:
         self._samplers: dict[str, Sampler] = {}
         self._bases: dict[tuple[str, str], Future] = {}
         self._tokenizers: dict[str, object] = {}
+        self._shared: dict[tuple, Future] = {}  # shared_sampler's clients, least recent first
         self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tinkerkit-load")
 
     # -- sessions
@@ -838,6 +850,47 @@ class ServerState:
                                        request.model_path, self._loader.submit(build))
         return types.CreateSamplingSessionResponse(sampling_session_id=sampler_id)
 
+    def shared_sampler(self, served: ServedModel, directory: Path | None = None) -> Future:
+        """Future of the one sampling client of a base model, or of a checkpoint on it, that
+        every request of the OpenAI-compatible routes on that model goes through: concurrent
+        requests queue on it and are generated together in its batches, as the samples of one
+        Tinker sampling session are. Built like :meth:`create_sampling_session`'s clients (the
+        shared base weights, the adapter on a copy); the caller checks that the requester may
+        use the checkpoint. A checkpoint rewritten since (a name reused after a delete) gets a
+        new client. At most :data:`SHARED_SAMPLERS` are kept.
+        """
+        stamp = None
+        if directory is not None:
+            weights = directory / ADAPTER_WEIGHTS
+            stamp = weights.stat().st_mtime_ns if weights.is_file() else None
+        key = (served.name, served.source, served.dtype, str(directory), stamp)
+        base = self._base_model(served)  # loaded once; takes the lock itself
+        with self._lock:
+            client = self._shared.pop(key, None)
+            if client is None:
+
+                def build() -> LocalSamplingClient:
+                    return LocalSamplingClient(
+                        served.source, None if directory is None else str(directory),
+                        model=base.result(), tokenizer=self._tokenizer(served.source),
+                        device=self.device, dtype=served.dtype)
+
+                client = self._loader.submit(build)
+                client.add_done_callback(lambda done: self._forget_failed_shared(key, done))
+            self._shared[key] = client  # the most recently used: last
+            evicted = list(self._shared)[:-SHARED_SAMPLERS]
+            old = [self._shared.pop(k) for k in evicted]
+        for future in old:
+            future.add_done_callback(_close_when_done)
+        return client
+
+    def _forget_failed_shared(self, key: tuple, future: Future) -> None:
+        """Drop a shared sampler that failed to build, so that the next request tries again."""
+        if future.cancelled() or future.exception() is not None:
+            with self._lock:
+                if self._shared.get(key) is future:
+                    del self._shared[key]
+
     def _sampler(self, sampler_id: str, owner: str) -> Sampler:
         with self._lock:
             sampler = self._samplers.get(sampler_id)
@@ -928,6 +981,10 @@ class ServerState:
             sessions = list(self._sessions.values())
         for session in sessions:
             self._release(session, "ended: the server stopped")
+        with self._lock:
+            shared, self._shared = list(self._shared.values()), {}
+        for client in shared:
+            client.add_done_callback(_close_in_background)
         self._loader.shutdown(wait=False, cancel_futures=True)
 
 
