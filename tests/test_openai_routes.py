@@ -231,3 +231,17 @@ def test_concurrent_requests_answer_as_alone(server, local, tiny_model):
         expected = local_sample(local["base"], chat_prompt(local["base"], question),
                                 max_tokens=6, temperature=0.0).sequences[0]
         assert answers[i] == visible(local["base"], expected.tokens)
+
+
+def test_chat_prompt_on_a_tinker_path_answers_as_the_openai_route(server, monkeypatch, capsys):
+    """``tinkerkit chat tinker://...`` samples through the SDK (whole answers) and gives the
+    greedy answer the OpenAI route gives for the same checkpoint."""
+    from tinkerkit.cli import main
+
+    expected = client_of(server).chat.completions.create(
+        model=server.checkpoint, messages=[{"role": "user", "content": QUESTION}],
+        temperature=0, max_tokens=12).choices[0].message.content
+    monkeypatch.setenv("TINKER_API_KEY", KEY)
+    assert main(["chat", server.checkpoint, "--prompt", QUESTION, "--temperature", "0",
+                 "--max-tokens", "12", "--set", f"TINKER_BASE_URL={server.url}"]) == 0
+    assert capsys.readouterr().out == expected + "\n"

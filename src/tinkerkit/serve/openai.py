@@ -439,7 +439,13 @@ class _Generation:
 
     def whole(self) -> dict:
         """The answer of a request without ``stream``."""
-        response = self._sample().result()
+        future = self._sample()
+        try:
+            response = future.result()
+        except Exception as e:  # the generation failed (the batch it ran in, a closed sampler)
+            message, category = describe_error(e)
+            raise ApiError(400 if category == types.RequestErrorCategory.User else 500,
+                           message) from None
         choices = []
         for index, sequence in enumerate(response.sequences):
             stream = self.streams[index]
