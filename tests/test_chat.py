@@ -119,3 +119,18 @@ def test_think_split_of_a_prompt_that_opened_the_block():
 def test_chat_refuses_a_missing_model(capsys):
     assert main(["chat", str(Path("/nonexistent/model")), "--prompt", "hi"]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+def test_interactive_session_commands_and_end_of_input(tiny_model, monkeypatch, capsys):
+    import io
+
+    client = LocalSamplingClient(tiny_model)
+    first = greedy_text(client, [Message(role="user", content=QUESTION)], 5)
+    client.close()
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{QUESTION}\n/system Be brief.\n/reset\n"
+                                                 "/nonsense\n"))  # then end of input
+    assert main(["chat", tiny_model, "--temperature", "0", "--max-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert first.strip() in out
+    assert "(system prompt set; new conversation)" in out and "(new conversation)" in out
+    assert "unknown command /nonsense" in out

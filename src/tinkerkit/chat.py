@@ -153,16 +153,19 @@ class Chat:
         future = self.client.sample(prompt, 1, self.params, on_token=on_token)
         future.add_done_callback(lambda done: tokens.put(None))
         interrupted = False
-        while True:
-            try:
-                token = tokens.get()
-            except KeyboardInterrupt:
-                listening[0], interrupted = False, True
-                continue  # drain: the sampler stops this sequence at its next token
-            if token is None:
-                break
-            if not interrupted:
-                emit(split.feed(stream.push(token)))
+        try:
+            while True:
+                try:
+                    token = tokens.get()
+                except KeyboardInterrupt:
+                    listening[0], interrupted = False, True
+                    continue  # drain: the sampler stops this sequence at its next token
+                if token is None:
+                    break
+                if not interrupted:
+                    emit(split.feed(stream.push(token)))
+        finally:  # also when Ctrl-C lands while a piece is printed: generation stops
+            listening[0] = False
         future.result()  # a failed generation raises here
         return interrupted
 
