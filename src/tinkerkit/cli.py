@@ -224,7 +224,7 @@ class _OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="tinkerkit", description="LoRA fine-tuning for the Tinker workflow: split, stats, "
-        "train, eval, export, demo. Run `tinkerkit COMMAND -h` for a command's options.")
+        "train, eval, export, chat, demo, serve. Run `tinkerkit COMMAND -h` for a command's options.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("split", help="merge data files and split them into train and test sets")
