@@ -212,6 +212,7 @@ class OpenAIRoutes:
 
     def __init__(self, state: ServerState, auth: Authenticator) -> None:
         self.state, self.auth = state, auth
+        self._renderers: dict[int, Renderer] = {}  # by id() of the state's cached tokenizers
         self.table: dict[tuple[str, str], Callable] = {
             ("GET", "/v1/models"): self.models,
             ("POST", "/v1/chat/completions"): self.chat,
@@ -288,6 +289,17 @@ class OpenAIRoutes:
             raise ApiError(400, f"model '{target.name}' cannot be loaded: {e}",
                            param="model") from None
 
+    def _renderer(self, tokenizer) -> Renderer:
+        """The renderer of a served model's tokenizer, made once (it reads the vocabulary).
+
+        Raises:
+            DataError: The tokenizer has no chat template.
+        """
+        renderer = self._renderers.get(id(tokenizer))
+        if renderer is None or renderer.tokenizer is not tokenizer:
+            renderer = self._renderers[id(tokenizer)] = Renderer(tokenizer)
+        return renderer
+
     # -- /v1/chat/completions and /v1/completions
 
     def chat(self, request, owner: str):
@@ -305,7 +317,7 @@ class OpenAIRoutes:
             conversation = normalize_record({"messages": body.messages}, "messages", "request")
             thinking = body.chat_template_kwargs is None or \
                 body.chat_template_kwargs.enable_thinking
-            prompt = Renderer(tokenizer).chat_prompt(conversation.messages, thinking)
+            prompt = self._renderer(tokenizer).chat_prompt(conversation.messages, thinking)
         except DataError as e:
             raise ApiError(400, str(e), param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_DEFAULT_MAX_TOKENS
