@@ -245,3 +245,19 @@ def test_chat_prompt_on_a_tinker_path_answers_as_the_openai_route(server, monkey
     assert main(["chat", server.checkpoint, "--prompt", QUESTION, "--temperature", "0",
                  "--max-tokens", "12", "--set", f"TINKER_BASE_URL={server.url}"]) == 0
     assert capsys.readouterr().out == expected + "\n"
+
+
+def test_enable_thinking_false_asks_qwen3_for_the_answer_alone(server, tiny_qwen3):
+    """vLLM's ``chat_template_kwargs.enable_thinking``: the prompt ends with Qwen3's empty
+    think block (4 more tokens: ``<think>``, ``\\n\\n``, ``</think>``, ``\\n\\n``)."""
+    client = LocalSamplingClient(tiny_qwen3)
+    renderer = Renderer(client.get_tokenizer())
+    messages = [Message(role="user", content=QUESTION)]
+    thinking, plain = renderer.chat_prompt(messages), renderer.chat_prompt(messages, False)
+    client.close()
+    assert plain.length == thinking.length + 4
+    for kwargs, expected in (({}, thinking), ({"enable_thinking": False}, plain)):
+        answer = client_of(server).chat.completions.create(
+            model=tiny_qwen3, messages=[{"role": "user", "content": QUESTION}], temperature=0,
+            max_tokens=1, extra_body={"chat_template_kwargs": kwargs})
+        assert answer.usage.prompt_tokens == expected.length

@@ -360,9 +360,8 @@ class _Generation:
 
     def __init__(self, client, prompt: types.ModelInput, body: _Request, max_tokens: int,
                  top: int | None, chat: bool, thinking: bool = False) -> None:
-        self.client, self.prompt, self.body, self.top, self.chat = client, prompt, body, top, \
-            chat
-        self.thinking = thinking
+        self.client, self.prompt, self.body = client, prompt, body
+        self.top, self.chat, self.thinking = top, chat, thinking
         self.tokenizer = client.get_tokenizer()
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
