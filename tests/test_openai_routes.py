@@ -261,3 +261,18 @@ def test_enable_thinking_false_asks_qwen3_for_the_answer_alone(server, tiny_qwen
             model=tiny_qwen3, messages=[{"role": "user", "content": QUESTION}], temperature=0,
             max_tokens=1, extra_body={"chat_template_kwargs": kwargs})
         assert answer.usage.prompt_tokens == expected.length
+
+
+def test_samplers_beyond_the_limit_are_closed_and_rebuilt(server, local, tiny_model,
+                                                          monkeypatch):
+    """With room for one shared sampler, asking the base model, the checkpoint and the base
+    model again evicts (and closes) each one; every answer is still the local sampler's."""
+    monkeypatch.setattr("tinkerkit.serve.state.SHARED_SAMPLERS", 1)
+    for model, name in ((tiny_model, "base"), (server.checkpoint, "tuned"), (tiny_model, "base")):
+        answer = client_of(server).chat.completions.create(
+            model=model, messages=[{"role": "user", "content": QUESTION}], temperature=0,
+            max_tokens=5).choices[0].message.content
+        expected = local_sample(local[name], chat_prompt(local[name]), max_tokens=5,
+                                temperature=0.0).sequences[0]
+        assert answer == visible(local[name], expected.tokens)
+        assert len(server.state._shared) == 1

@@ -282,20 +282,14 @@ class Session:
     samplers: dict[int, str] = field(default_factory=dict)  # sampling_session_seq_id -> id
 
 
-def _close_in_background(client_future: Future) -> None:
-    """Close a released sampling client (not in this thread), cancelling its queued samples and
-    stopping the one being generated at its next decode step: nobody waits for them any more."""
+def _close_in_background(client_future: Future, cancel: bool = True) -> None:
+    """Close a released sampling client (not in this thread). With ``cancel`` (a released
+    session: nobody waits for its samples any more) its queued samples are cancelled and the one
+    being generated stops at its next decode step; without (an evicted shared sampler) the
+    requests already queued on it are answered first."""
     if not client_future.cancelled() and client_future.exception() is None:
-        threading.Thread(target=client_future.result().close, kwargs={"cancel": True},
+        threading.Thread(target=client_future.result().close, kwargs={"cancel": cancel},
                          name="tinkerkit-release", daemon=True).start()
-
-
-def _close_when_done(client_future: Future) -> None:
-    """Close an evicted shared sampling client (not in this thread) once the requests already
-    queued on it are answered."""
-    if not client_future.cancelled() and client_future.exception() is None:
-        threading.Thread(target=client_future.result().close, name="tinkerkit-release",
-                         daemon=True).start()
 
 
 def _mask_prompt_logprobs(response: types.SampleResponse, last_n: int | None):
@@ -881,7 +875,7 @@ class ServerState:
             evicted = list(self._shared)[:-SHARED_SAMPLERS]
             old = [self._shared.pop(k) for k in evicted]
         for future in old:
-            future.add_done_callback(_close_when_done)
+            future.add_done_callback(functools.partial(_close_in_background, cancel=False))
         return client
 
     def _forget_failed_shared(self, key: tuple, future: Future) -> None:
