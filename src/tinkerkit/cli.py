@@ -1,4 +1,4 @@
-"""The ``tinkerkit`` command: split, stats, train, eval, export, demo, serve.
+"""The ``tinkerkit`` command: split, stats, train, eval, export, chat, demo, serve.
 
 Every error a user can cause ends in one line on stderr and a non-zero exit code (1), never a
 traceback; set ``TINKERKIT_DEBUG=1`` to see the traceback of an unexpected error.
@@ -148,6 +148,20 @@ def cmd_export(args: argparse.Namespace) -> None:
                       f"(tolerance {result.tolerance:.3g})")
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    from tinkerkit.chat import run_chat
+    from tinkerkit.config import load_config
+
+    config = load_config(args.config, args.set, max_tokens=args.max_tokens,
+                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                         backend=args.backend)
+    # Ctrl-C stops the answer being generated, not the session: every press is an interrupt
+    # (the console script otherwise ignores all but the first).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    run_chat(config, args.model, prompt=args.prompt, system=args.system,
+             thinking=not args.no_thinking, seed=args.seed, console=console)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from tinkerkit.demo import run_demo
 
@@ -211,7 +225,7 @@ class _OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="tinkerkit", description="LoRA fine-tuning for the Tinker workflow: split, stats, "
-        "train, eval, export, demo. Run `tinkerkit COMMAND -h` for a command's options.")
+        "train, eval, export, chat, demo, serve. Run `tinkerkit COMMAND -h` for a command's options.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("split", help="merge data files and split them into train and test sets")
@@ -285,6 +299,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="the base model, for an adapter that names none (default: "
                                    "the one recorded with the checkpoint)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("chat", help="chat with a model or checkpoint in the terminal")
+    p.add_argument("model", metavar="MODEL_OR_CHECKPOINT",
+                   help="a registry name, HF model directory, checkpoint or adapter directory, "
+                   "run directory (its latest checkpoint) or tinker:// path")
+    p.add_argument("--prompt", help="ask this once, print the answer and exit")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--temperature", type=float, help="TEMPERATURE (default 0: greedy)")
+    p.add_argument("--top-p", type=float, help="TOP_P")
+    p.add_argument("--top-k", type=int, help="TOP_K (-1: off)")
+    p.add_argument("--max-tokens", type=int, help="MAX_TOKENS per answer")
+    p.add_argument("--seed", type=int, help="sampling seed (default: a fresh one per answer)")
+    p.add_argument("--no-thinking", action="store_true",
+                   help="ask reasoning models (Qwen3) to answer without thinking first")
+    p.add_argument("--backend", choices=["local", "tinker"], help=_BACKEND_HELP)
+    p.add_argument("--config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("demo", help="the whole pipeline on generated arithmetic problems")
     p.add_argument("--output-dir", default="demo_output")

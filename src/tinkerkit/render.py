@@ -240,6 +240,22 @@ class Renderer:
             tokens += self._encode(text)
         return tinker.types.ModelInput.from_ints(tokens)
 
+    def chat_prompt(self, messages: Sequence[Message], thinking: bool = True
+                    ) -> tinker.types.ModelInput:
+        """The prompt that asks the model for its next reply in a live chat (``tinkerkit chat``,
+        the OpenAI-compatible routes): ``messages`` plus the generation prompt, tokenized as
+        :meth:`build_prompt` does.
+
+        Args:
+            messages: The conversation so far; it should end with a user message.
+            thinking: Let a reasoning model think first (the chat template's
+                ``enable_thinking``, on by default in Qwen3); False asks for the answer alone
+                (Qwen3: the prompt ends with an empty think block). Templates without the
+                argument ignore it.
+        """
+        reply = Message(role="assistant", content="", thinking="…" if thinking else None)
+        return self.build_prompt(Conversation(messages=(*messages, reply)))
+
     def render_tokens(self, conversation: Conversation) -> tuple[list[int], list[float]]:
         """Token ids and per-token weights of the full (untruncated) rendering.
 

@@ -24,7 +24,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -40,6 +40,7 @@ from tinkerkit.models import cache_dir
 from tinkerkit.serve import protobuf
 from tinkerkit.serve.auth import API_KEY_HEADER, Authenticator, is_loopback, read_api_keys
 from tinkerkit.serve.futures import LONG_POLL_SECONDS
+from tinkerkit.serve.openai import OpenAIRoutes, error_body
 from tinkerkit.serve.registry import ModelRegistry, read_models_file
 from tinkerkit.serve.state import ServerState, download_message
 from tinkerkit.serve.store import CheckpointStore
@@ -115,6 +116,8 @@ class Response:
     body: bytes = b"{}"
     content_type: str = "application/json"
     file: Path | None = None
+    stream: Iterator[bytes] | None = None
+    """Sent chunk by chunk (chunked transfer encoding) instead of ``body``: server-sent events."""
 
 
 def json_response(value: Any, status: int = 200) -> Response:
@@ -122,6 +125,20 @@ def json_response(value: Any, status: int = 200) -> Response:
     if isinstance(value, pydantic.BaseModel):
         value = value.model_dump(mode="json")
     return Response(status, json.dumps(value).encode("utf-8"))
+
+
+def openai_response(value: dict | Iterator[bytes]) -> Response:
+    """The answer of an OpenAI-compatible route: JSON, or a stream of server-sent events."""
+    if isinstance(value, dict):
+        return json_response(value)
+    return Response(content_type="text/event-stream", stream=value)
+
+
+def error_response(path: str, error: RequestError) -> Response:
+    """A refusal: OpenAI's error shape under ``/v1/``, ``{"detail": ...}`` elsewhere."""
+    if path.startswith("/v1/"):
+        return json_response(error_body(error), error.status)
+    return json_response({"detail": str(error)}, error.status)
 
 
 def future_response(future) -> Response:
@@ -179,6 +196,7 @@ class Routes:
         ]
         self.table = [(method, re.compile("/api/v1" + pattern), handler, needs_key)
                       for method, pattern, handler, needs_key in table]
+        self.openai = OpenAIRoutes(state, auth)
 
     def handle(self, request: Request) -> Response:
         """Route a request: 404 for an unknown path, 405 for a known path and another method.
@@ -186,6 +204,8 @@ class Routes:
         Raises:
             RequestError: 401 (no valid key) or the handler's 4xx.
         """
+        if request.path.startswith("/v1/"):
+            return openai_response(self.openai.handle(request))
         known_path = False
         for method, pattern, handler, needs_key in self.table:
             match = pattern.fullmatch(request.path)
@@ -450,10 +470,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         except RequestError as e:
-            response = json_response({"detail": str(e)}, e.status)
+            response = error_response(url.path, e)
         except Exception as e:  # a bug: answer 500, keep serving
             log.exception("unexpected error in %s %s", self.command, url.path)
-            response = json_response({"detail": f"internal error: {type(e).__name__}: {e}"}, 500)
+            response = error_response(url.path, RequestError(
+                500, f"internal error: {type(e).__name__}: {e}"))
         try:
             self._send(response)
         except OSError:  # the client stopped waiting (a cancelled long poll): nothing to do
@@ -467,6 +488,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", response.content_type)
         if response.status >= 400:
             self.send_header("x-should-retry", "true" if response.status >= 500 else "false")
+        if response.stream is not None:
+            self._send_stream(response.stream)
+            return
         if response.file is not None:
             self.send_header("Content-Length", str(response.file.stat().st_size))
             self.end_headers()
@@ -478,6 +502,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(response.body)
+
+    def _send_stream(self, stream: Iterator[bytes]) -> None:
+        """Send ``stream`` in chunks (RFC 9112 section 7.1), each as soon as it is made; a client
+        that goes away closes the stream (which stops its generation)."""
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for chunk in stream:
+                if chunk:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silence http.server's own access log (see ``_dispatch`` for ours)."""

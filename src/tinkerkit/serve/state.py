@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 from tinker import types
 
-from tinkerkit.checkpoint import read_checkpoint_meta
+from tinkerkit.checkpoint import ADAPTER_WEIGHTS, read_checkpoint_meta
 from tinkerkit.engines.local import (
     LocalSamplingClient,
     LocalTrainingClient,
@@ -108,6 +108,9 @@ MAX_SEQ_ID = 2**63 - 1
 its clone id times 10**9, which it keeps below this)."""
 _SEEN_SEQ_IDS = 1024
 """How many past seq ids of a model (or sampler) are remembered to answer retries."""
+SHARED_SAMPLERS = 8
+"""Most sampling clients kept for the OpenAI-compatible routes (:meth:`ServerState.shared_sampler`);
+the least recently used one beyond that is closed once its queued requests are done."""
 
 
 class _SeenRequests:
@@ -298,11 +301,13 @@ class Session:
     released_samplers: dict[str, str] = field(default_factory=dict)  # id -> why
 
 
-def _close_in_background(client_future: Future) -> None:
-    """Close a released sampling client (not in this thread), cancelling its queued samples and
-    stopping the one being generated at its next decode step: nobody waits for them any more."""
+def _close_in_background(client_future: Future, cancel: bool = True) -> None:
+    """Close a released sampling client (not in this thread). With ``cancel`` (a released
+    session: nobody waits for its samples any more) its queued samples are cancelled and the one
+    being generated stops at its next decode step; without (an evicted shared sampler) the
+    requests already queued on it are answered first."""
     if not client_future.cancelled() and client_future.exception() is None:
-        threading.Thread(target=client_future.result().close, kwargs={"cancel": True},
+        threading.Thread(target=client_future.result().close, kwargs={"cancel": cancel},
                          name="tinkerkit-release", daemon=True).start()
 
 
@@ -344,6 +349,7 @@ class ServerState:
         self._samplers: dict[str, Sampler] = {}
         self._bases: dict[tuple[str, str], Future] = {}
         self._tokenizers: dict[str, object] = {}
+        self._shared: dict[tuple, Future] = {}  # shared_sampler's clients, least recent first
         self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tinkerkit-load")
 
     # -- sessions
@@ -879,6 +885,47 @@ class ServerState:
                                        request.model_path, self._loader.submit(build))
         return types.CreateSamplingSessionResponse(sampling_session_id=sampler_id)
 
+    def shared_sampler(self, served: ServedModel, directory: Path | None = None) -> Future:
+        """Future of the one sampling client of a base model, or of a checkpoint on it, that
+        every request of the OpenAI-compatible routes on that model goes through: concurrent
+        requests queue on it and are generated together in its batches, as the samples of one
+        Tinker sampling session are. Built like :meth:`create_sampling_session`'s clients (the
+        shared base weights, the adapter on a copy); the caller checks that the requester may
+        use the checkpoint. A checkpoint rewritten since (a name reused after a delete) gets a
+        new client. At most :data:`SHARED_SAMPLERS` are kept.
+        """
+        stamp = None
+        if directory is not None:
+            weights = directory / ADAPTER_WEIGHTS
+            stamp = weights.stat().st_mtime_ns if weights.is_file() else None
+        key = (served.name, served.source, served.dtype, str(directory), stamp)
+        base = self._base_model(served)  # loaded once; takes the lock itself
+        with self._lock:
+            client = self._shared.pop(key, None)
+            if client is None:
+
+                def build() -> LocalSamplingClient:
+                    return LocalSamplingClient(
+                        served.source, None if directory is None else str(directory),
+                        model=base.result(), tokenizer=self._tokenizer(served.source),
+                        device=self.device, dtype=served.dtype)
+
+                client = self._loader.submit(build)
+                client.add_done_callback(lambda done: self._forget_failed_shared(key, done))
+            self._shared[key] = client  # the most recently used: last
+            evicted = list(self._shared)[:-SHARED_SAMPLERS]
+            old = [self._shared.pop(k) for k in evicted]
+        for future in old:
+            future.add_done_callback(functools.partial(_close_in_background, cancel=False))
+        return client
+
+    def _forget_failed_shared(self, key: tuple, future: Future) -> None:
+        """Drop a shared sampler that failed to build, so that the next request tries again."""
+        if future.cancelled() or future.exception() is not None:
+            with self._lock:
+                if self._shared.get(key) is future:
+                    del self._shared[key]
+
     def _sampler(self, sampler_id: str, owner: str) -> Sampler:
         with self._lock:
             sampler = self._samplers.get(sampler_id)
@@ -972,6 +1019,10 @@ class ServerState:
             sessions = list(self._sessions.values())
         for session in sessions:
             self._release(session, "ended: the server stopped")
+        with self._lock:
+            shared, self._shared = list(self._shared.values()), {}
+        for client in shared:
+            client.add_done_callback(_close_in_background)
         self._loader.shutdown(wait=False, cancel_futures=True)
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import secrets
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -69,6 +70,10 @@ from tinkerkit.sampling_rules import sampling_problems
 
 DEFAULT_MAX_TOKENS = 256
 
+TokenCallback = Callable[[int, int, float], "bool | None"]
+"""``on_token(sample_index, token_id, logprob)`` of :meth:`LocalSamplingClient.sample`: called in
+the sampler's worker thread as each token is chosen; returning False ends that sample."""
+
 
 @dataclass
 class _Request:
@@ -83,6 +88,7 @@ class _Request:
     include_prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
     rows: list[_Row] = field(default_factory=list)
+    on_token: TokenCallback | None = None
 
 
 @dataclass
@@ -91,6 +97,7 @@ class _Row:
 
     request: _Request
     generator: torch.Generator
+    index: int = 0
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     stop_reason: str | None = None
@@ -104,6 +111,16 @@ class _Row:
             self.stop_reason = "stop"
         elif len(self.tokens) >= request.max_tokens:
             self.stop_reason = "length"
+        if request.on_token is not None and not self._tell(token, logprob):
+            self.stop_reason = self.stop_reason or "stop"
+
+    def _tell(self, token: int, logprob: float) -> bool:
+        """Hand the token to the request's callback; False when the caller wants no more
+        (it returned False or raised: a broken callback ends its own row, not the batch)."""
+        try:
+            return self.request.on_token(self.index, token, logprob) is not False
+        except Exception:
+            return False
 
     def _ends_with_stop_string(self, tokenizer) -> bool:
         strings = self.request.stop_strings
@@ -334,7 +351,7 @@ class LocalSamplingClient:
 
     def sample(self, prompt: types.ModelInput, num_samples: int,
                sampling_params: types.SamplingParams, include_prompt_logprobs: bool = False,
-               topk_prompt_logprobs: int = 0) -> Future:
+               topk_prompt_logprobs: int = 0, on_token: TokenCallback | None = None) -> Future:
         """Generate ``num_samples`` continuations of ``prompt``.
 
         Args:
@@ -343,6 +360,12 @@ class LocalSamplingClient:
             sampling_params: See the module docstring.
             include_prompt_logprobs: Also return ``prompt_logprobs`` (first entry None).
             topk_prompt_logprobs: Also return the top-k ``(token, logprob)`` per prompt position.
+            on_token: Streaming (:data:`TokenCallback`): ``on_token(i, token, logprob)`` as
+                sample ``i`` chooses each token (logprob as in the response), in the worker
+                thread, so it must be quick (put the token on a queue). Returning False (or
+                raising) ends sample ``i`` there with ``stop_reason`` ``"stop"``: a reader who
+                stopped listening (Ctrl-C in ``tinkerkit chat``, a closed HTTP stream) frees
+                its row of the batch.
 
         Returns:
             Future of ``tinker.types.SampleResponse``.
@@ -362,10 +385,11 @@ class LocalSamplingClient:
         if self._positions is not None:
             max_tokens = min(max_tokens, self._positions - len(tokens))
         request = _Request(Future(), tokens, sampling_params, max_tokens, stop_ids,
-                           stop_strings, include_prompt_logprobs, topk_prompt_logprobs)
+                           stop_strings, include_prompt_logprobs, topk_prompt_logprobs,
+                           on_token=on_token)
         for index in range(num_samples):
             generator = torch.Generator(device=self.device).manual_seed(_row_seed(seed, index))
-            request.rows.append(_Row(request, generator))
+            request.rows.append(_Row(request, generator, index))
         return self._enqueue(request)
 
     def compute_logprobs(self, prompt: types.ModelInput) -> Future:
