@@ -41,6 +41,20 @@ def tiny_qwen3(tmp_path_factory, qwen_tokenizer) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe(tmp_path_factory, qwen_tokenizer) -> str:
+    """A 2-layer random Qwen3-MoE (width 64, 8 experts of width 32, 2 routed, untied, the real
+    151,936-row vocabulary) as an HF dir (per-expert tensors on disk, fused in memory)."""
+    from tinkerkit.models import qwen3_moe_tiny_config, save_random_model
+
+    path = tmp_path_factory.mktemp("tiny-qwen3-moe")
+    config = qwen3_moe_tiny_config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
+                                   initializer_range=0.2)
+    save_random_model(config, path, qwen_tokenizer, seed=0)
+    return str(path)
+
+
 @pytest.fixture
 def fake_engine(monkeypatch, smol_tokenizer):
     """Every training client the loop creates is a scripted ``test_train_loop.FakeClient``;
