@@ -14,6 +14,7 @@ from tinker import types
 from transformers import AutoModelForCausalLM, GPT2Config
 
 import tinkerkit.engines.local.kernels.expert_lora as expert_lora
+from helpers import checkpoint_dir, running_server, service
 from tinkerkit.engines.local import LocalTrainingClient, create_training_client_from_state
 from tinkerkit.engines.local.model import (
     adapter_parameters,
@@ -247,3 +248,26 @@ def test_a_kind_of_layer_that_no_target_matches_is_refused():
         GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
     with pytest.raises(ConfigError, match="ask for attention layers, but no attention layer"):
         resolve_target_modules(gpt2, "all-linear", False)  # GPT-2's c_attn is a Conv1D
+
+
+def test_serve_trains_samples_and_exports_the_expert_layout(tiny_qwen3_moe, tmp_path):
+    """Through the real tinker SDK against ``tinkerkit serve``: the per-step losses equal the
+    local engine's, sampling works, and ``save_weights_external`` holds Tinker's expert keys."""
+    lora = {"rank": RANK, "seed": 0, "train_mlp": True, "train_attn": False,
+            "train_unembed": False}
+    local = moe_client(tiny_qwen3_moe, tmp_path)
+    with running_server(tmp_path / "root") as server, service(server.url) as client:
+        training = client.create_lora_training_client(tiny_qwen3_moe, **lora).result()
+        remote_losses = []
+        for _ in range(2):
+            remote_losses.append(training.forward_backward(moe_datums(), "cross_entropy")
+                                 .result().metrics["loss:sum"])
+            training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        sampler = training.save_weights_and_get_sampling_client()
+        sample = sampler.sample(types.ModelInput.from_ints([1, 2, 3]), 1,
+                                types.SamplingParams(max_tokens=4, temperature=0.0)).result()
+        external = training.save_weights_external("export").result().path
+        saved = load_file(checkpoint_dir(server.root, external) / "adapter_model.safetensors")
+    assert remote_losses == pytest.approx(train_steps(local, 2), rel=1e-6)
+    assert len(sample.sequences[0].tokens) == 4
+    assert {k: list(v.shape) for k, v in saved.items()} == expected_layout(2)
