@@ -15,7 +15,11 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 import tinkerkit.engines.local.kernels.expert_lora as expert_lora
 from helpers import checkpoint_dir, running_server, service
-from tinkerkit.engines.local import LocalTrainingClient, create_training_client_from_state
+from tinkerkit.engines.local import (
+    LocalSamplingClient,
+    LocalTrainingClient,
+    create_training_client_from_state,
+)
 from tinkerkit.engines.local.model import (
     adapter_parameters,
     resolve_target_modules,
@@ -195,11 +199,12 @@ def train_steps(client: LocalTrainingClient, steps: int) -> list[float]:
 
 
 def test_training_lowers_the_loss_and_resume_is_bitwise(tiny_qwen3_moe, tmp_path):
-    straight = moe_client(tiny_qwen3_moe, tmp_path, targets="all-linear")
+    """With LoRA dropout (on the experts' LoRA inputs too), so that the resumed RNG matters."""
+    straight = moe_client(tiny_qwen3_moe, tmp_path, targets="all-linear", dropout=0.1)
     losses = train_steps(straight, 4)
     assert losses[-1] < losses[0] - 1.0, losses
 
-    first = moe_client(tiny_qwen3_moe, tmp_path, targets="all-linear")
+    first = moe_client(tiny_qwen3_moe, tmp_path, targets="all-linear", dropout=0.1)
     assert train_steps(first, 2) == losses[:2]
     path = first.save_state("half").result().path
     resumed = create_training_client_from_state(path, with_optimizer=True, device="cpu",
@@ -271,3 +276,18 @@ def test_serve_trains_samples_and_exports_the_expert_layout(tiny_qwen3_moe, tmp_
     assert remote_losses == pytest.approx(train_steps(local, 2), rel=1e-6)
     assert len(sample.sequences[0].tokens) == 4
     assert {k: list(v.shape) for k, v in saved.items()} == expected_layout(2)
+
+
+def test_sampling_merges_the_experts_and_matches_the_unmerged_model(tiny_qwen3_moe, tmp_path):
+    client = moe_client(tiny_qwen3_moe, tmp_path, targets="all-linear")
+    train_steps(client, 2)
+    path = client.save_weights_for_sampler("w").result().path
+    prompt = moe_datums()[0].model_input
+    unmerged = client.save_weights_and_get_sampling_client().compute_logprobs(prompt).result()
+    merged_client = LocalSamplingClient(tiny_qwen3_moe, path, device="cpu")  # merge_lora
+    assert not any(isinstance(m, expert_lora.ExpertLora)
+                   for m in merged_client._model.modules())  # folded into gate_up / down
+    merged = merged_client.compute_logprobs(prompt).result()
+    base = LocalSamplingClient(tiny_qwen3_moe, device="cpu").compute_logprobs(prompt).result()
+    assert max(abs(a - b) for a, b in zip(unmerged[1:], merged[1:])) < 1e-4
+    assert max(abs(a - b) for a, b in zip(unmerged[1:], base[1:])) > 1e-2  # the adapter counts
