@@ -38,9 +38,9 @@ import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 
-GIB = 1024 ** 3
+from long_context import GIB, available_gib  # this folder is on sys.path when run as a script
+
 SIZES = {"tiny": dict(hidden_size=256, moe_intermediate_size=128, num_experts=8,
                       num_experts_per_tok=2),
          "30b": dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128,
@@ -57,17 +57,6 @@ def expected_gib(size: str, path: str, tokens: int) -> float:
     weights = 3 * experts * hidden * width * 4 / GIB
     routed = tokens * fields["num_experts_per_tok"] * (6 * width + 4 * hidden) * 4 / GIB
     return 0.6 + weights * (3 if path == "peft" else 1) + routed
-
-
-def available_gib() -> float:
-    """``MemAvailable`` of ``/proc/meminfo`` in GiB (inf where there is no /proc)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 / GIB
-    except OSError:
-        pass
-    return float("inf")
 
 
 def _rss() -> int:
@@ -139,13 +128,16 @@ def worker(args) -> None:
                       (_rss() - built) / GIB, "built_gib": built / GIB}))
 
 
-def peft_factors(ours, rank: int) -> dict[str, "torch.Tensor"]:  # noqa: F821
+def peft_factors(ours, rank: int) -> dict[str, tuple]:
     """Our experts' LoRA weights in PEFT's ``ParamWrapper`` layout, same function.
 
     PEFT keeps, per fused parameter, ``lora_A.weight [R·E, in]`` (expert ``e``'s ``[R, in]``
     block at rows ``e·R ...``) and ``lora_B.weight [out, R·E]`` (expert ``e``'s ``[out, R]``
     matrix at columns ``k·E + e``). gate_up (``R = 2r``): ``A_e = [A1; A3]``, ``B_e =
     blockdiag(B1_e, B3_e)``; down (``R = r``): ``A_e = A2_e``, ``B_e = B2``.
+
+    Returns:
+        ``{"gate_up_proj" | "down_proj": (lora_A.weight, lora_B.weight)}``.
     """
     import torch
 
@@ -173,11 +165,11 @@ def check_same_function(size: str, rank: int, seed: int, tokens: int) -> tuple[f
     experts = ours.base_model.model.experts
     factors = peft_factors(experts, rank)
     with torch.no_grad():
-        for name, module in peft.named_modules():
-            name_of = getattr(module, "parameter_name", None)
-            if name_of in factors:
-                module.lora_A["default"].weight.copy_(factors[name_of][0])
-                module.lora_B["default"].weight.copy_(factors[name_of][1])
+        for module in peft.modules():
+            name = getattr(module, "parameter_name", None)
+            if name in factors:
+                module.lora_A["default"].weight.copy_(factors[name][0])
+                module.lora_B["default"].weight.copy_(factors[name][1])
     results = []
     for model in (ours, peft):
         x = inputs(size, tokens, seed)
