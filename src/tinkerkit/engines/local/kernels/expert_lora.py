@@ -196,8 +196,9 @@ class ExpertLora(torch.nn.Module, BaseTunerLayer):
         r: LoRA rank.
         lora_alpha: LoRA alpha; the scaling is ``lora_alpha / r``.
         delta: The weight change of a pair, ``delta(lora_A, lora_B, scaling) -> [E, out, in]``
-            float32 (:func:`tinkerkit.engines.local.model.lora_delta`, which registers this
-            layer with ``functools.partial``), used by :meth:`merge`.
+            float32 (:func:`tinkerkit.engines.local.model.lora_delta`, bound by
+            :func:`tinkerkit.engines.local.model.wrap_lora` with ``functools.partial``: the
+            kernels do not import the model module), used by :meth:`merge`.
 
     Raises:
         ValueError: The module's layout is not supported, or the config asks for a LoRA
