@@ -291,3 +291,18 @@ def test_sampling_merges_the_experts_and_matches_the_unmerged_model(tiny_qwen3_m
     base = LocalSamplingClient(tiny_qwen3_moe, device="cpu").compute_logprobs(prompt).result()
     assert max(abs(a - b) for a, b in zip(unmerged[1:], merged[1:])) < 1e-4
     assert max(abs(a - b) for a, b in zip(unmerged[1:], base[1:])) > 1e-2  # the adapter counts
+
+
+def test_bf16_autocast_runs_in_bf16_with_float32_lora_gradients():
+    experts = wrapped_experts()
+    x = torch.randn(23, HIDDEN, generator=torch.Generator().manual_seed(6))
+    index, weights = routing(23)
+    expected = experts(x, index, weights)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = experts(x, index, weights)
+    assert got.dtype == torch.float32  # the residual stream's dtype, as transformers returns
+    assert (got - expected).abs().max() <= 3e-2 * expected.abs().max()  # bf16 rounding
+    got.square().sum().backward()
+    lora = [p for p in experts.parameters() if p.requires_grad]
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora)
+    assert experts.base_layer.gate_up_proj.grad is None  # the base stays frozen
