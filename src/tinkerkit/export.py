@@ -47,6 +47,7 @@ import json
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -109,6 +110,7 @@ _LOGIT_CHECK_MEMORY_FACTOR = 2.5
 """The logit check holds base + adapter in float32, then the merged model upcast to float32:
 about 2.5 times the float32 model, which must fit in the available memory for it to run."""
 _EXPERTS = re.compile(r"^(?P<experts>.+\.experts)\.(?P<w>w[123])$")
+_GATE_UP = r"experts\.gate_up_proj"  # PEFT's rank/alpha pattern of the fused gate/up experts
 VLLM_ADAPTER_DIR = "adapter-vllm"
 """The directory of the per-expert (2-D keys) copy of an MoE adapter, beside ``adapter/``."""
 
@@ -287,11 +289,11 @@ def peft_expert_tensors(adapter: Adapter, base_model: str) -> tuple[LoraConfig, 
     parameters), scaled by ``lora_alpha / R``.
 
     Gate (w1) and up (w3) both adapt ``gate_up_proj``: with ``R = 2r``, ``A_e = [A1_e; A3_e]``
-    and ``B_e = [[B1_e, 0], [0, B3_e]]`` give ``B_e A_e = [B1_e A1_e; B3_e A3_e]`` exactly; down
-    (w2) takes ``R = 2r`` too, its second half zero (both parameters sit on one module, so PEFT
-    gives them one rank). ``rank_pattern``/``alpha_pattern`` set ``2r``/``2·alpha`` on the
-    experts, so the scale stays ``alpha / r``. A shared factor (leading 1) is repeated for each
-    expert. Dense pairs are kept as they are.
+    and ``B_e = [[B1_e, 0], [0, B3_e]]`` give ``B_e A_e = [B1_e A1_e; B3_e A3_e]`` exactly;
+    ``rank_pattern``/``alpha_pattern`` set ``2r``/``2·alpha`` on ``experts.gate_up_proj`` (PEFT
+    matches them against the parameter's key), so its scale stays ``alpha / r``. Down (w2) keeps
+    rank r. A shared factor (leading 1) is repeated for each expert. Dense pairs are kept as
+    they are.
 
     Args:
         adapter: The adapter (:func:`~tinkerkit.engines.local.model.read_adapter`).
@@ -313,11 +315,14 @@ def peft_expert_tensors(adapter: Adapter, base_model: str) -> tuple[LoraConfig, 
         r=rank, lora_alpha=alpha, use_rslora=adapter.config.use_rslora,
         target_modules=sorted({m.rsplit(".", 1)[-1] for m in dense}) or None,
         target_parameters=["experts.gate_up_proj", "experts.down_proj"],
-        rank_pattern={"experts": 2 * rank}, alpha_pattern={"experts": 2 * alpha})
+        rank_pattern={_GATE_UP: 2 * rank}, alpha_pattern={_GATE_UP: 2 * alpha})
     model_config = load_pretrained(AutoConfig.from_pretrained, base_model)
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        # PEFT matches the patterns against the parameter's key ("...experts.gate_up_proj") but
+        # warns that they match no module name
+        warnings.filterwarnings("ignore", message=".*_pattern keys did not match.*")
         skeleton = get_peft_model(AutoModelForCausalLM.from_config(model_config), config)
-    wanted = get_peft_model_state_dict(skeleton)
+    wanted = get_peft_model_state_dict(skeleton, save_embedding_layers=False)
     # "base_model.model.<layer>.mlp.experts.gate_up_proj" -> the saved name of its wrapper
     # (one parameter's wrapper nests in the other's: "...experts.base_layer")
     wrappers = {f"{name.replace('.base_layer', '')}.{m.parameter_name}": name
@@ -336,14 +341,15 @@ def peft_expert_tensors(adapter: Adapter, base_model: str) -> tuple[LoraConfig, 
             out = wanted[key_b].shape[0]
             halves = [slice(i * out // len(names), (i + 1) * out // len(names))
                       for i in range(len(names))]
-            parts = [(experts.get(f"{prefix}.{w}"), rows) for w, rows in zip(names, halves)]
-            if all(pair is None for pair, _ in parts):
+            parts = [(f"{PEFT_PREFIX}{prefix}.{w}.lora_A.weight", experts.get(f"{prefix}.{w}"),
+                      rows) for w, rows in zip(names, halves)]
+            if all(pair is None for _, pair, _ in parts):
                 tensors[key_a], tensors[key_b] = (torch.zeros(wanted[key_a].shape),
                                                   torch.zeros(wanted[key_b].shape))
                 continue
             tensors[key_a], tensors[key_b] = _stack_peft_pair(
-                parts, wanted[key_a].shape, wanted[key_b].shape, adapter.path / ADAPTER_WEIGHTS,
-                f"{PEFT_PREFIX}{prefix}")
+                parts, skeleton.get_submodule(module).num_experts, wanted[key_a].shape,
+                wanted[key_b].shape, adapter.path / ADAPTER_WEIGHTS, base_model)
     missing = sorted(wanted.keys() - tensors.keys())
     if missing:
         raise ExportError(f"{adapter.path / ADAPTER_WEIGHTS}: no LoRA weights for the PEFT key "
@@ -351,31 +357,27 @@ def peft_expert_tensors(adapter: Adapter, base_model: str) -> tuple[LoraConfig, 
     return config, tensors
 
 
-def _stack_peft_pair(parts: list[tuple[dict | None, slice]], a_shape, b_shape, file: Path,
-                     where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT's ``(lora_A [E·R, in], lora_B [out, R·E])`` of a fused expert parameter from Tinker
-    pairs, each adding to a slice of the ``out`` rows (None: a part the adapter leaves alone);
-    their ranks fill ``R`` side by side, the rest stays zero (block-diagonal, exact)."""
-    out, rank_experts = b_shape
-    present = [pair for pair, _ in parts if pair is not None]
-    experts = max(max(p["A"].shape[0], p["B"].shape[0]) for p in present)
-    if rank_experts % experts or a_shape[0] != rank_experts:
-        raise ExportError(f"{file}: '{where}' holds {experts} experts; the model's do not "
-                          f"match (PEFT shapes {list(a_shape)}, {list(b_shape)})")
-    rank = rank_experts // experts
+def _stack_peft_pair(parts: list[tuple[str, dict | None, slice]], experts: int, a_shape,
+                     b_shape, file: Path, base: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's ``(lora_A [E·R, in], lora_B [out, R·E])`` of a fused expert parameter of
+    ``experts`` experts from Tinker pairs ``(adapter key, pair, rows)``, each adding to a slice
+    of the ``out`` rows (pair None: a part the adapter leaves alone); their ranks fill ``R`` side
+    by side, the rest stays zero (block-diagonal, exact)."""
+    out, rank = b_shape[0], b_shape[1] // experts
     a = torch.zeros(experts, rank, a_shape[1])
     b = torch.zeros(out, rank, experts)
     col = 0
-    for pair, rows in parts:
+    for key, pair, rows in parts:
         if pair is None:
             continue
         lora_a, lora_b = pair["A"].float(), pair["B"].float()
+        _check_experts(lora_a, lora_b, experts, file, key)
         r, part_rows = lora_a.shape[-2], len(range(out)[rows])
         if lora_a.dim() != 3 or lora_b.dim() != 3 or lora_a.shape[-1] != a_shape[1] or (
                 lora_b.shape[1] != part_rows or lora_b.shape[-1] != r or col + r > rank):
-            raise ExportError(f"{file}: '{where}' pair of shapes {list(lora_a.shape)}, "
-                              f"{list(lora_b.shape)} does not fit the experts' "
-                              f"[{experts}, {part_rows}, {a_shape[1]}]")
+            raise ExportError(f"{file}: '{key}' does not fit base model '{base}': lora_A "
+                              f"{list(lora_a.shape)} and lora_B {list(lora_b.shape)} against "
+                              f"its experts' [{experts}, {part_rows}, {a_shape[1]}]")
         a[:, col:col + r] = lora_a.expand(experts, -1, -1)
         b[rows, col:col + r] = lora_b.expand(experts, -1, -1).permute(1, 2, 0)
         col += r
