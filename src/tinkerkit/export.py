@@ -103,9 +103,9 @@ _CHECK_CHAT = [
 SAFE_INDEX = "model.safetensors.index.json"
 """transformers' index of a sharded checkpoint (``weight_map``: tensor key -> shard file)."""
 _SINGLE_FILE = "model.safetensors"
-_BLOCK_ELEMENTS = 2**24
-"""Elements of a merged tensor handled at once (float32 and float64 temporaries of a block stay
-under ~0.5 GiB, so an embedding of 150k x 8k rows does not need 10 GiB)."""
+_BLOCK_ELEMENTS = 2**22
+"""Elements of a merged tensor handled at once: the float32 and float64 temporaries of a block
+(the merge and its check) stay near 0.2 GiB, whatever the tensor's size."""
 _LOGIT_CHECK_MEMORY_FACTOR = 2.5
 """The logit check holds base + adapter in float32, then the merged model upcast to float32:
 about 2.5 times the float32 model, which must fit in the available memory for it to run."""
@@ -581,15 +581,13 @@ def stream_merge(adapter: Adapter, base_dir: Path, output_dir: Path,
         written = {}
         with _open(base_dir / shard) as f:
             for key in f.keys():
-                tensor = f.get_tensor(key)
                 if key in copies:
-                    _check_copy(adapter, copies[key], key, tensor)
+                    _check_copy(adapter, copies[key], key, f.get_tensor(key))
                 if all(t.key != key for t in by_source.get(key, ())):
-                    written[key] = _cast(tensor, out_dtype, key)
-                for target in by_source.get(key, ()):
-                    written[target.key] = merge_tensor(tensor, target.pieces, out_dtype,
-                                                       target.key)
-                del tensor
+                    written[key] = _cast(f.get_tensor(key), out_dtype, key)
+                for target in by_source.get(key, ()):  # read block by block from the file
+                    written[target.key] = merge_tensor(f.get_slice(key), shapes[key],
+                                                       target.pieces, out_dtype, target.key)
         save_file(written, output_dir / shard, metadata={"format": "pt"})
         for key, tensor in written.items():
             weight_map[key] = shard
@@ -604,16 +602,19 @@ def stream_merge(adapter: Adapter, base_dir: Path, output_dir: Path,
     return len(targets), untied, fp32_bytes
 
 
-def merge_tensor(weight: torch.Tensor, pieces: list[_Piece], dtype: torch.dtype,
+def merge_tensor(weight, shape: list[int], pieces: list[_Piece], dtype: torch.dtype,
                  key: str) -> torch.Tensor:
     """``weight + Σ scaling · B·A`` over the pieces, in float32, cast once to ``dtype``, checked.
 
-    Works through blocks of the leading axis (rows of a 2-D weight, experts of a 3-D one) so
-    that the float32/float64 temporaries stay small. Each block is checked by
-    :func:`check_merged` against ``weight + Σ scaling · B·A`` computed in float64.
+    Works through blocks of the leading axis (rows of a 2-D weight, experts of a 3-D one), read
+    one at a time, so that neither the whole base tensor nor large float32/float64 temporaries
+    are held. Each block is checked by :func:`check_merged` against ``weight + Σ scaling · B·A``
+    computed in float64.
 
     Args:
-        weight: The base tensor, ``[out, in]`` or ``[E, out, in]``, any float dtype.
+        weight: The base tensor, ``[out, in]`` or ``[E, out, in]``, any float dtype: a tensor,
+            or a safetensors slice (``safe_open(...).get_slice(key)``) read block by block.
+        shape: Its shape.
         pieces: Its LoRA pairs (:class:`_Piece`).
         dtype: The output dtype.
         key: Its name, for messages.
@@ -624,16 +625,17 @@ def merge_tensor(weight: torch.Tensor, pieces: list[_Piece], dtype: torch.dtype,
     Raises:
         ExportError: A merged value off its reference, or not finite.
     """
-    merged = torch.empty(weight.shape, dtype=dtype)
-    step = max(1, _BLOCK_ELEMENTS // max(1, weight[0].numel()))
-    for start in range(0, weight.shape[0], step):
+    merged = torch.empty(shape, dtype=dtype)
+    step = max(1, _BLOCK_ELEMENTS // max(1, torch.Size(shape[1:]).numel()))
+    for start in range(0, shape[0], step):
         block = slice(start, start + step)
-        w = weight[block].to(torch.float32, copy=True)  # never an alias of the base tensor
-        reference = weight[block].double()
+        base = weight[block]
+        w = base.to(torch.float32, copy=True)  # never an alias of the base tensor
+        reference = base.double()
         magnitude = w.abs()
         rank = 0
         for piece in pieces:
-            a, b = _block_factors(piece, block, weight.dim())
+            a, b = _block_factors(piece, block, len(shape))
             w[..., piece.rows, :] += lora_delta(a, b, piece.scaling)
             reference[..., piece.rows, :] += piece.scaling * torch.matmul(b.double(), a.double())
             magnitude[..., piece.rows, :] += abs(piece.scaling) * torch.matmul(b.abs().float(),
