@@ -28,17 +28,36 @@ def qwen_tokenizer():
     return load_tokenizer("qwen3-tokenizer")
 
 
+TINY_QWEN3 = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, initializer_range=0.2)
+"""The widths the tiny Qwen3 and Qwen3-MoE fixtures share."""
+
+
+def _saved_random_model(tmp_path_factory, name: str, config, tokenizer) -> str:
+    from tinkerkit.models import save_random_model
+
+    path = tmp_path_factory.mktemp(name)
+    save_random_model(config, path, tokenizer, seed=0)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen3(tmp_path_factory, qwen_tokenizer) -> str:
     """A 2-layer random Qwen3 (width 64, untied, the real 151,936-row vocabulary) as an HF dir."""
-    from tinkerkit.models import qwen3_tiny_config, save_random_model
+    from tinkerkit.models import qwen3_tiny_config
 
-    path = tmp_path_factory.mktemp("tiny-qwen3")
-    config = qwen3_tiny_config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, head_dim=16, intermediate_size=128,
-                               initializer_range=0.2)
-    save_random_model(config, path, qwen_tokenizer, seed=0)
-    return str(path)
+    config = qwen3_tiny_config(intermediate_size=128, **TINY_QWEN3)
+    return _saved_random_model(tmp_path_factory, "tiny-qwen3", config, qwen_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe(tmp_path_factory, qwen_tokenizer) -> str:
+    """A 2-layer random Qwen3-MoE (width 64, 8 experts of width 32, 2 routed, untied, the real
+    151,936-row vocabulary) as an HF dir (per-expert tensors on disk, fused in memory)."""
+    from tinkerkit.models import qwen3_moe_tiny_config
+
+    config = qwen3_moe_tiny_config(moe_intermediate_size=32, **TINY_QWEN3)
+    return _saved_random_model(tmp_path_factory, "tiny-qwen3-moe", config, qwen_tokenizer)
 
 
 @pytest.fixture

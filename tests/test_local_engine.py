@@ -28,7 +28,7 @@ from tinkerkit.engines.local.batching import (
 )
 from tinkerkit.engines.local.kernels.logprobs import token_logprobs
 from tinkerkit.engines.local.model import adapter_parameters, causal_lm
-from tinkerkit.errors import CheckpointError, EngineError
+from tinkerkit.errors import CheckpointError, ConfigError, EngineError
 from tinkerkit.models import load_tokenizer
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.",
@@ -394,7 +394,7 @@ def test_seed_fixes_lora_init_and_targets_resolve(tiny_model, tmp_path):
     assert all(torch.equal(v, lora_a(b)[k]) for k, v in lora_a(a).items())
     assert not any(torch.equal(v, lora_a(c)[k]) for k, v in lora_a(a).items())
     assert a.get_info().lora_rank == 4 and a.alpha == 4.0
-    with pytest.raises(EngineError, match="not linear layers"):
+    with pytest.raises(ConfigError, match=r"\['c_attn'\] match no layer"):
         LocalTrainingClient(tiny_model, rank=4, device="cpu", target_modules=["c_attn"])
 
 

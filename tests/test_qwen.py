@@ -92,3 +92,30 @@ def test_qwen3_tiny_random_registry_model(tmp_path, monkeypatch):
         "qwen3", 256, 4, 4, 64, 1024, 151936, False)
     assert sum(p.numel() for p in model.parameters()) == 81_726_208
     assert load_tokenizer("qwen3-tiny-random").encode(CHATML_PREFIX) == CHATML_PREFIX_IDS
+
+
+@pytest.mark.parametrize("hub_id", ["Qwen/Qwen3-30B-A3B-Instruct-2507",
+                                    "Qwen/Qwen3-235B-A22B-Instruct-2507"])
+def test_instruct_2507_models_render_without_thinking_and_refuse_reasoning(hub_id):
+    from tinkerkit.data.conversation import Conversation, Message
+    from tinkerkit.models import offline_tokenizer
+    from tinkerkit.render import Renderer
+
+    assert offline_tokenizer(hub_id) == "qwen3-instruct-2507-tokenizer"
+    assert offline_tokenizer("Qwen/Qwen3-30B-A3B") == "qwen3-tokenizer"  # the thinking one
+    tokenizer = load_tokenizer(hub_id)
+    renderer = Renderer(tokenizer)
+    plain = Conversation(messages=(Message(role="user", content="Hi"),
+                                   Message(role="assistant", content="4")), source="t:1")
+    tokens, weights = renderer.render_tokens(plain)
+    # No think block anywhere, not even an empty one after the generation prompt.
+    assert tokenizer.decode(tokens) == ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+                                        "4<|im_end|>\n")
+    trained = [t for t, w in zip(tokens, weights) if w]
+    assert tokenizer.decode(trained) == "4<|im_end|>"
+    thinking = Conversation(messages=(Message(role="user", content="Hi"),
+                                      Message(role="assistant", content="4", thinking="2+2")),
+                            source="t:2")
+    examples, stats = renderer.render_dataset([plain, thinking])
+    assert (len(examples), stats.failed) == (1, 1)
+    assert "Instruct-2507 models have no thinking mode" in stats.failures[0][1]

@@ -66,7 +66,7 @@ class TrainConfig(BaseModel):
     lora_rank: int = Field(32, gt=0, description="LoRA rank r.")
     lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; None means alpha = rank (scale 1).")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    lora_targets: str = Field("all-linear", description="LoRA target modules: attention, mlp, all-linear, or comma-separated module names.")
+    lora_targets: str = Field("all-linear", description="LoRA target modules: attention, mlp, all-linear, or comma-separated module names; mlp covers the experts of mixture-of-experts models (module name experts).")
     train_unembed: bool = Field(False, description="Also put LoRA on the unembedding (lm_head).")
     device: str = Field("auto", description="Local engine device: auto, cpu, cuda, cuda:N.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Local engine parameter dtype.")

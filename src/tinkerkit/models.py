@@ -146,8 +146,35 @@ QWEN3_CHAT_TEMPLATE = """\
 """
 
 
-def build_qwen3_tokenizer():
-    """The Qwen2.5/Qwen3 tokenizer, built offline, with :data:`QWEN3_CHAT_TEMPLATE`.
+# Written for tinkerkit from the Qwen3 "-2507" Instruct models' chat format: the same ChatML
+# turns, but these models have no thinking mode (they never open a think block, and their
+# generation prompt is ``<|im_start|>assistant\n`` whatever ``enable_thinking`` says). A message
+# with reasoning is refused with a message (the renderer counts the record as failed) rather
+# than rendered in a form these models were not trained on. Tools are not supported.
+QWEN3_INSTRUCT_2507_CHAT_TEMPLATE = """\
+{#- tinkerkit's Qwen3 Instruct-2507 format: <|im_start|>ROLE\\n...<|im_end|>\\n, no think blocks. -#}
+{%- for message in messages -%}
+    {%- if message.role not in ['system', 'user', 'assistant'] -%}
+        {{- raise_exception('this Qwen3 template renders system, user and assistant messages, '
+                            'not ' ~ message.role) -}}
+    {%- endif -%}
+    {%- if message.reasoning_content is string and message.reasoning_content -%}
+        {{- raise_exception('Qwen3 Instruct-2507 models have no thinking mode: a message with '
+                            'reasoning (thinking) cannot be rendered for them; use a Qwen3 model '
+                            'with thinking (Qwen/Qwen3-30B-A3B) or drop the reasoning') -}}
+    {%- endif -%}
+    {{- '<|im_start|>' ~ message.role ~ '\\n' ~ message.content ~ '<|im_end|>\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\\n' -}}
+{%- endif -%}
+"""
+
+
+def build_qwen3_tokenizer(chat_template: str = QWEN3_CHAT_TEMPLATE):
+    """The Qwen2.5/Qwen3 tokenizer, built offline, with ``chat_template`` (by default
+    :data:`QWEN3_CHAT_TEMPLATE`; :data:`QWEN3_INSTRUCT_2507_CHAT_TEMPLATE` for the Instruct-2507
+    models).
 
     The BPE merges are derived from ``qwen.tiktoken``'s ranks by transformers'
     ``TikTokenConverter``; transformers' ``Qwen2Tokenizer`` supplies Qwen2's pre-tokenizer
@@ -179,12 +206,16 @@ def build_qwen3_tokenizer():
     tokenizer.add_tokens([AddedToken(token, special=special, normalized=False)
                           for token, special in QWEN_ADDED_TOKENS[1:]])
     tokenizer.eos_token = "<|im_end|>"
-    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
 def _build_qwen3_tokenizer(out: Path) -> None:
     build_qwen3_tokenizer().save_pretrained(out)
+
+
+def _build_qwen3_instruct_2507_tokenizer(out: Path) -> None:
+    build_qwen3_tokenizer(QWEN3_INSTRUCT_2507_CHAT_TEMPLATE).save_pretrained(out)
 
 
 def qwen3_tiny_config(vocab_size: int = QWEN3_VOCAB_SIZE, **overrides):
@@ -283,6 +314,13 @@ REGISTRY: dict[str, RegistryEntry] = {
             tokenizer_only=True,
         ),
         RegistryEntry(
+            name="qwen3-instruct-2507-tokenizer",
+            description="Qwen2.5/Qwen3 tokenizer with the Qwen3 Instruct-2507 chat template (no "
+                        "thinking mode; offline, tokenizer only)",
+            build=_build_qwen3_instruct_2507_tokenizer,
+            tokenizer_only=True,
+        ),
+        RegistryEntry(
             name="qwen3-tiny-random",
             description="random Qwen3-architecture model (hidden 256, 4 layers, real 151,936 "
                         "vocabulary, seeded) with the Qwen3 tokenizer, for tests and benchmarks",
@@ -302,14 +340,17 @@ REGISTRY: dict[str, RegistryEntry] = {
 # Tinker base model names (hub ids) -> the registry entry that holds the same tokenizer, so that
 # these names tokenize offline. An entry counts only once its registry name exists; until then the
 # name falls through to the hub. Hub ids of registry models map to their entry without a line here.
-# Left out on purpose: the Qwen3 "-2507" Instruct models (their chat template has no thinking
-# switch) and the vision models; they load from the hub (or the Tinker SDK's tokenizer lookup).
+# The Qwen3 "-2507" Instruct models have no thinking mode: they get a template without think
+# blocks that refuses reasoning (QWEN3_INSTRUCT_2507_CHAT_TEMPLATE), never the thinking one. Left
+# out: the vision models; they load from the hub (or the Tinker SDK's tokenizer lookup).
 TOKENIZER_ALIASES: dict[str, str] = {
     "Qwen/Qwen3-8B": "qwen3-tokenizer",
     "Qwen/Qwen3-8B-Base": "qwen3-tokenizer",
     "Qwen/Qwen3-32B": "qwen3-tokenizer",
     "Qwen/Qwen3-30B-A3B": "qwen3-tokenizer",
     "Qwen/Qwen3-30B-A3B-Base": "qwen3-tokenizer",
+    "Qwen/Qwen3-30B-A3B-Instruct-2507": "qwen3-instruct-2507-tokenizer",
+    "Qwen/Qwen3-235B-A22B-Instruct-2507": "qwen3-instruct-2507-tokenizer",
 }
 
 

@@ -6,7 +6,8 @@
 - :mod:`~tinkerkit.engines.local.training`: :class:`LocalTrainingClient`.
 - :mod:`~tinkerkit.engines.local.sampling`: :class:`LocalSamplingClient`.
 - :mod:`~tinkerkit.engines.local.kernels`: frozen-head log-probabilities, the fused LoRA layer,
-  fused RMSNorm and rotary layers, packed attention.
+  fused RMSNorm and rotary layers, packed attention,
+  expert LoRA for mixture-of-experts layers.
 """
 
 from tinkerkit.engines.local.sampling import LocalSamplingClient

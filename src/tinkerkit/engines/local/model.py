@@ -22,6 +22,7 @@ import json
 import threading
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from tinkerkit.checkpoint import (
     read_lora_config,
     read_safetensors,
 )
+from tinkerkit.engines.local.kernels.expert_lora import ExpertLora, experts_layout_problem
 from tinkerkit.errors import CheckpointError, ConfigError, EngineError, ModelError
 from tinkerkit.models import (
     REGISTRY,
@@ -53,9 +55,14 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-TARGET_PRESETS = {"attention": ATTENTION_MODULES, "mlp": MLP_MODULES,
-                  "all-linear": ATTENTION_MODULES + MLP_MODULES}
-"""LoRA target presets (``LORA_TARGETS``): the linear layers each one wraps, by module name."""
+EXPERTS = "experts"
+"""The target name of a mixture-of-experts layer's experts (transformers' module name): LoRA on
+their gate, up and down projections in Tinker's layout
+(:mod:`tinkerkit.engines.local.kernels.expert_lora`). The router is never adapted."""
+TARGET_PRESETS = {"attention": ATTENTION_MODULES, "mlp": MLP_MODULES + (EXPERTS,),
+                  "all-linear": ATTENTION_MODULES + MLP_MODULES + (EXPERTS,)}
+"""LoRA target presets (``LORA_TARGETS``): the layers each one adapts, by module name. The MLP
+covers the experts of mixture-of-experts layers, as on Tinker (``train_mlp``)."""
 ADAPTER_NAME = "default"
 """PEFT's adapter name for the one adapter a model carries."""
 
@@ -120,38 +127,74 @@ def preset_of_switches(train_attn: bool, train_mlp: bool) -> str | None:
     return None
 
 
+def expert_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The experts modules of a model's mixture-of-experts layers, by module name: the modules
+    that own a 3-D parameter (transformers 5 fuses each layer's experts into ``[E, ., .]``
+    parameters), whether or not :class:`ExpertLora` can adapt them."""
+    return {name: module for name, module in model.named_modules()
+            if any(p.dim() == 3 for p in module.parameters(recurse=False))}
+
+
+def _target_kinds(preset: str) -> dict[str, tuple[str, ...]]:
+    """The kinds of layer a preset asks for, with their module names."""
+    train_attn, train_mlp = preset_switches(preset)
+    kinds = {"attention": ATTENTION_MODULES, "MLP": MLP_MODULES + (EXPERTS,)}
+    return {kind: names for kind, names, asked in zip(kinds, kinds.values(),
+                                                       (train_attn, train_mlp)) if asked}
+
+
 def resolve_target_modules(model: torch.nn.Module, target_modules: str | list[str],
                            train_unembed: bool) -> list[str]:
-    """Module names to wrap with LoRA.
+    """Module names to adapt with LoRA, refusing an adapter that would be silently partial.
 
     Args:
         model: The transformers causal LM.
-        target_modules: A preset of :data:`TARGET_PRESETS` or explicit ``nn.Linear`` names.
-        train_unembed: Also wrap the output projection (``lm_head``).
+        target_modules: A preset of :data:`TARGET_PRESETS` or explicit module names: linear
+            layers, or :data:`EXPERTS` for the experts of mixture-of-experts layers.
+        train_unembed: Also adapt the output projection (``lm_head``).
 
     Returns:
         Sorted module names (last name component), as PEFT's ``target_modules`` takes them.
 
     Raises:
-        EngineError: A name matches no linear layer of the model, or nothing is selected.
+        ConfigError: A kind of layer the preset asks for (attention, MLP or experts,
+            unembedding) that no target matches in this model, or experts that the local engine
+            cannot adapt (the message names the kind and the model's layers); an unknown preset;
+            a name that matches no layer.
     """
     head = causal_lm(model).get_output_embeddings()
     linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
               if isinstance(module, torch.nn.Linear) and module is not head}
+    experts = expert_modules(model)
+    problems = {f"{type(m).__name__} ({problem})" for m in experts.values()
+                if (problem := experts_layout_problem(m)) is not None}
+    available = linear | ({EXPERTS} if experts and not problems else set())
+    layers = ", ".join(sorted(linear) + ([f"{EXPERTS} ({len(experts)})"] if experts else []))
     if isinstance(target_modules, str):
         if target_modules not in TARGET_PRESETS:
-            raise EngineError(f"target_modules '{target_modules}' is not one of "
+            raise ConfigError(f"LoRA targets '{target_modules}' is not one of "
                               f"{', '.join(TARGET_PRESETS)} (or a list of module names)")
-        names = sorted(linear & set(TARGET_PRESETS[target_modules]))
+        for kind, kind_names in _target_kinds(target_modules).items():
+            if kind == "MLP" and problems:
+                raise ConfigError(f"LoRA targets '{target_modules}' ask for the MLP layers, but "
+                                  f"the local engine cannot adapt this model's experts: "
+                                  f"{'; '.join(sorted(problems))}")
+            if not available & set(kind_names):
+                raise ConfigError(f"LoRA targets '{target_modules}' ask for {kind} layers, but "
+                                  f"no {kind} layer of this model matches "
+                                  f"({', '.join(kind_names)}); its layers: {layers}")
+        names = sorted(available & set(TARGET_PRESETS[target_modules]))
     else:
-        unknown = sorted(set(target_modules) - linear)
-        if unknown:
-            raise EngineError(f"target_modules {unknown} are not linear layers of this model; "
-                              f"its linear layers: {', '.join(sorted(linear))}")
+        unknown = sorted(set(target_modules) - available)
+        if unknown or not target_modules:
+            raise ConfigError(f"LoRA targets {unknown or target_modules} match no layer LoRA can "
+                              f"adapt in this model; its layers: {layers}"
+                              + (f"; not adaptable: {'; '.join(sorted(problems))}"
+                                 if problems else ""))
         names = sorted(set(target_modules))
-    if not names:
-        raise EngineError(f"target_modules {target_modules!r} selects no layer of this model; "
-                          f"its linear layers: {', '.join(sorted(linear))}")
+    if train_unembed and not isinstance(head, torch.nn.Linear):
+        raise ConfigError(f"train_unembed asks for the unembedding, but this model's output "
+                          f"projection is {type(head).__name__}, not a linear layer")
     return names + (["lm_head"] if train_unembed else [])
 
 
@@ -214,12 +257,18 @@ def wrap_lora(model: torch.nn.Module, config: LoraConfig, seed: int) -> PeftMode
     global RNG is left as it was, and no other thread draws from it meanwhile (two models built
     at once in a server drew each other's numbers). PEFT's warning about LoRA on a tied
     ``lm_head`` is silenced (``train_unembed`` adapts the output projection alone; see
-    :func:`merge_lora` for how a merge keeps the input embedding as it was).
+    :func:`merge_lora` for how a merge keeps the input embedding as it was). A target
+    :data:`EXPERTS` puts :class:`ExpertLora` on the model's experts modules (its ``lora_A`` draws
+    follow the linear layers' in module order, from the same seed).
     """
     with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         torch.manual_seed(seed)
+        if EXPERTS in (config.target_modules or ()):
+            config._register_custom_module(
+                {type(m): partial(ExpertLora, delta=lora_delta)
+                 for m in expert_modules(model).values()})  # PEFT's own hook
         return get_peft_model(model, config)
 
 

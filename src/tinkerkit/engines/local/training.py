@@ -206,7 +206,9 @@ class LocalTrainingClient:
             ``alpha = rank`` (scale 1, so the learning rate does not depend on the rank's
             scaling; the seed's scripts used alpha=32 with rank 32, the same scale).
         dropout: LoRA dropout probability (Tinker uses none).
-        target_modules: ``"all-linear"``, ``"attention"``, ``"mlp"`` or module names.
+        target_modules: ``"all-linear"``, ``"attention"``, ``"mlp"`` or module names; the
+            MLP presets cover the experts of mixture-of-experts layers (LoRA in Tinker's
+            layout, :mod:`~tinkerkit.engines.local.kernels.expert_lora`).
         train_unembed: Also put LoRA on ``lm_head``. With tied embeddings (SmolLM2), the adapter
             changes the output projection only; the input embedding stays the frozen base
             matrix, and merging such an adapter requires untying the two.
@@ -227,7 +229,10 @@ class LocalTrainingClient:
             the hub id of ``base_model`` where tinkerkit knows one, else ``base_model``.
 
     Raises:
-        EngineError: A bad argument (device, dtype, targets, rank) or an unsupported model.
+        EngineError: A bad argument (device, dtype, rank) or an unsupported model.
+        ConfigError: LoRA targets that match no layer, or a kind of layer they ask for
+            (attention, MLP or experts, unembedding) that this model does not have or the local
+            engine cannot adapt (:func:`~tinkerkit.engines.local.model.resolve_target_modules`).
         ModelError: The base model cannot be loaded.
     """
 

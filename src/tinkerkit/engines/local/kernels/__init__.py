@@ -7,4 +7,6 @@
 - :mod:`~tinkerkit.engines.local.kernels.fused_layers`: RMSNorm and rotary embeddings with
   hand-written backward passes.
 - :mod:`~tinkerkit.engines.local.kernels.packing`: attention over datums packed into one row.
+- :mod:`~tinkerkit.engines.local.kernels.expert_lora`: LoRA on the experts of mixture-of-experts
+  layers, in Tinker's adapter layout, with grouped per-expert products.
 """

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from tinkerkit.engines.local.kernels.packing import SEGMENTS_KWARG
-from tinkerkit.engines.local.model import causal_lm
 
 LOGIT_CHUNK = 1024
 """Most positions projected to the vocabulary at once."""
@@ -31,8 +30,11 @@ def last_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor,
 
     ``segments``: the lengths of the datums packed into the single row of ``input_ids`` (a
     model switched to packed attention, :mod:`tinkerkit.engines.local.kernels.packing`), or None.
+    ``model`` is a causal LM or a ``PeftModel`` (which hands ``get_decoder`` and
+    ``get_output_embeddings`` on to the model inside; the kernels do not import
+    :mod:`tinkerkit.engines.local.model`, which imports them).
     """
-    decoder = causal_lm(model).get_decoder()
+    decoder = model.get_decoder()
     packed = {} if segments is None else {SEGMENTS_KWARG: segments}
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                   use_cache=False, **packed)
@@ -142,7 +144,7 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, targets: tor
     hidden = last_hidden_states(model, input_ids, position_ids=position_ids, segments=segments)
     batch, length, width = hidden.shape
     flat_hidden, flat_targets = hidden.reshape(-1, width), targets.reshape(-1)
-    head = causal_lm(model).get_output_embeddings()
+    head = model.get_output_embeddings()
     chunk = chunk or logit_chunk_positions(head.out_features)
     valid = (torch.ones_like(flat_targets, dtype=torch.bool) if valid_mask is None
              else valid_mask.reshape(-1).to(hidden.device))
