@@ -372,3 +372,25 @@ def test_cli_exports_a_tinker_adapter_and_reports_the_skipped_check(per_expert_b
     config = json.loads((tmp_path / "out" / "merged" / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["tie_word_embeddings"] is False
     shutil.rmtree(tmp_path / "out")
+
+
+@pytest.mark.parametrize("layout", ["per_expert_base", "fused_base"])
+def test_moe_export_matches_the_engines_base_plus_adapter(layout, request, tmp_path, input_ids):
+    """The end-to-end check against the local engine's expert LoRA: the merged model (bf16 and
+    fp32, routed as the float32 reference, see export._routers) and the PEFT adapter/."""
+    base = request.getfixturevalue(layout)
+    adapter = _write_adapter(tmp_path / "adapter", _tinker_tensors(), base)
+    engine = apply_adapter(load_model(str(base)), read_adapter(adapter))
+    expected = _logits(engine, input_ids)
+
+    for dtype, bound in (("fp32", 1e-4), ("bf16", None)):
+        result = export_checkpoint(adapter, tmp_path / dtype, merge=True, dtype=dtype)
+        print(f"{layout} {dtype}: merged vs base + adapter (engine): max |logit diff| "
+              f"{result.max_logit_diff:.3g}, tolerance {result.tolerance:.3g}")
+        assert result.logit_check_skipped is None
+        assert result.max_logit_diff <= (bound or result.tolerance)
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
+                                     result.adapter_dir).eval()
+    diff = (_logits(peft, input_ids) - expected).abs().max()
+    print(f"{layout}: PEFT adapter/ vs base + adapter (engine): max |logit diff| {diff:.3g}")
+    assert diff <= 1e-4

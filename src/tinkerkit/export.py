@@ -43,11 +43,13 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -906,11 +908,41 @@ def _logit_check(adapter: Adapter, base_name: str, merged_dir: Path, dtype: str,
     """``(max |logit difference|, tolerance)`` of the merged model against base + adapter."""
     input_ids = _check_input_ids(tokenizer)
     model = _apply_adapter(load_model(base_name, "float32"), adapter, base_name)
-    with torch.no_grad():
+    routing: dict[str, tuple] = {}
+    with torch.no_grad(), _routers(model, routing, replay=False):
         reference = model(input_ids).logits.float()
     del model  # free the float32 copy before loading the saved one
-    diff = _reloaded_logit_diff(merged_dir, dtype, input_ids, reference)
+    diff = _reloaded_logit_diff(merged_dir, dtype, input_ids, reference, routing)
     return diff, logit_tolerance(dtype, reference)
+
+
+@contextlib.contextmanager
+def _routers(model: torch.nn.Module, routing: dict[str, tuple], replay: bool) -> Iterator[None]:
+    """Record (``replay`` False) or impose (True) the routing of a model's mixture-of-experts
+    layers: the output of each ``gate`` module beside an ``experts`` one (transformers'
+    routers return ``(router_logits, top-k weights, top-k expert indices)``).
+
+    A merged MoE in bf16 may route a token whose two best experts score almost the same to
+    another expert than the float32 model does, which moves its logits by far more than the
+    rounding of the weights: a property of the dtype, not of the merge. Replaying the reference
+    routing, the logit check measures the merged weights alone.
+    """
+    handles = []
+    for name, module in model.named_modules():
+        parent, _, leaf = name.rpartition(".")
+        if leaf != "gate" or not hasattr(model.get_submodule(parent), "experts"):
+            continue
+        key = name.removeprefix(PEFT_PREFIX)
+        if replay:
+            hook = lambda m, args, out, key=key: routing.get(key, out)  # noqa: E731
+        else:
+            hook = lambda m, args, out, key=key: routing.__setitem__(key, out)  # noqa: E731
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _merged_card(base: str, adapter: Adapter, dtype: str, merged: int, diff: float | None,
@@ -1070,14 +1102,15 @@ def _apply_adapter(model, adapter: Adapter, base_name: str):
 
 
 def _reloaded_logit_diff(model_dir: Path, dtype: str, input_ids: torch.Tensor,
-                         reference: torch.Tensor) -> float:
-    """Max |logit difference| of the saved model (dtype weights, float32 compute) vs reference."""
+                         reference: torch.Tensor, routing: dict[str, tuple]) -> float:
+    """Max |logit difference| of the saved model (dtype weights, float32 compute) vs reference,
+    routed as the reference was (:func:`_routers`)."""
     model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype),
                                                        output_loading_info=True)
     if info["missing_keys"] or info["unexpected_keys"]:
         raise ExportError(f"the saved merged model does not load back: missing "
                           f"{sorted(info['missing_keys'])[:3]}, unexpected "
                           f"{sorted(info['unexpected_keys'])[:3]}")
-    with torch.no_grad():
+    with torch.no_grad(), _routers(model, routing, replay=True):
         logits = model.float().eval()(input_ids).logits
     return (logits - reference).abs().max().item()

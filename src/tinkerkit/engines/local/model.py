@@ -37,7 +37,11 @@ from tinkerkit.checkpoint import (
     read_lora_config,
     read_safetensors,
 )
-from tinkerkit.engines.local.kernels.expert_lora import ExpertLora, experts_layout_problem
+from tinkerkit.engines.local.kernels.expert_lora import (
+    EXPERT_PROJECTIONS,
+    ExpertLora,
+    experts_layout_problem,
+)
 from tinkerkit.errors import CheckpointError, ConfigError, EngineError, ModelError
 from tinkerkit.models import (
     REGISTRY,
@@ -310,7 +314,7 @@ PEFT_PREFIX = "base_model.model."
 TINKER_UNEMBED = "model.unembed_tokens"
 """Tinker's name of the output projection in adapter keys; the model's is ``lm_head`` (the input
 embedding's weight when the embeddings are tied, see :func:`merge_lora`)."""
-TINKER_EXPERT_PROJECTIONS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+TINKER_EXPERT_PROJECTIONS = dict(zip(EXPERT_PROJECTIONS, ("gate_proj", "up_proj", "down_proj")))
 """Tinker's names of an expert's projections (``...mlp.experts.w1.lora_A.weight``, a 3-D pair
 for all experts) and the model's: w1 the gate, w3 the up and w2 the down projection."""
 
@@ -350,16 +354,16 @@ def read_adapter(path: str | Path) -> Adapter:
     if isinstance(config.target_modules, set) and TINKER_UNEMBED in config.target_modules:
         config.target_modules = config.target_modules - {TINKER_UNEMBED} | {"lm_head"}
     elif not isinstance(config.target_modules, set):  # "all-linear" or none: what the keys adapt
-        config.target_modules = {key.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1]
-                                 for key in tensors if ".lora_" in key
-                                 and not _is_expert_key(key)} or None
+        config.target_modules = {EXPERTS if _is_expert_key(key) else
+                                 key.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1]
+                                 for key in tensors if ".lora_" in key} or None
     return Adapter(path, config, tensors)
 
 
 def _is_expert_key(key: str) -> bool:
     """Whether an adapter key is one of Tinker's 3-D expert pairs (``...mlp.experts.w1...``)."""
     module = key.rsplit(".lora_", 1)[0]
-    return module.rsplit(".", 1)[-1] in TINKER_EXPERT_PROJECTIONS and ".experts." in key
+    return module.rsplit(".", 1)[-1] in EXPERT_PROJECTIONS and f".{EXPERTS}." in key
 
 
 def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
