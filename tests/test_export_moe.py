@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,7 +233,8 @@ def test_peft_adapter_output_reproduces_the_merged_model(per_expert_base, tmp_pa
     assert config["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
     assert config["rank_pattern"] == {r"experts\.gate_up_proj": 2 * RANK}
     assert config["alpha_pattern"] == {r"experts\.gate_up_proj": 2 * ALPHA}
-    assert config["target_modules"] == ["lm_head", "q_proj", "v_proj"]
+    assert config["target_modules"] == ["lm_head"] + [  # Tinker's config names none: the paths
+        f"model.layers.{i}.self_attn.{name}" for i in range(LAYERS) for name in ("q_proj", "v_proj")]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(per_expert_base),
@@ -394,3 +396,37 @@ def test_moe_export_matches_the_engines_base_plus_adapter(layout, request, tmp_p
     diff = (_logits(peft, input_ids) - expected).abs().max()
     print(f"{layout}: PEFT adapter/ vs base + adapter (engine): max |logit diff| {diff:.3g}")
     assert diff <= 1e-4
+
+
+def test_tinker_unembed_tokens_on_a_tied_model_unties_the_head(tmp_path, input_ids):
+    """Dense, Tinker's names, a tied model: ``model.unembed_tokens`` is the output head, which
+    reads the input embedding; the merge writes ``lm_head.weight`` = embedding + delta, keeps the
+    embedding, and passes the logit check against the engine."""
+    base = save_tiny_llama(tmp_path / "base", tied=True, width=64, initializer_range=0.02)
+    g = torch.Generator().manual_seed(5)
+    tensors = {"base_model.model.model.unembed_tokens.lora_A.weight": torch.randn(RANK, 64,
+                                                                                 generator=g),
+               "base_model.model.model.unembed_tokens.lora_B.weight": torch.randn(
+                   49152, RANK, generator=g) * 0.05,
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(
+                   RANK, 64, generator=g),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(
+                   64, RANK, generator=g)}
+    adapter = _write_adapter(tmp_path / "adapter", tensors, base, target_modules="all-linear")
+    result = export_checkpoint(adapter, tmp_path / "out", merge=True, dtype="fp32")
+
+    print(f"tied head, Tinker names: max |logit diff| {result.max_logit_diff:.3g}")
+    assert result.max_logit_diff <= 1e-4 and result.merged_tensors == 2
+    merged, original = _tensors(result.merged_dir), _tensors(Path(base))
+    assert "lm_head.weight" not in original
+    expected = original["model.embed_tokens.weight"] + (ALPHA / RANK) * (
+        tensors["base_model.model.model.unembed_tokens.lora_B.weight"]
+        @ tensors["base_model.model.model.unembed_tokens.lora_A.weight"])
+    assert (merged["lm_head.weight"] - expected).abs().max() <= 1e-6
+    assert torch.equal(merged["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
+    assert json.loads((result.merged_dir / "config.json").read_text())[
+        "tie_word_embeddings"] is False
+    exported = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert "base_model.model.lm_head.lora_A.weight" in exported  # PEFT's name in adapter/
+    assert json.loads((result.adapter_dir / "adapter_config.json").read_text())[
+        "target_modules"] == ["lm_head", "model.layers.0.self_attn.q_proj"]  # layer 0 only

@@ -73,6 +73,7 @@ from tinkerkit.checkpoint import (
 )
 from tinkerkit.engines.local.model import (
     DTYPE_ALIASES,
+    EXPERTS,
     PEFT_PREFIX,
     TINKER_EXPERT_PROJECTIONS,
     Adapter,
@@ -312,10 +313,9 @@ def peft_expert_tensors(adapter: Adapter, base_model: str) -> tuple[LoraConfig, 
     rank, alpha = adapter.config.r, adapter.config.lora_alpha
     pairs = _lora_pairs(adapter)
     experts = {m: p for m, p in pairs.items() if _EXPERTS.match(m)}
-    dense = {m: p for m, p in pairs.items() if m not in experts}
     config = LoraConfig(
         r=rank, lora_alpha=alpha, use_rslora=adapter.config.use_rslora,
-        target_modules=sorted({m.rsplit(".", 1)[-1] for m in dense}) or None,
+        target_modules=sorted(set(adapter.config.target_modules or ()) - {EXPERTS}) or None,
         target_parameters=["experts.gate_up_proj", "experts.down_proj"],
         rank_pattern={_GATE_UP: 2 * rank}, alpha_pattern={_GATE_UP: 2 * alpha})
     model_config = load_pretrained(AutoConfig.from_pretrained, base_model)

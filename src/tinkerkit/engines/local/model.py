@@ -353,9 +353,11 @@ def read_adapter(path: str | Path) -> Adapter:
                for k, v in tensors.items()}
     if isinstance(config.target_modules, set) and TINKER_UNEMBED in config.target_modules:
         config.target_modules = config.target_modules - {TINKER_UNEMBED} | {"lm_head"}
-    elif not isinstance(config.target_modules, set):  # "all-linear" or none: what the keys adapt
+    elif not isinstance(config.target_modules, set):
+        # "all-linear" or none (Tinker's adapters): exactly the modules the keys adapt, by path,
+        # so that an adapter of some layers only applies strictly (experts: all of them)
         config.target_modules = {EXPERTS if _is_expert_key(key) else
-                                 key.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1]
+                                 key[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0]
                                  for key in tensors if ".lora_" in key} or None
     return Adapter(path, config, tensors)
 
