@@ -306,15 +306,19 @@ def peft_expert_tensors(adapter: Adapter, base_model: str) -> tuple[LoraConfig, 
         ``(LoraConfig, {PEFT key: float32 tensor})``.
 
     Raises:
-        ExportError: Expert pairs whose shapes do not fit the model's experts, or expert keys
-            the model has no experts for.
+        ExportError: Expert pairs whose shapes do not fit the model's experts, expert keys the
+            model has no experts for, or an rsLoRA adapter.
         ModelError: The base model's config cannot be loaded.
     """
     rank, alpha = adapter.config.r, adapter.config.lora_alpha
+    if adapter.config.use_rslora:  # PEFT refuses rank patterns with rsLoRA
+        raise ExportError(f"{adapter.path / ADAPTER_CONFIG}: field 'use_rslora' is true; expert "
+                          "LoRA with rsLoRA has no PEFT target_parameters form (PEFT refuses "
+                          "rank patterns with rsLoRA)")
     pairs = _lora_pairs(adapter)
     experts = {m: p for m, p in pairs.items() if _EXPERTS.match(m)}
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, use_rslora=adapter.config.use_rslora,
+        r=rank, lora_alpha=alpha,
         target_modules=sorted(set(adapter.config.target_modules or ()) - {EXPERTS}) or None,
         target_parameters=["experts.gate_up_proj", "experts.down_proj"],
         rank_pattern={_GATE_UP: 2 * rank}, alpha_pattern={_GATE_UP: 2 * alpha})
@@ -1052,6 +1056,8 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def _model_card(config) -> str:
     targets = config.target_modules
     targets = ", ".join(sorted(targets)) if isinstance(targets, set) else str(targets)
+    if config.target_parameters:  # MoE experts, PEFT's target_parameters (peft_expert_tensors)
+        targets += f"; experts: {', '.join(sorted(config.target_parameters))}"
     base = config.base_model_name_or_path
     return f"""---
 base_model: {base}
