@@ -138,7 +138,7 @@ def test_export_records_the_hub_id_of_a_registry_base_model(untied, tmp_path):
 
 def test_merge_fp32_matches_base_plus_adapter(untied, tmp_path, tokenizer, input_ids):
     base_dir, ckpt, peft_model = untied
-    out, diff, tolerance = merge_adapter(ckpt, tmp_path / "merged", dtype="fp32")
+    out, diff, tolerance, *_ = merge_adapter(ckpt, tmp_path / "merged", dtype="fp32")
 
     print(f"fp32 merge: max |logit diff| {diff:.3g}, tolerance {tolerance:.3g}")
     assert diff < 1e-4
@@ -160,7 +160,7 @@ def test_merge_fp32_matches_base_plus_adapter(untied, tmp_path, tokenizer, input
 
 def test_merge_bf16_is_stored_in_bf16_and_within_tolerance(untied, tmp_path):
     _, ckpt, _ = untied
-    out, diff, tolerance = merge_adapter(ckpt, tmp_path / "merged", dtype="bf16")
+    out, diff, tolerance, *_ = merge_adapter(ckpt, tmp_path / "merged", dtype="bf16")
 
     print(f"bf16 merge: max |logit diff| {diff:.3g}, tolerance {tolerance:.3g}")
     assert 0 < diff <= tolerance
@@ -179,7 +179,7 @@ def test_logit_tolerance_scales_with_dtype_roundoff_and_logits():
 
 def test_merge_keeps_tied_embeddings_tied(tied_base, tmp_path, input_ids):
     peft_model = _make_checkpoint(tmp_path / "ckpt", tied_base, ["q_proj", "v_proj"])
-    out, diff, _ = merge_adapter(tmp_path / "ckpt", tmp_path / "merged", dtype="fp32")
+    out, diff, *_ = merge_adapter(tmp_path / "ckpt", tmp_path / "merged", dtype="fp32")
 
     assert diff < 1e-4
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
@@ -193,7 +193,7 @@ def test_merge_unties_embeddings_when_the_adapter_changes_lm_head(tied_base, tmp
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT warns about adapting a tied layer
         peft_model = _make_checkpoint(tmp_path / "ckpt", tied_base, ["q_proj", "lm_head"])
-    out, diff, _ = merge_adapter(tmp_path / "ckpt", tmp_path / "merged", dtype="fp32")
+    out, diff, *_ = merge_adapter(tmp_path / "ckpt", tmp_path / "merged", dtype="fp32")
 
     assert diff < 1e-4
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
@@ -210,7 +210,7 @@ def test_merge_unties_embeddings_when_the_adapter_changes_lm_head(tied_base, tmp
 def test_merge_from_an_exported_adapter_dir(untied, tmp_path):
     _, ckpt, _ = untied
     adapter = export_adapter(ckpt, tmp_path / "adapter")
-    _, diff, _ = merge_adapter(adapter, tmp_path / "merged", dtype="fp32")
+    _, diff, *_ = merge_adapter(adapter, tmp_path / "merged", dtype="fp32")
     assert diff < 1e-4
 
 

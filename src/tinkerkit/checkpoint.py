@@ -121,14 +121,28 @@ def read_safetensors(file: Path, require_finite: bool = True) -> dict:
 def read_lora_config(path: str | Path):
     """The PEFT ``LoraConfig`` of a checkpoint or adapter directory.
 
+    ``r`` and ``lora_alpha`` must be in the file: PEFT would take its defaults (8 and 8) for a
+    missing one, and an adapter of another scale would be applied silently wrong.
+
     Raises:
-        CheckpointError: ``adapter_config.json`` is missing or not a LoRA config.
+        CheckpointError: ``adapter_config.json`` is missing, not a LoRA config, or lacks ``r``
+            or ``lora_alpha``.
     """
     from peft import LoraConfig
 
     path = Path(path)
     if not (path / ADAPTER_CONFIG).is_file():
         raise CheckpointError(f"checkpoint {path}: {ADAPTER_CONFIG} is missing")
+    try:
+        recorded = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / ADAPTER_CONFIG} is unreadable: {e}") from e
+    for field in ("r", "lora_alpha"):
+        value = recorded.get(field) if isinstance(recorded, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise CheckpointError(f"{path / ADAPTER_CONFIG}: field '{field}' is "
+                                  f"{'missing' if value is None else repr(value)}; a LoRA "
+                                  "adapter needs its rank (r) and lora_alpha")
     try:
         return LoraConfig.from_pretrained(str(path))
     except (OSError, ValueError, TypeError) as e:

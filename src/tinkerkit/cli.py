@@ -140,11 +140,19 @@ def cmd_export(args: argparse.Namespace) -> None:
     from tinkerkit.export import export_checkpoint
 
     result = export_checkpoint(resolve_checkpoint(args.checkpoint), args.output, merge=args.merge,
-                               dtype=args.dtype, base_model=args.model)
+                               dtype=args.dtype, base_model=args.model,
+                               logit_check=not args.no_logit_check)
     console.print(f"PEFT adapter: {result.adapter_dir}")
-    if result.merged_dir is not None:
-        console.print(f"Merged model ({result.dtype}): {result.merged_dir}  "
-                      f"max |logit diff| = {result.max_logit_diff:.3g} "
+    if result.vllm_adapter_dir is not None:
+        console.print(f"Per-expert adapter (vLLM's MoE layout): {result.vllm_adapter_dir}")
+    if result.merged_dir is None:
+        return
+    console.print(f"Merged model ({result.dtype}): {result.merged_dir}  "
+                  f"{result.merged_tensors} tensors merged, each checked", soft_wrap=True)
+    if result.logit_check_skipped is not None:
+        console.print(f"Logit check skipped: {result.logit_check_skipped}", soft_wrap=True)
+    else:
+        console.print(f"Logit check: max |logit diff| = {result.max_logit_diff:.3g} "
                       f"(tolerance {result.tolerance:.3g})")
 
 
@@ -291,10 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare two evaluation_results.json files")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="export a checkpoint as a PEFT adapter (and merged model)")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("export", help="export a checkpoint or adapter directory (PEFT's or "
+                                      "Tinker's layout) as a PEFT adapter (and merged model)")
+    p.add_argument("checkpoint", help="a checkpoint, run directory, tinker:// path or adapter "
+                                      "directory")
     p.add_argument("--output", required=True)
-    p.add_argument("--merge", action="store_true", help="also write a merged HF model")
+    p.add_argument("--merge", action="store_true",
+                   help="also write a merged HF model (streamed shard by shard)")
+    p.add_argument("--no-logit-check", action="store_true",
+                   help="skip the merged model's end-to-end logit check (each merged tensor is "
+                        "still checked); it is skipped anyway for a model too large for memory")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--model", help="the base model, for an adapter that names none (default: "
                                    "the one recorded with the checkpoint)")

@@ -246,7 +246,10 @@ def export_final(checkpoint: str, run_dir: Path, config: TrainConfig,
     console.print(f"Exporting {checkpoint} to {run_dir / EXPORT_DIR}")
     result = export_checkpoint(checkpoint, run_dir / EXPORT_DIR, merge=config.export_merged,
                                dtype=config.export_dtype, base_url=config.tinker_base_url)
-    if result.merged_dir is not None:
+    if result.merged_dir is not None and result.logit_check_skipped is not None:
+        console.print(f"Merged model ({result.dtype}): logit check skipped: "
+                      f"{result.logit_check_skipped}")
+    elif result.merged_dir is not None:
         console.print(f"Merged model ({result.dtype}): max |logit diff| = "
                       f"{result.max_logit_diff:.3g} (tolerance {result.tolerance:.3g})")
     return result

@@ -37,7 +37,11 @@ from tinkerkit.checkpoint import (
     read_lora_config,
     read_safetensors,
 )
-from tinkerkit.engines.local.kernels.expert_lora import ExpertLora, experts_layout_problem
+from tinkerkit.engines.local.kernels.expert_lora import (
+    EXPERT_PROJECTIONS,
+    ExpertLora,
+    experts_layout_problem,
+)
 from tinkerkit.errors import CheckpointError, ConfigError, EngineError, ModelError
 from tinkerkit.models import (
     REGISTRY,
@@ -305,13 +309,28 @@ class Adapter:
     tensors: dict[str, torch.Tensor]
 
 
+PEFT_PREFIX = "base_model.model."
+"""The prefix of every key of a PEFT (and Tinker) adapter file."""
+TINKER_UNEMBED = "model.unembed_tokens"
+"""Tinker's name of the output projection in adapter keys; the model's is ``lm_head`` (the input
+embedding's weight when the embeddings are tied, see :func:`merge_lora`)."""
+TINKER_EXPERT_PROJECTIONS = dict(zip(EXPERT_PROJECTIONS, ("gate_proj", "up_proj", "down_proj")))
+"""Tinker's names of an expert's projections (``...mlp.experts.w1.lora_A.weight``, a 3-D pair
+for all experts) and the model's: w1 the gate, w3 the up and w2 the down projection."""
+
+
 def read_adapter(path: str | Path) -> Adapter:
-    """Read and validate a LoRA adapter: a tinkerkit checkpoint or any PEFT LoRA directory.
+    """Read and validate a LoRA adapter: a tinkerkit checkpoint, any PEFT LoRA directory, or an
+    adapter downloaded from Tinker.
+
+    Tinker's name of the output projection is mapped to the model's (``model.unembed_tokens``
+    to ``lm_head``); its expert keys (``...mlp.experts.w1|w2|w3.lora_A|lora_B.weight``) are kept.
 
     Raises:
         CheckpointError: A checkpoint is incomplete, the weights file is missing or unreadable,
-            a key is not in PEFT's layout (``base_model.model.``), there are no tensors, or a
-            tensor holds a NaN or infinite value (the message names the tensor).
+            ``adapter_config.json`` lacks ``r`` or ``lora_alpha``, a key is not in PEFT's layout
+            (``base_model.model.``), there are no tensors, or a tensor holds a NaN or infinite
+            value (the message names the tensor).
     """
     path = Path(path)
     if (path / STATE_FILE).is_file():
@@ -320,7 +339,7 @@ def read_adapter(path: str | Path) -> Adapter:
     if not (path / ADAPTER_WEIGHTS).is_file():
         raise CheckpointError(f"{path}: {ADAPTER_WEIGHTS} is missing (not an adapter or checkpoint?)")
     tensors = read_safetensors(path / ADAPTER_WEIGHTS, require_finite=False)
-    foreign = [k for k in tensors if not k.startswith("base_model.model.")]
+    foreign = [k for k in tensors if not k.startswith(PEFT_PREFIX)]
     if foreign or not tensors:
         raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: not in PEFT's key layout "
                               f"(first foreign key: {foreign[0] if foreign else 'no tensors'})")
@@ -329,7 +348,24 @@ def read_adapter(path: str | Path) -> Adapter:
             bad = (~torch.isfinite(tensor)).sum().item()
             raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: tensor '{key}' has {bad} "
                                   "non-finite (NaN/inf) values")
+    unembed = PEFT_PREFIX + TINKER_UNEMBED + "."
+    tensors = {PEFT_PREFIX + "lm_head." + k[len(unembed):] if k.startswith(unembed) else k: v
+               for k, v in tensors.items()}
+    if isinstance(config.target_modules, set) and TINKER_UNEMBED in config.target_modules:
+        config.target_modules = config.target_modules - {TINKER_UNEMBED} | {"lm_head"}
+    elif not isinstance(config.target_modules, set):
+        # "all-linear" or none (Tinker's adapters): exactly the modules the keys adapt, by path,
+        # so that an adapter of some layers only applies strictly (experts: all of them)
+        config.target_modules = {EXPERTS if _is_expert_key(key) else
+                                 key[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0]
+                                 for key in tensors if ".lora_" in key} or None
     return Adapter(path, config, tensors)
+
+
+def _is_expert_key(key: str) -> bool:
+    """Whether an adapter key is one of Tinker's 3-D expert pairs (``...mlp.experts.w1...``)."""
+    module = key.rsplit(".lora_", 1)[0]
+    return module.rsplit(".", 1)[-1] in EXPERT_PROJECTIONS and f".{EXPERTS}." in key
 
 
 def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
