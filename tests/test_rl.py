@@ -8,7 +8,9 @@ import shutil
 import numpy as np
 import pytest
 import tinker
+from safetensors.torch import load_file
 
+from helpers import running_server
 from tinkerkit import files
 from tinkerkit.cli import main
 from tinkerkit.config import load_config
@@ -169,10 +171,17 @@ RL_KEYS = {"step", "epoch", "loss", "lr", "weighted_tokens", "total_tokens", "re
 
 
 def test_rl_steps_run_and_log_their_metrics(rl_config, tmp_path):
-    result = rl(rl_config, run_dir=tmp_path / "run")
+    held_out = write_demo_data(tmp_path / "held_out.jsonl", n=2, seed=5)
+    config = rl_config.model_copy(update={"eval_data_files": [str(held_out)], "max_tokens": 6,
+                                          "sample_eval_every": 4, "sample_eval_limit": 2})
+    result = rl(config, run_dir=tmp_path / "run")
     lines = files.read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [line["step"] for line in lines] == [1, 2, 3, 4]
     assert set(lines[0]) == RL_KEYS
+    assert set(lines[3]) == RL_KEYS | {"eval_accuracy", "eval_grading_errors", "eval_score"}
+    # The steps trained: LoRA's B factors start at 0 and are not 0 at the end.
+    final = load_file(f"{result.final_checkpoint}/adapter_model.safetensors")
+    assert any(t.abs().max() > 0 for name, t in final.items() if "lora_B" in name)
     for line in lines:
         assert 0 <= line["reward_mean"] <= 1 and line["accuracy"] == 0.0
         assert 1 <= line["answer_tokens_mean"] <= 6
@@ -198,12 +207,27 @@ def test_resume_logs_the_same_metrics_as_the_uninterrupted_run(rl_config, tmp_pa
     files.rewrite_jsonl(killed / "metrics.jsonl", files.read_jsonl(killed / "metrics.jsonl")[:3])
     shutil.rmtree(killed / "checkpoints" / "step_000004")
     rl(rl_config, resume=str(killed))
-
-    def comparable(run_dir):
-        return [{k: v for k, v in line.items() if k != "seconds"}
-                for line in files.read_jsonl(run_dir / "metrics.jsonl")]
-
     assert comparable(killed) == comparable(tmp_path / "full")
+
+
+def comparable(run_dir):
+    return [{k: v for k, v in line.items() if k != "seconds"}
+            for line in files.read_jsonl(run_dir / "metrics.jsonl")]
+
+
+def test_rl_through_tinkerkit_serve_logs_what_the_local_engine_logs(rl_config, tmp_path,
+                                                                    monkeypatch):
+    rl(rl_config, run_dir=tmp_path / "local")
+    monkeypatch.setenv("TINKER_API_KEY", "tml-rl-test")
+    with running_server(tmp_path / "serve-root") as server:
+        config = rl_config.model_copy(update={"backend": "tinker", "tinker_base_url": server.url})
+        result = rl(config, run_dir=tmp_path / "tinker")
+    assert result.final_checkpoint.startswith("tinker://")
+    local, served = comparable(tmp_path / "local"), comparable(tmp_path / "tinker")
+    for a, b in zip(served, local, strict=True):  # the same samples, rewards and losses
+        assert a.pop("loss") == pytest.approx(b.pop("loss"), abs=1e-5)
+        assert a.pop("kl_sampler_learner") == pytest.approx(b.pop("kl_sampler_learner"), abs=1e-6)
+        assert a == b
 
 
 # -- bad settings ------------------------------------------------------------------------------
