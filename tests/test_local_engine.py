@@ -147,7 +147,7 @@ def test_packing_padding_and_microbatches_change_nothing(tiny_model, token_lists
 def test_packs_fill_up_to_the_budget_in_order():
     def cut(lengths: list[int], budget: int) -> list[list[int]]:
         examples = [Example(i, torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64),
-                             torch.ones(n)) for i, n in enumerate(lengths)]
+                             {"weights": torch.ones(n)}) for i, n in enumerate(lengths)]
         return [[e.index for e in pack] for pack in plan_packs(examples, budget)]
 
     assert cut([109, 233, 159, 215], 8192) == [[0, 1, 2, 3]]  # a GSM8K batch: one pass of 716
@@ -157,7 +157,8 @@ def test_packs_fill_up_to_the_budget_in_order():
 
 
 def test_packed_micro_batch_inputs():
-    examples = [Example(i, torch.arange(n) + 10 * i, torch.arange(n) + 1, torch.full((n,), 0.5))
+    examples = [Example(i, torch.arange(n) + 10 * i, torch.arange(n) + 1,
+                        {"weights": torch.full((n,), 0.5)})
                 for i, n in enumerate([3, 1, 2])]
     batch = MicroBatch.packed(examples)
     assert batch.tokens.tolist() == [[0, 1, 2, 10, 20, 21]]
@@ -200,7 +201,7 @@ def test_models_with_sliding_windows_or_eager_attention_do_not_pack(tmp_path):
 def test_microbatches_trade_padding_against_passes():
     def cut(lengths: list[int], budget: int = 8192) -> list[list[int]]:
         examples = [Example(i, torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64),
-                             torch.ones(n)) for i, n in enumerate(lengths)]
+                             {"weights": torch.ones(n)}) for i, n in enumerate(lengths)]
         return [[e.index for e in batch] for batch in plan_padded(examples, budget)]
 
     assert MICROBATCH_OVERHEAD_TOKENS == 64
@@ -369,8 +370,9 @@ def test_bad_checkpoints_raise_checkpoint_error(tiny_model, token_lists, tmp_pat
 def test_bad_requests_raise_engine_error_naming_the_datum(tiny_model, token_lists, tmp_path):
     client = make_client(tiny_model, tmp_path)
     good = make_datum(token_lists[0])
-    with pytest.raises(EngineError, match="supported: cross_entropy"):
-        client.forward_backward([good], "ppo")
+    with pytest.raises(EngineError, match="'gspo' is not supported .*supported: cross_entropy, "
+                                          "importance_sampling, ppo, cispo, dro"):
+        client.forward_backward([good], "gspo")
     short = types.Datum(model_input=good.model_input,
                         loss_fn_inputs={"target_tokens": token_lists[0][1:], "weights": [1.0]})
     with pytest.raises(EngineError, match=r"datum 1: loss_fn_inputs\['weights'\] has shape"):

@@ -34,6 +34,7 @@ instead.
 
 from __future__ import annotations
 
+import collections
 import datetime as _dt
 import functools
 import logging
@@ -78,6 +79,13 @@ DOWNLOAD_URL_SECONDS = 3600
 """Lifetime of an external-weights download URL."""
 MAX_LORA_RANK = 1024
 """Largest LoRA rank of a training model."""
+SNAPSHOT_SAMPLERS_KEPT = 4
+"""Snapshot samplers (``save_weights_and_get_sampling_client``) kept per training model: a new
+one releases the oldest beyond this many. Each holds a copy of the LoRA weights (55 MiB for
+SmolLM2-135M at rank 32), and an RL loop takes one every step, so without a bound a long run
+grows by that much per step (``benchmarks/sampler_snapshot.py``). A released sampler answers
+404 naming the bound; samplers made from a ``tinker://`` path or a base model are not
+counted."""
 MAX_MODEL_SEQ_ID = 10**9 - 1
 """Largest ``model_seq_id`` (model ids are ``<session id>:train:<n>`` with n of up to 9 digits)."""
 MAX_NUM_SAMPLES = 1024
@@ -175,6 +183,7 @@ class ModelRunner:
         self._waiting: dict[int, tuple[ServerFuture, Callable]] = {}
         self._seen = _SeenRequests()
         self._failure: str | None = None
+        self.snapshots: collections.deque[str] = collections.deque()  # sampler ids, oldest first
 
     def submit(self, seq_id: int | None, future: ServerFuture,
                action: Callable[[LocalTrainingClient, ServerFuture], None]) -> ServerFuture:
@@ -277,6 +286,7 @@ class Session:
     finished_at: float = 0.0
     models: dict[int, ModelRunner] = field(default_factory=dict)
     samplers: dict[int, str] = field(default_factory=dict)  # sampling_session_seq_id -> id
+    released_samplers: dict[str, str] = field(default_factory=dict)  # id -> why
 
 
 def _close_in_background(client_future: Future) -> None:
@@ -618,6 +628,7 @@ class ServerState:
             snapshot = client.sampling_snapshot()
             sampler_id = self._add_sampler(session, request.sampling_session_seq_id,
                                            runner.served.name, None, snapshot)
+            self._keep_newest_snapshots(session, runner, sampler_id)
             future.follow(snapshot, lambda _: types.SaveWeightsForSamplerResponseInternal(
                 sampling_session_id=sampler_id))
 
@@ -797,6 +808,27 @@ class ServerState:
                 self._tokenizers.setdefault(source, tokenizer)
         return tokenizer
 
+    def _keep_newest_snapshots(self, session: Session, runner: ModelRunner,
+                               sampler_id: str) -> None:
+        """Count a new snapshot sampler of ``runner``'s model; release the oldest beyond
+        :data:`SNAPSHOT_SAMPLERS_KEPT` (their queued samples are cancelled)."""
+        released = []
+        with self._lock:
+            if sampler_id in runner.snapshots:  # a retried request
+                return
+            runner.snapshots.append(sampler_id)
+            while len(runner.snapshots) > SNAPSHOT_SAMPLERS_KEPT:
+                old = runner.snapshots.popleft()
+                sampler = self._samplers.pop(old, None)
+                if sampler is not None:
+                    released.append(sampler)
+                    session.released_samplers[old] = (
+                        f"sampling session '{old}' was released: tinkerkit serve keeps the "
+                        f"{SNAPSHOT_SAMPLERS_KEPT} newest samplers of {runner.model_id} "
+                        "(save_weights_and_get_sampling_client)")
+        for sampler in released:
+            sampler.client.add_done_callback(_close_in_background)
+
     def _add_sampler(self, session: Session, seq: int, base_model: str, model_path: str | None,
                      client: Future) -> str:
         sampler_id = f"{session.session_id}:sample:{seq}"
@@ -841,8 +873,11 @@ class ServerState:
     def _sampler(self, sampler_id: str, owner: str) -> Sampler:
         with self._lock:
             sampler = self._samplers.get(sampler_id)
+            session = self._sessions.get(sampler_id.split(":sample:")[0])
         if sampler is None or sampler.owner != owner:
-            raise RequestError(404, f"sampling session '{sampler_id}' not found")
+            released = (session.released_samplers.get(sampler_id)
+                        if session is not None and session.owner == owner else None)
+            raise RequestError(404, released or f"sampling session '{sampler_id}' not found")
         self._touch(sampler_id.split(":sample:")[0])
         return sampler
 

@@ -22,6 +22,7 @@ import torch
 from tinker import types
 
 from tinkerkit.engines.local.kernels.packing import packed_positions
+from tinkerkit.engines.local.losses import LOSSES, LossFunction, datum_inputs
 from tinkerkit.errors import EngineError
 
 MICROBATCH_OVERHEAD_TOKENS = 64
@@ -31,21 +32,25 @@ smaller matrix products); :func:`plan_padded` trades it against padding."""
 
 @dataclass
 class Example:
-    """One validated datum: int64 ``tokens``/``targets`` and float32 ``weights``, all ``[T]``."""
+    """One validated datum: int64 ``tokens``/``targets``, all ``[T]``, and the loss's float32
+    ``inputs`` (``weights``, ``advantages``, ...; each ``[T]``)."""
 
     index: int
     tokens: torch.Tensor
     targets: torch.Tensor
-    weights: torch.Tensor
+    inputs: dict[str, torch.Tensor]
 
 
-def to_example(index: int, datum: types.Datum, vocab_size: int) -> Example:
-    """Validate datum ``index`` and convert it to tensors.
+def to_example(index: int, datum: types.Datum, vocab_size: int,
+               loss: LossFunction = LOSSES["cross_entropy"]) -> Example:
+    """Validate datum ``index`` for ``loss`` and convert it to tensors.
 
     Raises:
-        EngineError: Non-token chunks, an empty input, missing ``target_tokens``, lengths that
-            differ from ``model_input``'s, a token id outside ``[0, vocab_size)`` or a
-            non-finite weight (the message names the datum and the field).
+        EngineError: Non-token chunks, an empty input, missing ``target_tokens``, a length
+            that differs from ``model_input``'s, a token id outside ``[0, vocab_size)``, or a
+            float input the loss needs missing, misshapen or non-finite, or one it does not
+            take (:func:`~tinkerkit.engines.local.losses.datum_inputs`; the message names the
+            datum and the field).
     """
     where = f"datum {index}"
     try:
@@ -56,20 +61,15 @@ def to_example(index: int, datum: types.Datum, vocab_size: int) -> Example:
     if "target_tokens" not in inputs:
         raise EngineError(f"{where}: loss_fn_inputs['target_tokens'] is missing")
     targets = inputs["target_tokens"].to_torch().to(torch.int64)
-    weights = (inputs["weights"].to_torch().to(torch.float32) if "weights" in inputs
-               else torch.ones(len(targets)))
     if tokens.numel() == 0:
         raise EngineError(f"{where}: model_input is empty")
-    for field, tensor in (("target_tokens", targets), ("weights", weights)):
-        if tensor.shape != tokens.shape:
-            raise EngineError(f"{where}: loss_fn_inputs['{field}'] has shape "
-                              f"{list(tensor.shape)}, model_input has [{tokens.numel()}]")
+    if targets.shape != tokens.shape:
+        raise EngineError(f"{where}: loss_fn_inputs['target_tokens'] has shape "
+                          f"{list(targets.shape)}, model_input has [{tokens.numel()}]")
     for field, tensor in (("model_input", tokens), ("target_tokens", targets)):
         if tensor.min() < 0 or tensor.max() >= vocab_size:
             raise EngineError(f"{where}: {field} holds a token id outside [0, {vocab_size})")
-    if not torch.isfinite(weights).all():
-        raise EngineError(f"{where}: loss_fn_inputs['weights'] holds a non-finite value")
-    return Example(index, tokens, targets, weights)
+    return Example(index, tokens, targets, datum_inputs(index, loss, inputs, len(tokens)))
 
 
 def plan_padded(examples: list[Example], budget: int) -> list[list[Example]]:
@@ -116,14 +116,15 @@ def plan_packs(examples: list[Example], budget: int) -> list[list[Example]]:
 class MicroBatch:
     """The model inputs of one pass.
 
-    ``tokens``/``targets`` int64, ``weights`` float32 and ``valid`` bool (False on padding), all
-    ``[B, T]``; for a packed row (``B == 1``) ``segments``, the datums' lengths, else None;
+    ``tokens``/``targets`` int64 and ``valid`` bool (False on padding), all ``[B, T]``;
+    ``inputs``: the loss's float32 inputs by name, each ``[B, T]`` (0 on padding); for a packed
+    row (``B == 1``) ``segments``, the datums' lengths, else None;
     ``places``: each datum with its row and first position.
     """
 
     tokens: torch.Tensor
     targets: torch.Tensor
-    weights: torch.Tensor
+    inputs: dict[str, torch.Tensor]
     valid: torch.Tensor
     segments: list[int] | None
     places: list[tuple[Example, int, int]]
@@ -138,7 +139,8 @@ class MicroBatch:
         length = max(len(e.tokens) for e in batch)
         return cls(_pad([e.tokens for e in batch], length, torch.int64),
                    _pad([e.targets for e in batch], length, torch.int64),
-                   _pad([e.weights for e in batch], length, torch.float32),
+                   {name: _pad([e.inputs[name] for e in batch], length, torch.float32)
+                    for name in batch[0].inputs},
                    _pad([torch.ones(len(e.tokens), dtype=torch.bool) for e in batch], length,
                         torch.bool),
                    None, [(example, row, 0) for row, example in enumerate(batch)])
@@ -149,7 +151,8 @@ class MicroBatch:
         starts = [0, *itertools.accumulate(lengths)][:-1]
         tokens = torch.cat([e.tokens for e in batch])[None]
         return cls(tokens, torch.cat([e.targets for e in batch])[None],
-                   torch.cat([e.weights for e in batch])[None],
+                   {name: torch.cat([e.inputs[name] for e in batch])[None]
+                    for name in batch[0].inputs},
                    torch.ones_like(tokens, dtype=torch.bool), lengths,
                    [(example, 0, start) for example, start in zip(batch, starts)])
 

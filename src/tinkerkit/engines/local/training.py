@@ -10,8 +10,10 @@ order, so a caller can submit the next batch before it awaits the previous one.
 Semantics (those of Tinker):
 
 * ``cross_entropy``: ``loss = sum_t weights[t] * -log p(target_tokens[t] | tokens[:t+1])`` over
-  all tokens of all datums, not normalized (the loop normalizes through the weights). Per-datum
-  ``logprobs`` (float32, shape ``[T]``) come back aligned with ``target_tokens``.
+  all tokens of all datums, not normalized (the loop normalizes through the weights); the RL
+  losses ``importance_sampling``, ``ppo``, ``cispo`` and ``dro`` as Tinker documents them
+  (:mod:`tinkerkit.engines.local.losses`). Per-datum ``logprobs`` (float32, shape ``[T]``) come
+  back aligned with ``target_tokens``.
 * Gradients accumulate over ``forward_backward`` calls until ``optim_step``, which clips the
   global gradient norm (when ``grad_clip_norm > 0``), applies ``torch.optim.AdamW`` (decoupled
   weight decay, as Tinker's docs state) and zeroes the gradients.
@@ -28,9 +30,9 @@ Memory (long sequences; measured by ``benchmarks/long_context.py``, figures in
   flash/memory-efficient kernels never build the ``[T, T]`` score matrix).
 * Loss: the decoder's last hidden states are projected to the vocabulary chunk by chunk
   (:mod:`tinkerkit.engines.local.kernels.logprobs`), so neither the forward nor the backward
-  pass holds more than one ``[positions, vocab]`` block. Only positions with non-zero weight are
-  projected under autograd; the others (weight 0: prompts, padding aside) get their
-  log-probabilities without it.
+  pass holds more than one ``[positions, vocab]`` block. Only positions the loss depends on
+  (non-zero weight or advantage) are projected under autograd; the others (prompts; padding
+  aside) get their log-probabilities without it.
 * Activation checkpointing (``activation_checkpointing``): each decoder layer keeps only its input
   and recomputes the rest in the backward pass; ``"auto"`` turns it on for micro-batches of at
   least :data:`ACTIVATION_CHECKPOINTING_MIN_TOKENS` tokens.
@@ -63,6 +65,7 @@ import base64
 import copy
 import math
 import os
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -91,6 +94,7 @@ from tinkerkit.engines.local.kernels.fused_layers import fuse_layers
 from tinkerkit.engines.local.kernels.logprobs import token_logprobs
 from tinkerkit.engines.local.kernels.lora_linear import FusedLoraLinear
 from tinkerkit.engines.local.kernels.packing import enable_packing
+from tinkerkit.engines.local.losses import LossFunction, resolve_loss
 from tinkerkit.engines.local.model import (
     ADAPTER_NAME,
     GLOBAL_RNG_LOCK,
@@ -124,7 +128,6 @@ ACTIVATION_CHECKPOINTING_MIN_TOKENS = 2048
 many (padded) tokens. Measured with ``benchmarks/long_context.py``: see
 ``docs/QUICK_START_LONG_TEXT.md``."""
 MIXED_PRECISION = ("auto", "bf16", "no")
-SUPPORTED_LOSSES = ("cross_entropy",)
 
 
 def set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
@@ -166,6 +169,17 @@ def resolve_mixed_precision(mixed_precision: str, device: torch.device) -> bool:
     return mixed_precision == "bf16" or (mixed_precision == "auto" and cuda_bf16)
 
 
+
+
+SPARE_SNAPSHOT_TREES = 2
+"""Module trees of dropped snapshot samplers a training client keeps for reuse."""
+
+
+def _offer_tree(spares: list[torch.nn.Module], tree: torch.nn.Module) -> None:
+    """Keep the module tree of a snapshot sampler that was garbage-collected for the next
+    snapshot (``list.append``/``pop`` are atomic, so no lock is needed)."""
+    if len(spares) < SPARE_SNAPSHOT_TREES:
+        spares.append(tree)
 
 
 def _encode_rng(state: torch.Tensor | None) -> str | None:
@@ -270,6 +284,7 @@ class LocalTrainingClient:
         self._step = 0
         self._rng = self._seeded_rng(seed)
         self._tokenizer = None
+        self._spare_trees: list[torch.nn.Module] = []  # of dropped snapshot samplers
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinkerkit-train")
         # The layer checks run model code: in the thread that trains, so that no other thread
         # starts its own OpenMP/MKL thread pool (measured: 10-20% slower training after checks
@@ -329,56 +344,55 @@ class LocalTrainingClient:
 
     # -- training
 
-    def _examples(self, data: list[types.Datum], loss_fn: str) -> list[Example]:
-        if loss_fn not in SUPPORTED_LOSSES:
-            raise EngineError(f"loss_fn '{loss_fn}' is not supported by the local engine; "
-                              f"supported: {', '.join(SUPPORTED_LOSSES)}")
+    def _examples(self, data: list[types.Datum], loss: LossFunction) -> list[Example]:
         if not data:
             raise EngineError("data is empty: pass at least one Datum")
         vocab = causal_lm(self.model).get_output_embeddings().out_features
-        return [to_example(i, datum, vocab) for i, datum in enumerate(data)]
+        return [to_example(i, datum, vocab, loss) for i, datum in enumerate(data)]
 
     def forward_backward(self, data: list[types.Datum], loss_fn: str = "cross_entropy",
                          loss_fn_config: dict | None = None) -> Future:
         """Forward and backward pass; gradients add up until :meth:`optim_step`.
 
         Args:
-            data: Datums with ``model_input`` (T tokens) and ``loss_fn_inputs``
-                ``target_tokens`` (int64 ``[T]``) and ``weights`` (float32 ``[T]``; all ones when
-                absent).
-            loss_fn: ``"cross_entropy"``.
-            loss_fn_config: Not used by cross_entropy; must be None or empty.
+            data: Datums with ``model_input`` (T tokens) and ``loss_fn_inputs``: ``target_tokens``
+                (int64 ``[T]``) and the loss's float ``[T]`` inputs: ``weights`` for
+                ``cross_entropy`` (all ones when absent, may be negative), ``logprobs`` (the
+                sampler's) and ``advantages`` for ``importance_sampling``, ``ppo``, ``cispo``
+                and ``dro``.
+            loss_fn: A key of :data:`~tinkerkit.engines.local.losses.LOSSES`; formulas and
+                sources in :mod:`tinkerkit.engines.local.losses`.
+            loss_fn_config: ``clip_low_threshold``/``clip_high_threshold`` (``ppo``,
+                ``cispo``), ``beta`` (``dro``); absent keys take Tinker's defaults.
 
         Returns:
             Future of ``ForwardBackwardOutput``: ``loss_fn_outputs[i]["logprobs"]`` (float32
-            ``[T]``) and ``metrics["loss:sum"] = sum(weights * -logprobs)``.
+            ``[T]``, the learner's log-probabilities of ``target_tokens``) and
+            ``metrics["loss:sum"]``, the loss summed over all tokens of all datums.
 
         Raises:
-            EngineError: Unknown loss, a loss_fn_config, or a malformed datum (named by index
-                and field). Raised at once, not through the future.
+            EngineError: Unknown loss or config key, a bad config value, or a malformed datum
+                (named by index and field). Raised at once, not through the future.
         """
-        self._check_config(loss_fn_config)
-        return self._submit(self._run, self._examples(data, loss_fn), True)
+        loss, config = resolve_loss(loss_fn, loss_fn_config)
+        return self._submit(self._run, self._examples(data, loss), loss, config, True)
 
     def forward(self, data: list[types.Datum], loss_fn: str = "cross_entropy",
                 loss_fn_config: dict | None = None) -> Future:
         """Like :meth:`forward_backward` but without gradients (and without dropout)."""
-        self._check_config(loss_fn_config)
-        return self._submit(self._run, self._examples(data, loss_fn), False)
+        loss, config = resolve_loss(loss_fn, loss_fn_config)
+        return self._submit(self._run, self._examples(data, loss), loss, config, False)
 
-    @staticmethod
-    def _check_config(loss_fn_config: dict | None) -> None:
-        if loss_fn_config:
-            raise EngineError(f"loss_fn_config {loss_fn_config} is not used by cross_entropy")
-
-    def _run(self, examples: list[Example], backward: bool) -> types.ForwardBackwardOutput:
+    def _run(self, examples: list[Example], loss: LossFunction, config: dict[str, float],
+             backward: bool) -> types.ForwardBackwardOutput:
         # Dropout draws from torch's process-wide RNG, which this client swaps in and out around
         # each call; the lock keeps clients in other threads (a server's sessions, an abandoned
         # client still draining its queue) from interleaving with that swap.
         with GLOBAL_RNG_LOCK:
-            return self._run_locked(examples, backward)
+            return self._run_locked(examples, loss, config, backward)
 
-    def _run_locked(self, examples: list[Example], backward: bool) -> types.ForwardBackwardOutput:
+    def _run_locked(self, examples: list[Example], loss_fn: LossFunction,
+                    config: dict[str, float], backward: bool) -> types.ForwardBackwardOutput:
         if self._train_mode != backward:  # train() walks every module: not on every call
             self.model.train(backward)
             self._train_mode = backward
@@ -387,19 +401,19 @@ class LocalTrainingClient:
         with torch.random.fork_rng(devices=self._rng_devices()), torch.set_grad_enabled(backward):
             self._restore_rng(self._rng)
             for batch in self._micro_batches(examples):
-                inputs = [t.to(self.device) for t in (batch.tokens, batch.targets,
-                                                     batch.weights, batch.valid)]
-                tokens, targets, weights, valid = inputs
+                tokens, targets, valid = (t.to(self.device) for t in (batch.tokens, batch.targets,
+                                                                      batch.valid))
+                inputs = {name: t.to(self.device) for name, t in batch.inputs.items()}
                 positions = batch.position_ids
                 positions = None if positions is None else positions.to(self.device)
                 if backward:
                     set_activation_checkpointing(self.model, self._checkpointing(tokens.numel()))
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                     batch_logprobs = token_logprobs(self.model, tokens, targets,
-                                                    grad_mask=weights != 0, valid_mask=valid,
-                                                    position_ids=positions,
+                                                    grad_mask=loss_fn.needs_grad(inputs, config),
+                                                    valid_mask=valid, position_ids=positions,
                                                     segments=batch.segments)
-                loss = -(batch_logprobs * weights).sum()
+                loss = loss_fn.summed(batch_logprobs, inputs, config)
                 if backward and loss.requires_grad:  # a micro-batch without weights has no graph
                     loss.backward()
                 loss_sum += loss.item()
@@ -645,7 +659,22 @@ class LocalTrainingClient:
         Does not wait: later calls (the next ``forward_backward``) may be queued at once and do
         not change what the snapshot samples. The snapshot shares the frozen base weights.
         """
-        return self._submit(lambda: self._sampling_client(share_base_copy(self.model)))
+        return self._submit(self._snapshot)
+
+    def _snapshot(self) -> LocalSamplingClient:
+        # A new module tree costs a deep copy of ~5,000 modules (0.4-0.7 s for SmolLM2-135M
+        # on 2 CPU cores, benchmarks/sampler_snapshot.py); the tree of a sampler nobody holds
+        # any more is reused instead, its LoRA weights overwritten (a copy of tensors only).
+        tree = self._spare_trees.pop() if self._spare_trees else None
+        if tree is None:
+            tree = share_base_copy(self.model)
+        else:
+            with torch.no_grad():
+                for key, param in adapter_parameters(tree).items():
+                    param.copy_(self._params[key])
+        client = self._sampling_client(tree)
+        weakref.finalize(client, _offer_tree, self._spare_trees, tree)
+        return client
 
     def create_sampling_client(self, model_path: str) -> LocalSamplingClient:
         """A sampling client on the LoRA weights saved at ``model_path``.
