@@ -3,6 +3,7 @@ one RL step on a tiny random model, exact resume and bad settings."""
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -22,6 +23,7 @@ from tinkerkit.rl import (
     Prompt,
     Rollout,
     build_batch,
+    check_loss,
     grade_group,
     group_advantages,
     kl_sampler_learner,
@@ -237,8 +239,8 @@ def test_rl_through_tinkerkit_serve_logs_what_the_local_engine_logs(rl_config, t
     ("RL_LOSS=grpo", "RL_LOSS='grpo': Input should be"),
     ("RL_TEMPERATURE=0", "RL_TEMPERATURE=0: Input should be greater than 0"),
     ("RL_FORMAT_REWARD=2", "RL_FORMAT_REWARD=2: Input should be less than or equal to 1"),
-    ("RL_LOSS_CONFIG={beta: 0.1}", "unknown key(s) beta for RL_LOSS=importance_sampling "
-                                   "(it takes no keys)"),
+    ("RL_LOSS_CONFIG={beta: 0.1}", "RL_LOSS_CONFIG={'beta': 0.1}: loss_fn_config key 'beta' "
+                                   "is not used by importance_sampling (keys it takes: none)"),
 ])
 def test_bad_rl_settings_are_one_line_errors(setting, message, capsys, tmp_path):
     data = write_demo_data(tmp_path / "train.jsonl", n=4, seed=0)
@@ -247,15 +249,24 @@ def test_bad_rl_settings_are_one_line_errors(setting, message, capsys, tmp_path)
     assert err.count("\n") == 1 and message in err
 
 
-def test_loss_config_keys_are_checked_per_loss():
+@pytest.mark.parametrize("loss, loss_config, message", [
+    ("ppo", "{beta: 0.1}", "loss_fn_config key 'beta' is not used by ppo"),
+    ("cispo", "{clip_low_threshold: 2, clip_high_threshold: 1}", "must satisfy 0 <= low <= high"),
+    ("dro", "{beta: -1}", "dro: beta=-1.0 must be >= 0"),
+])
+def test_loss_config_is_checked_against_its_loss_before_anything_loads(loss, loss_config,
+                                                                       message, tmp_path):
+    config = load_config(None, [f"RL_LOSS={loss}", f"RL_LOSS_CONFIG={loss_config}"])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        rl(config, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_loss_config_the_loss_takes_is_kept():
     config = load_config(None, ["RL_LOSS=ppo", "RL_LOSS_CONFIG={clip_low_threshold: 0.9, "
                                                "clip_high_threshold: 1.1}"])
+    check_loss(config)
     assert config.rl_loss_config == {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}
-    with pytest.raises(ConfigError, match="clip_low_threshold is above clip_high_threshold"):
-        load_config(None, ["RL_LOSS=cispo", "RL_LOSS_CONFIG={clip_low_threshold: 2, "
-                                            "clip_high_threshold: 1}"])
-    with pytest.raises(ConfigError, match="beta must be positive"):
-        load_config(None, ["RL_LOSS=dro", "RL_LOSS_CONFIG={beta: -1}"])
 
 
 def test_more_prompts_per_step_than_prompts_is_an_error(rl_config):

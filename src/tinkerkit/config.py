@@ -56,16 +56,6 @@ class RLLoss(StrEnum):
     DRO = "dro"
 
 
-RL_LOSS_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
-    RLLoss.IMPORTANCE_SAMPLING: (),
-    RLLoss.PPO: ("clip_low_threshold", "clip_high_threshold"),
-    RLLoss.CISPO: ("clip_low_threshold", "clip_high_threshold"),
-    RLLoss.DRO: ("beta",),
-}
-"""The ``loss_fn_config`` keys each RL loss takes (Tinker's loss documentation,
-https://tinker-docs.thinkingmachines.ai/losses)."""
-
-
 class TrainConfig(BaseModel):
     """Every setting of a training run, with its default. Field ``x`` is ``X`` in ``config.py``."""
 
@@ -151,7 +141,7 @@ class TrainConfig(BaseModel):
     rl_temperature: float = Field(1.0, gt=0, description="Sampling temperature of `tinkerkit rl` (above 0; 1 samples the model's own distribution, whose log-probabilities the losses use).")
     rl_max_tokens: int = Field(256, gt=0, description="Most tokens generated per answer in `tinkerkit rl`.")
     rl_loss: RLLoss = Field(RLLoss.IMPORTANCE_SAMPLING, description="Policy-gradient loss of `tinkerkit rl`: importance_sampling, ppo, cispo or dro (Tinker's built-in losses).")
-    rl_loss_config: dict[str, float] = Field(default_factory=dict, description="The loss's settings (Tinker's loss_fn_config): clip_low_threshold and clip_high_threshold for ppo and cispo, beta for dro; absent keys take Tinker's defaults.")
+    rl_loss_config: dict[str, float] = Field(default_factory=dict, description="The loss's settings (Tinker's loss_fn_config): clip_low_threshold and clip_high_threshold for ppo and cispo, beta for dro; absent keys take Tinker's defaults (checked when `tinkerkit rl` starts).")
     rl_format_reward: float = Field(0.0, ge=0, le=1, description="Reward added in `tinkerkit rl` to an answer whose final answer can be extracted (right or wrong); 0 disables.")
 
     @field_validator("*", mode="before")
@@ -236,29 +226,6 @@ class TrainConfig(BaseModel):
                                             or info.data["eval_split_ratio"]):
             raise ValueError("needs held-out data: set EVAL_DATA_FILES or EVAL_SPLIT_RATIO")
         return value
-
-    @field_validator("rl_loss_config")
-    @classmethod
-    def _rl_loss_config_fits(cls, values: dict[str, float], info: ValidationInfo
-                             ) -> dict[str, float]:
-        loss = info.data.get("rl_loss")
-        if loss is None:  # RL_LOSS itself is invalid: reported already
-            return values
-        problems = []
-        unknown = sorted(set(values) - set(RL_LOSS_CONFIG_KEYS[loss]))
-        if unknown:
-            takes = ", ".join(RL_LOSS_CONFIG_KEYS[loss]) or "no keys"
-            problems.append(f"unknown key(s) {', '.join(unknown)} for RL_LOSS={loss.value} "
-                            f"(it takes {takes})")
-        problems += [f"{key} must be positive" for key in
-                     ("clip_low_threshold", "clip_high_threshold", "beta")
-                     if key in values and not values[key] > 0]
-        low, high = values.get("clip_low_threshold"), values.get("clip_high_threshold")
-        if low is not None and high is not None and not low <= high:
-            problems.append("clip_low_threshold is above clip_high_threshold")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return values
 
     def dump(self) -> dict:
         """The resolved config as JSON-ready data, UPPERCASE keys (no secrets are ever fields)."""

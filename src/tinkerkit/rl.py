@@ -51,7 +51,8 @@ from tinkerkit import engines, files
 from tinkerkit.checkpoint import resolve_checkpoint
 from tinkerkit.config import RLLoss, TrainConfig
 from tinkerkit.data.conversation import Conversation
-from tinkerkit.errors import DataError
+from tinkerkit.engines.local.losses import resolve_loss
+from tinkerkit.errors import ConfigError, DataError, EngineError
 from tinkerkit.evaluate import with_end_of_turn
 from tinkerkit.grader import Grader, GraderConfig, grading_example
 from tinkerkit.render import Renderer
@@ -384,6 +385,19 @@ def describe(record: StepRecord) -> str:
             f"signal {m['groups_with_signal']:.2f} lr {record.lr:.2e}")
 
 
+def check_loss(config: TrainConfig) -> None:
+    """Check ``RL_LOSS_CONFIG`` against ``RL_LOSS`` as the engines do
+    (:func:`~tinkerkit.engines.local.losses.resolve_loss`: the keys each loss takes, their ranges).
+
+    Raises:
+        ConfigError: A key the loss does not take, or a value out of its range.
+    """
+    try:
+        resolve_loss(config.rl_loss.value, config.rl_loss_config)
+    except EngineError as e:
+        raise ConfigError(f"RL_LOSS_CONFIG={config.rl_loss_config}: {e}") from e
+
+
 def rl(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str | None = None,
        init_from: str | None = None, console: Console | None = None) -> RLResult:
     """Improve a LoRA adapter with RL on verifiable rewards, as ``config`` says, in ``run_dir``.
@@ -406,6 +420,7 @@ def rl(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str | 
         ExportError: ``EXPORT_AFTER_TRAINING`` and the export failed.
     """
     console = console or Console()
+    check_loss(config)
     start_step = 0
     if resume:
         given, (run_dir, entry) = run_dir, resolve_resume(resume)
