@@ -48,7 +48,6 @@ import tinker
 from rich.console import Console
 
 from tinkerkit import engines, files
-from tinkerkit.checkpoint import resolve_checkpoint
 from tinkerkit.config import RLLoss, TrainConfig
 from tinkerkit.data.conversation import Conversation
 from tinkerkit.engines.local.losses import resolve_loss
@@ -68,18 +67,20 @@ from tinkerkit.train.metrics import (
     write_summary,
 )
 from tinkerkit.train.run_dir import (
-    CONFIG_FILE,
     METRICS_FILE,
-    check_new_run_dir,
-    default_run_dir,
     export_final,
     interrupt_names_checkpoint,
-    refuse_other_run_dir,
-    resolve_resume,
+    open_client,
     save_checkpoint,
-    truncate_logs,
+    start_run,
 )
-from tinkerkit.train.schedule import adam_params, batch_indices, is_due, learning_rate_at, plan_steps
+from tinkerkit.train.schedule import (
+    adam_params,
+    batch_indices,
+    is_due,
+    learning_rate_at,
+    plan_steps,
+)
 from tinkerkit.train.trackers import check_trackers, open_trackers
 
 __all__ = ["Prompt", "RLResult", "Rollout", "group_advantages", "kl_sampler_learner",
@@ -421,16 +422,8 @@ def rl(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str | 
     """
     console = console or Console()
     check_loss(config)
-    start_step = 0
-    if resume:
-        given, (run_dir, entry) = run_dir, resolve_resume(resume)
-        refuse_other_run_dir(given, run_dir)
-        start_step = entry["step"]
-    run_dir = Path(run_dir or config.run_dir or default_run_dir())
-    if not resume:
-        check_new_run_dir(run_dir)
-    if init_from:
-        init_from = resolve_checkpoint(init_from)
+    start = start_run(config, run_dir, resume, init_from)
+    run_dir, start_step = start.run_dir, start.start_step
     check_trackers(config.report_to)
     tokenizer = engines.load_engine_tokenizer(config)
     with GraderConfig.from_config(config).build() as grader:  # a broken grader stops here
@@ -441,19 +434,12 @@ def rl(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str | 
         if start_step >= total_steps:
             console.print(f"{run_dir} has finished: it is at step {start_step} of {total_steps}; "
                           "nothing to do (raise MAX_STEPS or NUM_EPOCHS to train further)")
-            return RLResult(run_dir, entry["path"], start_step, [])
-        client = engines.create_training_client(config, run_dir / "checkpoints",
-                                                state=entry["path"] if resume else init_from,
-                                                with_optimizer=bool(resume))
-        if resume:
-            truncate_logs(run_dir, start_step)
-            console.print(f"Resuming {run_dir} from step {start_step} ({entry['path']})")
-        resolved = config.model_copy(update={"run_dir": str(run_dir)}).dump()
-        files.atomic_write_json(run_dir / CONFIG_FILE, resolved)
+            return RLResult(run_dir, start.resumed["path"], start_step, [])
+        client, resolved = open_client(config, start, console)
         console.print(f"RL for {total_steps} steps ({config.rl_prompts_per_step} prompts x "
                       f"{config.rl_group_size} answers, loss {config.rl_loss.value}) in {run_dir}")
         started = time.perf_counter()
-        kept = files.read_jsonl(run_dir / METRICS_FILE) if resume else []
+        kept = files.read_jsonl(run_dir / METRICS_FILE) if start.resumed else []
         with open_trackers(config.report_to, run_dir, resolved, kept) as trackers:
             with progress_bar(console) as progress, interrupt_names_checkpoint(run_dir):
                 task = progress.add_task("rl", total=total_steps, completed=start_step, info="")

@@ -43,8 +43,10 @@ from tinkerkit.train.metrics import (
     StepLog,
     StepRecord,
     StepTimer,
+    describe_step,
     peak_memory_gib,
     plateau_warning,
+    plot_curves,
     plot_loss_curve,
     write_summary,
 )
@@ -52,13 +54,16 @@ from tinkerkit.train.run_dir import (
     CONFIG_FILE,
     EXPORT_DIR,
     METRICS_FILE,
+    RunStart,
     check_new_run_dir,
     config_for_resume,
     default_run_dir,
     export_final,
+    open_client,
     refuse_other_run_dir,
     resolve_resume,
     save_checkpoint,
+    start_run,
     truncate_logs,
 )
 from tinkerkit.train.schedule import (
@@ -79,15 +84,15 @@ from tinkerkit.train.trackers import (
 
 __all__ = [
     "CONFIG_FILE", "EXPORT_DIR", "LENGTH_ROUNDING", "METRICS_FILE",
-    "DryRunReport", "HeldOut", "PendingStep", "StepLog", "StepRecord", "StepTimer",
+    "DryRunReport", "HeldOut", "PendingStep", "RunStart", "StepLog", "StepRecord", "StepTimer",
     "TRACKERS", "Trackers", "TrainResult", "TrainingDivergedError",
     "adam_params", "await_step", "batch_indices", "batches_per_epoch", "check_new_run_dir",
     "check_trackers",
-    "config_for_resume", "default_run_dir", "divergence_error", "dry_run", "export_final",
+    "config_for_resume", "default_run_dir", "describe_step", "divergence_error", "dry_run", "export_final",
     "is_due", "learning_rate_at", "length_covering", "load_examples", "load_held_out",
-    "make_renderer", "normalize_batch", "open_trackers", "peak_memory_gib", "plan_steps",
-    "plateau_warning", "plot_loss_curve", "positions_warning", "refuse_other_run_dir",
+    "make_renderer", "normalize_batch", "open_client", "open_trackers", "peak_memory_gib", "plan_steps",
+    "plateau_warning", "plot_curves", "plot_loss_curve", "positions_warning", "refuse_other_run_dir",
     "report_evaluation", "resolve_resume", "sample_evaluations",
-    "save_checkpoint", "split_data", "train", "truncate_logs", "truncation_warning",
+    "save_checkpoint", "split_data", "start_run", "train", "truncate_logs", "truncation_warning",
     "write_summary",
 ]
