@@ -1,6 +1,7 @@
 """``tinkerkit rl``: advantages, skipped groups, the Datums of a group, the KL estimate, grading,
 one RL step on a tiny random model, exact resume and bad settings."""
 
+import io
 import json
 import math
 import re
@@ -9,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import tinker
+from rich.console import Console
 from safetensors.torch import load_file
 
 from helpers import running_server
@@ -210,6 +212,11 @@ def test_resume_logs_the_same_metrics_as_the_uninterrupted_run(rl_config, tmp_pa
     shutil.rmtree(killed / "checkpoints" / "step_000004")
     rl(rl_config, resume=str(killed))
     assert comparable(killed) == comparable(tmp_path / "full")
+    # Resuming a finished run does nothing and says so.
+    console = Console(file=io.StringIO(), width=300)
+    again = rl(rl_config, resume=str(tmp_path / "full"), console=console)
+    assert (again.steps, again.rewards) == (4, [])
+    assert "has finished: it is at step 4 of 4; nothing to do" in console.file.getvalue()
 
 
 def comparable(run_dir):

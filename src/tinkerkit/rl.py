@@ -52,36 +52,36 @@ from tinkerkit.config import RLLoss, TrainConfig
 from tinkerkit.data.conversation import Conversation
 from tinkerkit.engines.local.losses import resolve_loss
 from tinkerkit.errors import ConfigError, DataError, EngineError
-from tinkerkit.evaluate import with_end_of_turn
+from tinkerkit.evaluate import grade_sequence, with_end_of_turn
 from tinkerkit.grader import Grader, GraderConfig, grading_example
 from tinkerkit.render import Renderer
-from tinkerkit.train.examples import make_renderer, split_data
-from tinkerkit.train.held_out import load_held_out, sample_evaluations
-from tinkerkit.train.loop import PendingStep, await_step
-from tinkerkit.train.metrics import (
+from tinkerkit.train import (
+    METRICS_FILE,
+    PendingStep,
     StepLog,
     StepRecord,
     StepTimer,
-    plot_curves,
-    progress_bar,
-    write_summary,
-)
-from tinkerkit.train.run_dir import (
-    METRICS_FILE,
+    adam_params,
+    await_step,
+    batch_indices,
+    check_trackers,
     export_final,
     interrupt_names_checkpoint,
-    open_client,
-    save_checkpoint,
-    start_run,
-)
-from tinkerkit.train.schedule import (
-    adam_params,
-    batch_indices,
     is_due,
     learning_rate_at,
+    load_held_out,
+    make_renderer,
+    open_client,
+    open_trackers,
     plan_steps,
+    plot_curves,
+    progress_bar,
+    sample_evaluations,
+    save_checkpoint,
+    split_data,
+    start_run,
+    write_summary,
 )
-from tinkerkit.train.trackers import check_trackers, open_trackers
 
 __all__ = ["Prompt", "RLResult", "Rollout", "group_advantages", "kl_sampler_learner",
            "load_prompts", "rl", "rollout_datum", "sampling_seed"]
@@ -206,12 +206,11 @@ def grade_group(response: tinker.types.SampleResponse, prompt: Prompt, tokenizer
     example = grading_example(conversation) if grader.scores else None
     rollouts = []
     for sequence in response.sequences:
-        tokens = list(sequence.tokens)
-        if sequence.logprobs is None or len(sequence.logprobs) != len(tokens):
+        if sequence.logprobs is None or len(sequence.logprobs) != len(sequence.tokens):
             raise DataError(f"{conversation.source}: the sampler returned no log-probability per "
                             "sampled token; RL needs them")
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        verdict = grader.grade(text, conversation.reference_answer, example)
+        tokens, _, verdict = grade_sequence(sequence, conversation.reference_answer, example,
+                                            tokenizer, grader)
         reward = grader.reward_of(verdict) + format_reward * (verdict.extracted is not None)
         rollouts.append(Rollout(tokens, [float(x) for x in sequence.logprobs], reward,
                                 bool(verdict.equivalent), sequence.stop_reason == "length"))
@@ -431,9 +430,7 @@ def rl(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str | 
         prompts = load_prompts(config, make_renderer(config, tokenizer), console)
         per_epoch, total_steps = plan_steps(len(prompts), config, config.rl_prompts_per_step,
                                             "RL_PROMPTS_PER_STEP")
-        if start_step >= total_steps:
-            console.print(f"{run_dir} has finished: it is at step {start_step} of {total_steps}; "
-                          "nothing to do (raise MAX_STEPS or NUM_EPOCHS to train further)")
+        if start.finished(total_steps, console):
             return RLResult(run_dir, start.resumed["path"], start_step, [])
         client, resolved = open_client(config, start, console)
         console.print(f"RL for {total_steps} steps ({config.rl_prompts_per_step} prompts x "

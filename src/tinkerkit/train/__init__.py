@@ -48,6 +48,7 @@ from tinkerkit.train.metrics import (
     plateau_warning,
     plot_curves,
     plot_loss_curve,
+    progress_bar,
     write_summary,
 )
 from tinkerkit.train.run_dir import (
@@ -59,6 +60,7 @@ from tinkerkit.train.run_dir import (
     config_for_resume,
     default_run_dir,
     export_final,
+    interrupt_names_checkpoint,
     open_client,
     refuse_other_run_dir,
     resolve_resume,
@@ -88,10 +90,10 @@ __all__ = [
     "TRACKERS", "Trackers", "TrainResult", "TrainingDivergedError",
     "adam_params", "await_step", "batch_indices", "batches_per_epoch", "check_new_run_dir",
     "check_trackers",
-    "config_for_resume", "default_run_dir", "describe_step", "divergence_error", "dry_run", "export_final",
+    "config_for_resume", "default_run_dir", "describe_step", "divergence_error", "dry_run", "export_final", "interrupt_names_checkpoint",
     "is_due", "learning_rate_at", "length_covering", "load_examples", "load_held_out",
     "make_renderer", "normalize_batch", "open_client", "open_trackers", "peak_memory_gib", "plan_steps",
-    "plateau_warning", "plot_curves", "plot_loss_curve", "positions_warning", "refuse_other_run_dir",
+    "plateau_warning", "plot_curves", "plot_loss_curve", "positions_warning", "progress_bar", "refuse_other_run_dir",
     "report_evaluation", "resolve_resume", "sample_evaluations",
     "save_checkpoint", "split_data", "start_run", "train", "truncate_logs", "truncation_warning",
     "write_summary",

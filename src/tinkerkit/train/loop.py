@@ -117,9 +117,7 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
     held_out = load_held_out(config, tokenizer, console)
     examples = load_examples(config, tokenizer, console)
     per_epoch, total_steps = plan_steps(len(examples), config)
-    if start_step >= total_steps:
-        console.print(f"{run_dir} has finished: it is at step {start_step} of {total_steps}; "
-                      "nothing to do (raise MAX_STEPS or NUM_EPOCHS to train further)")
+    if start.finished(total_steps, console):
         return TrainResult(run_dir, start.resumed["path"], start_step, [])
     client, resolved = open_client(config, start, console)
     console.print(f"Training {total_steps} steps ({per_epoch} per epoch, batch {config.batch_size}) "

@@ -172,6 +172,16 @@ class RunStart:
     resumed: dict | None = None
     init_from: str | None = None
 
+    def finished(self, total_steps: int, console: Console) -> bool:
+        """Whether the run has done all ``total_steps`` already (a resumed finished run); says
+        so on ``console``."""
+        if self.start_step < total_steps:
+            return False
+        console.print(f"{self.run_dir} has finished: it is at step {self.start_step} of "
+                      f"{total_steps}; nothing to do (raise MAX_STEPS or NUM_EPOCHS to train "
+                      "further)")
+        return True
+
     @property
     def state(self) -> str | None:
         """The checkpoint the engine loads: the resumed one, else ``init_from``."""
