@@ -101,9 +101,10 @@ def train(base_url: str, args: argparse.Namespace) -> list[dict]:
             sampler = training.save_weights_and_get_sampling_client().result()
             snapshot_seconds = time.perf_counter() - start
             batch = problems[iteration * args.problems:(iteration + 1) * args.problems]
-            prompts = [tokenizer.apply_chat_template(
+            prompts = [tokenizer.encode(tokenizer.apply_chat_template(
                 [{"role": "user", "content": f"{INSTRUCTION}\n\n{p['question']}"}],
-                add_generation_prompt=True, tokenize=True) for p in batch]
+                add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+                for p in batch]
             futures = [sampler.sample(types.ModelInput.from_ints(prompt), args.group, params)
                        for prompt in prompts]
             data, rewards, correct, lengths, with_signal = [], [], [], [], 0

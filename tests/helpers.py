@@ -40,6 +40,22 @@ def save_tiny_llama(path: str | Path, *, tied: bool = True, width: int = 64,
     return str(path)
 
 
+def seeded_lora_client(model: str, tmp_path: Path, seed: int = 123, **kwargs):
+    """A CPU ``LocalTrainingClient`` (rank 4) whose LoRA B matrices are non-zero (seeded), so LoRA
+    changes the outputs and LoRA A gets gradients."""
+    from tinkerkit.engines.local import LocalTrainingClient
+    from tinkerkit.engines.local.model import adapter_parameters
+
+    kwargs = {"rank": 4, "device": "cpu", "checkpoint_root": tmp_path / "ckpt", **kwargs}
+    client = LocalTrainingClient(model, **kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, param in adapter_parameters(client.model).items():
+            if ".lora_B." in key:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return client
+
+
 SHARED_DATA = Path(os.environ.get("TINKERKIT_SHARED_DATA",
                                   Path(__file__).resolve().parents[2] / "shared" / "data"))
 """The project's real data (GSM8K, MATH-500, ...): ``../shared/data`` beside the checkout."""

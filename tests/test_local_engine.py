@@ -12,7 +12,7 @@ import transformers
 from safetensors.torch import load_file
 from tinker import types
 
-from helpers import VOCAB
+from helpers import VOCAB, seeded_lora_client
 from tinkerkit.engines.local import (
     LocalTrainingClient,
     batching,
@@ -52,14 +52,7 @@ def make_datum(tokens: list[int], weights: list[float] | None = None) -> types.D
 
 def make_client(tiny_model, tmp_path, **kwargs) -> LocalTrainingClient:
     """A CPU client whose LoRA B matrices are non-zero (seeded), so LoRA changes the outputs."""
-    kwargs = {"rank": 4, "device": "cpu", "checkpoint_root": tmp_path / "ckpt", **kwargs}
-    client = LocalTrainingClient(tiny_model, **kwargs)
-    generator = torch.Generator().manual_seed(123)
-    with torch.no_grad():
-        for key, param in adapter_parameters(client.model).items():
-            if ".lora_B." in key:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    return client
+    return seeded_lora_client(tiny_model, tmp_path, **kwargs)
 
 
 def grads(client) -> dict[str, torch.Tensor]:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import gc
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from tinker import types
 
-from helpers import checkpoint_dir, running_server, service
+from helpers import checkpoint_dir, running_server, seeded_lora_client, service
 from tinkerkit.engines.local import LocalTrainingClient
 from tinkerkit.engines.local.losses import LOSSES, resolve_loss
 from tinkerkit.engines.local.model import adapter_parameters
@@ -30,14 +32,7 @@ ADVANTAGES = [1.0, -0.75, 0.5]  # positive and negative
 
 def make_client(model, tmp_path, **kwargs) -> LocalTrainingClient:
     """A CPU client whose LoRA B matrices are non-zero (seeded), so LoRA A gets gradients."""
-    client = LocalTrainingClient(model, 4, device="cpu", checkpoint_root=tmp_path / "ckpt",
-                                 **kwargs)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for key, param in adapter_parameters(client.model).items():
-            if ".lora_B." in key:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    return client
+    return seeded_lora_client(model, tmp_path, seed=5, **kwargs)
 
 
 def naive_logprobs(model, tokens: list[int], targets: list[int]) -> torch.Tensor:
@@ -141,6 +136,24 @@ def test_losses_keep_packing_padding_and_checkpointing_exact(tiny_model, smol_to
     assert a.metrics["loss:sum"] == pytest.approx(b.metrics["loss:sum"], rel=1e-5)
     for key, value in grads_a.items():
         assert (grads_b[key] - value).abs().max() <= 1e-4 * value.abs().max(), key
+
+
+def test_losses_run_under_bf16_autocast_on_float32_logprobs(tiny_model, smol_tokenizer,
+                                                             tmp_path):
+    client = make_client(tiny_model, tmp_path, mixed_precision="bf16")
+    data = rl_data(client.model, smol_tokenizer)
+    config = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+    out = client.forward_backward(data, "cispo", config).result()
+    total = 0.0
+    for datum, output in zip(data, out.loss_fn_outputs):
+        lps = output["logprobs"].to_torch()
+        assert lps.dtype == torch.float32 and lps.shape == (len(datum.model_input.to_ints()),)
+        q = datum.loss_fn_inputs["logprobs"].tolist()
+        a = datum.loss_fn_inputs["advantages"].tolist()
+        total += sum(reference_term("cispo", lp, q[t], a[t], config).item()
+                     for t, lp in enumerate(lps))
+    assert out.metrics["loss:sum"] == pytest.approx(total, rel=1e-5)
+    assert sum(g.abs().sum().item() for g in grads(client).values()) > 0
 
 
 def test_config_defaults_are_tinkers():
@@ -340,3 +353,45 @@ def test_serve_keeps_the_newest_snapshot_samplers(server, tiny_model, smol_token
         with pytest.raises(Exception, match=f"was released: tinkerkit serve keeps the "
                                             f"{SNAPSHOT_SAMPLERS_KEPT} newest samplers"):
             samplers[0].sample(prompt, 1, params).result()
+
+
+# ---------------------------------------------------------------------- examples/rl_loop_sdk.py
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture
+def rl_loop(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import rl_loop_sdk
+
+    return rl_loop_sdk
+
+
+def test_the_example_builds_aligned_datums_and_grades_answers(rl_loop):
+    sequence = types.SampledSequence(stop_reason="stop", sequence_id="s0",
+                                     tokens_np=np.array([7, 8, 9], np.int32),
+                                     logprobs_np=np.array([-0.5, -1.0, -2.0], np.float32))
+    datum = rl_loop.rl_datum([1, 2, 3, 4], sequence, advantage=-0.25)
+    assert datum.model_input.to_ints() == [1, 2, 3, 4, 7, 8]
+    inputs = {k: v.tolist() for k, v in datum.loss_fn_inputs.items()}
+    assert inputs == {"target_tokens": [2, 3, 4, 7, 8, 9],
+                      "logprobs": [0.0, 0.0, 0.0, -0.5, -1.0, -2.0],
+                      "advantages": [0.0, 0.0, 0.0, -0.25, -0.25, -0.25]}
+    assert rl_loop.reward("17 + 25 = 42. The answer is 42.", "42") == (1.0, True)
+    assert rl_loop.reward("The answer is 41.", "42") == (0.1, False)
+    assert rl_loop.reward("I do not know", "42") == (0.0, False)
+
+
+@pytest.mark.slow
+def test_the_sdk_rl_loop_runs_five_iterations_on_serve_with_the_real_model(rl_loop, capsys):
+    records = rl_loop.main(["--iterations", "5"])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+               if line.startswith("{")]
+    assert printed == records and [r["iteration"] for r in records] == [1, 2, 3, 4, 5]
+    for record in records:
+        assert 0 <= record["accuracy"] <= record["reward_mean"] + 1e-9 <= 1 + 1e-9
+        assert record["groups"] == 4 and record["sampler_seconds"] > 0
+        assert record["mean_answer_tokens"] > 0
+    trained = [r for r in records if r["groups_with_signal"]]
+    assert trained and all(abs(r["kl_sampler_learner"]) < 0.05 for r in trained)
