@@ -1,4 +1,4 @@
-"""The ``tinkerkit`` command: split, stats, train, eval, export, chat, demo, serve.
+"""The ``tinkerkit`` command: split, stats, train, rl, eval, export, chat, demo, serve.
 
 Every error a user can cause ends in one line on stderr and a non-zero exit code (1), never a
 traceback; set ``TINKERKIT_DEBUG=1`` to see the traceback of an unexpected error.
@@ -80,18 +80,25 @@ def _train_fields(args: argparse.Namespace) -> dict:
             "strict": args.strict, "backend": args.backend, "grader": args.grader}
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def _run_config(args: argparse.Namespace):
+    """The config of ``train`` or ``rl``: the config file and flags, or with ``--resume`` and no
+    ``--config`` the run's saved config under the flags."""
     from tinkerkit.config import load_config, parse_overrides
-    from tinkerkit.train import config_for_resume, dry_run, resolve_resume, train
+    from tinkerkit.train import config_for_resume, resolve_resume
 
     if args.resume and args.init_from:
         raise ConfigError("--resume and --init-from exclude each other")
     if args.resume and not args.config:
         run_dir, _ = resolve_resume(args.resume)
         fields = {k: v for k, v in _train_fields(args).items() if v is not None}
-        config = config_for_resume(run_dir, {**fields, **parse_overrides(args.set)})
-    else:
-        config = load_config(args.config, args.set, **_train_fields(args))
+        return config_for_resume(run_dir, {**fields, **parse_overrides(args.set)})
+    return load_config(args.config, args.set, **_train_fields(args))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from tinkerkit.train import dry_run, train
+
+    config = _run_config(args)
     if args.dry_run:
         if args.resume or args.init_from:
             raise ConfigError("--dry-run plans a new run from the base model; it takes no "
@@ -100,6 +107,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     train(config, run_dir=args.run_dir, resume=args.resume, init_from=args.init_from,
           console=console)
+
+
+def cmd_rl(args: argparse.Namespace) -> None:
+    from tinkerkit.rl import rl
+
+    rl(_run_config(args), run_dir=args.run_dir, resume=args.resume, init_from=args.init_from,
+       console=console)
 
 
 # -- eval ---------------------------------------------------------------------------------------
@@ -216,6 +230,29 @@ _GRADER_HELP = ("GRADER: a Python file of your own grading functions (extract_fi
                 "score); what it does not define stays built in")
 
 
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``train`` and ``rl``."""
+    p.add_argument("--config", help="config.py, .toml or .yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--run-dir")
+    p.add_argument("--resume", metavar="PATH", help="a run directory or checkpoint to continue")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="start a new stage from a checkpoint's weights (fresh optimizer); a run "
+                   "directory means its latest checkpoint")
+    p.add_argument("--data", nargs="+", help="DATA_FILES")
+    p.add_argument("--model", help="BASE_MODEL")
+    p.add_argument("--backend", choices=["local", "tinker"], help=_BACKEND_HELP)
+    p.add_argument("--rank", type=int, help="LORA_RANK")
+    p.add_argument("--lr", type=float, help="LEARNING_RATE")
+    p.add_argument("--epochs", type=int, help="NUM_EPOCHS")
+    p.add_argument("--batch-size", type=int, help="BATCH_SIZE")
+    p.add_argument("--max-steps", type=int, help="MAX_STEPS")
+    p.add_argument("--max-length", type=int, help="MAX_SEQUENCE_LENGTH")
+    p.add_argument("--strict", action="store_true", default=None,
+                   help="STRICT: stop before training when too many examples are too long")
+    p.add_argument("--grader", metavar="FILE", help=_GRADER_HELP)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -233,7 +270,8 @@ class _OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="tinkerkit", description="LoRA fine-tuning for the Tinker workflow: split, stats, "
-        "train, eval, export, chat, demo, serve. Run `tinkerkit COMMAND -h` for a command's options.")
+        "train, rl, eval, export, chat, demo, serve. Run `tinkerkit COMMAND -h` for a command's "
+        "options.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("split", help="merge data files and split them into train and test sets")
@@ -256,29 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("train", help="train a LoRA adapter")
-    p.add_argument("--config", help="config.py, .toml or .yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--run-dir")
-    p.add_argument("--resume", metavar="PATH", help="a run directory or checkpoint to continue")
-    p.add_argument("--init-from", metavar="CHECKPOINT",
-                   help="start a new stage from a checkpoint's weights (fresh optimizer); a run "
-                   "directory means its latest checkpoint")
-    p.add_argument("--data", nargs="+", help="DATA_FILES")
-    p.add_argument("--model", help="BASE_MODEL")
-    p.add_argument("--backend", choices=["local", "tinker"], help=_BACKEND_HELP)
-    p.add_argument("--rank", type=int, help="LORA_RANK")
-    p.add_argument("--lr", type=float, help="LEARNING_RATE")
-    p.add_argument("--epochs", type=int, help="NUM_EPOCHS")
-    p.add_argument("--batch-size", type=int, help="BATCH_SIZE")
-    p.add_argument("--max-steps", type=int, help="MAX_STEPS")
-    p.add_argument("--max-length", type=int, help="MAX_SEQUENCE_LENGTH")
-    p.add_argument("--strict", action="store_true", default=None,
-                   help="STRICT: stop before training when too many examples are too long")
-    p.add_argument("--grader", metavar="FILE", help=_GRADER_HELP)
+    _run_options(p)
     p.add_argument("--dry-run", action="store_true",
                    help="render the data, print statistics, steps and time per step; no "
                    "training (with BACKEND=tinker: no session, nothing timed)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("rl", help="reinforcement learning with verifiable rewards: sample "
+                       "answers, grade them as eval does, train on the better ones")
+    _run_options(p)
+    p.set_defaults(func=cmd_rl)
 
     p = sub.add_parser("eval", help="sample answers on a test set and grade them")
     p.add_argument("--model", help="BASE_MODEL")

@@ -47,6 +47,15 @@ class LRSchedule(StrEnum):
     COSINE = "cosine"
 
 
+class RLLoss(StrEnum):
+    """The policy-gradient losses of ``tinkerkit rl``: Tinker's built-in RL losses."""
+
+    IMPORTANCE_SAMPLING = "importance_sampling"
+    PPO = "ppo"
+    CISPO = "cispo"
+    DRO = "dro"
+
+
 class TrainConfig(BaseModel):
     """Every setting of a training run, with its default. Field ``x`` is ``X`` in ``config.py``."""
 
@@ -125,6 +134,15 @@ class TrainConfig(BaseModel):
     export_after_training: bool = Field(False, description="Export the final checkpoint into RUN_DIR/export, as `tinkerkit export` does.")
     export_merged: bool = Field(False, description="The export also writes a merged HF model (--merge).")
     export_dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="dtype of the merged model.")
+
+    # Reinforcement learning (`tinkerkit rl`)
+    rl_group_size: int = Field(4, ge=2, description="Answers sampled per prompt in `tinkerkit rl`; each is scored against its group's mean reward (at least 2).")
+    rl_prompts_per_step: int = Field(8, gt=0, description="Prompts per optimizer step in `tinkerkit rl` (each sampled RL_GROUP_SIZE times).")
+    rl_temperature: float = Field(1.0, gt=0, description="Sampling temperature of `tinkerkit rl` (above 0; 1 samples the model's own distribution, whose log-probabilities the losses use).")
+    rl_max_tokens: int = Field(256, gt=0, description="Most tokens generated per answer in `tinkerkit rl`.")
+    rl_loss: RLLoss = Field(RLLoss.IMPORTANCE_SAMPLING, description="Policy-gradient loss of `tinkerkit rl`: importance_sampling, ppo, cispo or dro (Tinker's built-in losses).")
+    rl_loss_config: dict[str, float] = Field(default_factory=dict, description="The loss's settings (Tinker's loss_fn_config): clip_low_threshold and clip_high_threshold for ppo and cispo, beta for dro; absent keys take Tinker's defaults (checked when `tinkerkit rl` starts).")
+    rl_format_reward: float = Field(0.0, ge=0, le=1, description="Reward added in `tinkerkit rl` to an answer whose final answer can be extracted (right or wrong); 0 disables.")
 
     @field_validator("*", mode="before")
     @classmethod

@@ -39,6 +39,7 @@ from tinkerkit.engines import check_engine, create_sampling_client
 from tinkerkit.errors import ConfigError, DataError, EngineError, plural
 from tinkerkit.files import atomic_write_json, atomic_write_text
 from tinkerkit.grader import Grader, GraderConfig, grading_example
+from tinkerkit.grading import Grade
 from tinkerkit.models import max_positions
 from tinkerkit.render import Renderer, end_of_turn_ids
 from tinkerkit.sampling_rules import sampling_problems
@@ -49,6 +50,7 @@ __all__ = [
     "EvalSettings",
     "compare_results",
     "evaluate",
+    "grade_sequence",
     "load_results",
     "pass_at_k",
     "print_summary",
@@ -198,6 +200,27 @@ def _sample_all(sampling_client, prompts: list, sources: list, settings: EvalSet
     return responses
 
 
+def grade_sequence(sequence: tinker.types.SampledSequence, reference: str | None,
+                   example: dict | None, tokenizer, grader: Grader
+                   ) -> tuple[list[int], str, Grade]:
+    """Decode one sampled sequence (without special tokens) and grade it, as ``tinkerkit eval``
+    does (also the reward of ``tinkerkit rl``).
+
+    Args:
+        sequence: The sampled sequence.
+        reference: The reference answer (None: extraction only).
+        example: What a grader file's ``score(output, example)`` receives, or None.
+        tokenizer: Decodes the tokens.
+        grader: Grades the text.
+
+    Returns:
+        The sequence's tokens, its text and the :class:`~tinkerkit.grading.Grade`.
+    """
+    tokens = list(sequence.tokens)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    return tokens, text, grader.grade(text, reference, example)
+
+
 def _grade_example(index: int, conversation: Conversation, prompt_text: str, response,
                    tokenizer, num_samples: int, grader: Grader) -> dict:
     """The per-example record: prompt, reference, each output with its verdicts."""
@@ -208,9 +231,7 @@ def _grade_example(index: int, conversation: Conversation, prompt_text: str, res
     example = grading_example(conversation) if grader.scores else None
     outputs = []
     for sequence in response.sequences:
-        tokens = list(sequence.tokens)
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        verdict = grader.grade(text, reference, example)
+        tokens, text, verdict = grade_sequence(sequence, reference, example, tokenizer, grader)
         outputs.append({
             "text": text, "num_tokens": len(tokens), "stop_reason": sequence.stop_reason,
             "extracted": verdict.extracted, "exact_match": verdict.exact_match,

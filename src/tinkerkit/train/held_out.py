@@ -60,17 +60,25 @@ def _check_grader(config: TrainConfig, console: Console) -> Grader:
     return grader
 
 
-def load_held_out(config: TrainConfig, tokenizer, console: Console) -> HeldOut | None:
+def load_held_out(config: TrainConfig, tokenizer, console: Console,
+                  grader: Grader | None = None) -> HeldOut | None:
     """The held-out set (``EVAL_DATA_FILES`` or ``EVAL_SPLIT_RATIO``); None without evaluation.
 
     The ``GRADER`` file, if any, is loaded and checked here too, so that a broken one stops the
     run before the model loads (also when nothing grades during training: it is then closed).
 
+    Args:
+        config: The data, evaluation and grader settings.
+        tokenizer: Renders the held-out examples.
+        console: Where notes and statistics go.
+        grader: A grader the caller built and closes (``tinkerkit rl`` grades its rewards with
+            it); None loads the config's.
+
     Raises:
         DataError: ``EVAL_EVERY`` is set and no held-out example renders.
         ConfigError: The ``GRADER`` file does not load or check.
     """
-    grader = _check_grader(config, console)
+    grader = grader or _check_grader(config, console)
     if not (config.eval_every or config.sample_eval_every):
         if config.eval_split_ratio is not None:
             console.print(f"[yellow]Note:[/yellow] EVAL_SPLIT_RATIO={config.eval_split_ratio} "

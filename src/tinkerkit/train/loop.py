@@ -33,8 +33,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tinkerkit import engines, files
-from tinkerkit.checkpoint import resolve_checkpoint
+from tinkerkit import engines
 from tinkerkit.config import TrainConfig
 from tinkerkit.errors import (
     EngineError,
@@ -53,16 +52,12 @@ from tinkerkit.train.metrics import (
     write_summary,
 )
 from tinkerkit.train.run_dir import (
-    CONFIG_FILE,
-    check_new_run_dir,
-    default_run_dir,
     export_final,
     interrupt_names_checkpoint,
-    refuse_other_run_dir,
-    resolve_resume,
+    open_client,
     save_checkpoint,
+    start_run,
     stopped_message,
-    truncate_logs,
 )
 from tinkerkit.train.schedule import (
     adam_params,
@@ -114,39 +109,17 @@ def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str
         ExportError: ``EXPORT_AFTER_TRAINING`` and the export failed.
     """
     console = console or Console()
-    start_step = 0
-    if resume:
-        given, (run_dir, entry) = run_dir, resolve_resume(resume)
-        refuse_other_run_dir(given, run_dir)
-        refuse_other_run_dir(config.run_dir, run_dir, "RUN_DIR")  # from --set or a config file
-        start_step = entry["step"]
-    run_dir = Path(run_dir or config.run_dir or default_run_dir())
-    if not resume:
-        check_new_run_dir(run_dir)
-    if init_from:  # a run directory means its latest checkpoint, as for eval and export
-        init_from = resolve_checkpoint(init_from)
+    start = start_run(config, run_dir, resume, init_from)
+    run_dir, start_step = start.run_dir, start.start_step
     check_trackers(config.report_to)  # a missing tracker package fails before the model loads
     # Data first: a bad file or too many long examples fail in seconds, before the model loads.
     tokenizer = engines.load_engine_tokenizer(config)
     held_out = load_held_out(config, tokenizer, console)
     examples = load_examples(config, tokenizer, console)
     per_epoch, total_steps = plan_steps(len(examples), config)
-    if start_step >= total_steps:
-        console.print(f"{run_dir} has finished: it is at step {start_step} of {total_steps}; "
-                      "nothing to do (raise MAX_STEPS or NUM_EPOCHS to train further)")
-        return TrainResult(run_dir, entry["path"], start_step, [])
-    client = engines.create_training_client(config, run_dir / "checkpoints",
-                                            state=entry["path"] if resume else init_from,
-                                            with_optimizer=bool(resume))
-    kept, logged_through = [], None  # a resumed run's lines and last logged step (trackers)
-    if resume:
-        kept, logged_through = truncate_logs(run_dir, start_step)
-        console.print(f"Resuming {run_dir} from step {start_step} ({entry['path']})")
-        for reason in entry.get("skipped", []):
-            console.print(f"skipped the newer {reason}; the steps after {start_step} are "
-                          "trained and saved again")
-    resolved = config.model_copy(update={"run_dir": str(run_dir)}).dump()
-    files.atomic_write_json(run_dir / CONFIG_FILE, resolved)
+    if start.finished(total_steps, console):
+        return TrainResult(run_dir, start.resumed["path"], start_step, [])
+    client, resolved, kept, logged_through = open_client(config, start, console)
     console.print(f"Training {plural(total_steps, 'step')} ({per_epoch} per epoch, batch "
                   f"{config.batch_size}) in {run_dir}")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -56,6 +56,8 @@ class StepRecord:
         evaluations: ``eval_loss`` and ``eval_accuracy`` (and a grader file's
             ``eval_grading_errors`` and ``eval_score``) when due (a value may be None: nothing
             gradable), else empty.
+        metrics: The loop's own step metrics, logged before ``seconds`` (``tinkerkit rl``'s
+            ``reward_mean``, ``accuracy``, ...; empty for supervised training).
     """
 
     step: int
@@ -66,12 +68,19 @@ class StepRecord:
     total_tokens: int
     seconds: float
     evaluations: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
 
     def line(self) -> dict:
         """The step's line of ``metrics.jsonl`` (in this key order)."""
         return {"step": self.step, "epoch": self.epoch, "loss": self.loss, "lr": self.lr,
                 "weighted_tokens": self.weighted_tokens, "total_tokens": self.total_tokens,
-                "seconds": round(self.seconds, 4), **self.evaluations}
+                **self.metrics, "seconds": round(self.seconds, 4), **self.evaluations}
+
+
+def describe_step(record: StepRecord) -> str:
+    """The progress bar's text of a supervised step: ``epoch E loss L lr R T tok/s``."""
+    return (f"epoch {record.epoch} loss {record.loss:.4f} lr {record.lr:.2e} "
+            f"{record.total_tokens / max(record.seconds, 1e-9):.0f} tok/s")
 
 
 def progress_bar(console: Console) -> Progress:
@@ -103,6 +112,8 @@ class StepLog:
         progress: The progress bar and ``task`` its task; warnings print to its console.
         plateau_window: ``LOSS_PLATEAU_WINDOW`` (0: no plateau check).
         trackers: The experiment trackers (``REPORT_TO``) that receive each line.
+        describe: The progress bar's text of a step (:func:`describe_step` for supervised
+            training).
         losses: The losses logged by this invocation, in step order.
     """
 
@@ -111,6 +122,7 @@ class StepLog:
     task: TaskID
     plateau_window: int
     trackers: Trackers = NO_TRACKERS
+    describe: Callable[[StepRecord], str] = describe_step
     losses: list[float] = field(default_factory=list)
 
     def write(self, record: StepRecord) -> None:
@@ -119,10 +131,7 @@ class StepLog:
         files.append_jsonl(self.run_dir / METRICS_FILE, record.line())
         self.trackers.log(record.line(), record.step)
         self.losses.append(record.loss)
-        self.progress.update(self.task, advance=1,
-                             info=f"epoch {record.epoch} loss {record.loss:.4f} "
-                                  f"lr {record.lr:.2e} "
-                                  f"{record.total_tokens / max(record.seconds, 1e-9):.0f} tok/s")
+        self.progress.update(self.task, advance=1, info=self.describe(record))
         if record.evaluations:
             self.progress.console.print(f"step {record.step}: " + "  ".join(
                 f"{k} n/a" if v is None else f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}"
@@ -143,6 +152,25 @@ def plot_loss_curve(run_dir: Path) -> Path | None:
     Returns:
         The PNG's path, or None when no step is logged.
     """
+    return plot_curves(run_dir, "loss_curve.png", [("loss", "train loss", "-"),
+                                                   ("eval_loss", "eval loss", "o-")],
+                       "mean NLL per weighted token")
+
+
+def plot_curves(run_dir: Path, name: str, series: Sequence[tuple[str, str, str]],
+                ylabel: str) -> Path | None:
+    """Draw metrics of ``metrics.jsonl`` against the optimizer step as ``run_dir/name`` (PNG).
+
+    Args:
+        run_dir: The run directory.
+        name: The PNG's file name.
+        series: ``(metric, label, matplotlib line style)`` per curve; a metric logged on no step
+            is left out (``eval_accuracy`` of a run without it).
+        ylabel: The y axis's label.
+
+    Returns:
+        The PNG's path, or None when no step is logged.
+    """
     # matplotlib is imported here, not at the top: its backend must be chosen before pyplot loads.
     import matplotlib
     matplotlib.use("Agg")
@@ -152,25 +180,25 @@ def plot_loss_curve(run_dir: Path) -> Path | None:
     if not records:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in records if "loss" in r], [r["loss"] for r in records if "loss" in r],
-            label="train loss")
-    evals = [r for r in records if "eval_loss" in r]
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    for metric, label, style in series:
+        logged = [r for r in records if r.get(metric) is not None]
+        if logged:
+            ax.plot([r["step"] for r in logged], [r[metric] for r in logged], style, label=label)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("mean NLL per weighted token")
+    ax.set_ylabel(ylabel)
     ax.legend()
     ax.grid(alpha=0.3)
     buffer = BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    path = run_dir / "loss_curve.png"
+    path = run_dir / name
     files.atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
 def write_summary(console: Console, run_dir: Path, steps: int, wall: float, checkpoint: str,
-                  exported: ExportResult | None, backend: str = "local") -> dict:
+                  exported: ExportResult | None, backend: str = "local",
+                  extra: dict | None = None) -> dict:
     """Write ``summary.json`` and print it.
 
     Args:
@@ -182,6 +210,7 @@ def write_summary(console: Console, run_dir: Path, steps: int, wall: float, chec
         exported: The final export, or None.
         backend: The engine (``engines.backend_of``): with ``"tinker"`` the model is on the
             server, so ``peak_memory_gib`` is this client process's alone, and says so.
+        extra: More entries, after the loss means (``tinkerkit rl``'s reward means).
 
     Returns:
         The summary, as written.
@@ -193,6 +222,7 @@ def write_summary(console: Console, run_dir: Path, steps: int, wall: float, chec
         "steps": len(records),
         "first_10_mean_loss": float(np.mean(all_losses[:10])) if all_losses else None,
         "last_10_mean_loss": float(np.mean(all_losses[-10:])) if all_losses else None,
+        **(extra or {}),
         "tokens_per_second": tokens / wall if wall > 0 else None,
         "peak_memory_gib": round(peak_memory_gib(), 3),
         "wall_seconds": round(wall, 1),

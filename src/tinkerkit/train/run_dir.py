@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
 
-from tinkerkit import files
+from tinkerkit import engines, files
 from tinkerkit.checkpoint import (
     CHECKPOINTS_FILE,
     checkpoint_path,
     is_tinker_path,
     latest_checkpoint,
     read_checkpoint_meta,
+    resolve_checkpoint,
 )
 from tinkerkit.config import TrainConfig, build_config
 from tinkerkit.errors import (
@@ -178,6 +180,88 @@ def truncate_logs(run_dir: Path, step: int) -> tuple[list[dict], int]:
         records = logged if name == METRICS_FILE else files.read_jsonl(run_dir / name)
         files.rewrite_jsonl(run_dir / name, [r for r in records if r["step"] <= step])
     return [r for r in logged if r["step"] <= step], max((r["step"] for r in logged), default=0)
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """Where a run (``train`` or ``rl``) starts: a fresh run directory, or a resumed one.
+
+    Attributes:
+        run_dir: The run directory.
+        start_step: Optimizer steps already done (0 for a fresh run).
+        resumed: The ``checkpoints.jsonl`` entry resumed from (its ``path`` resolved), or None.
+        init_from: The checkpoint whose weights start a new stage (resolved), or None.
+    """
+
+    run_dir: Path
+    start_step: int = 0
+    resumed: dict | None = None
+    init_from: str | None = None
+
+    def finished(self, total_steps: int, console: Console) -> bool:
+        """Whether the run has done all ``total_steps`` already (a resumed finished run); says
+        so on ``console``."""
+        if self.start_step < total_steps:
+            return False
+        console.print(f"{self.run_dir} has finished: it is at step {self.start_step} of "
+                      f"{total_steps}; nothing to do (raise MAX_STEPS or NUM_EPOCHS to train "
+                      "further)")
+        return True
+
+    @property
+    def state(self) -> str | None:
+        """The checkpoint the engine loads: the resumed one, else ``init_from``."""
+        return self.resumed["path"] if self.resumed else self.init_from
+
+
+def start_run(config: TrainConfig, run_dir: str | Path | None, resume: str | None,
+              init_from: str | None) -> RunStart:
+    """Check ``--run-dir``, ``--resume`` and ``--init-from`` before any work starts.
+
+    Raises:
+        ConfigError: A fresh run's directory already holds a run, or ``--run-dir`` or
+            ``RUN_DIR`` is not the resumed run's.
+        CheckpointError: ``--resume`` or ``--init-from`` names no usable checkpoint.
+    """
+    if resume:
+        resumed_dir, entry = resolve_resume(resume)
+        refuse_other_run_dir(run_dir, resumed_dir)
+        refuse_other_run_dir(config.run_dir, resumed_dir, "RUN_DIR")  # --set or a config file
+        return RunStart(resumed_dir, entry["step"], entry)
+    run_dir = Path(run_dir or config.run_dir or default_run_dir())
+    check_new_run_dir(run_dir)
+    return RunStart(run_dir, init_from=resolve_checkpoint(init_from) if init_from else None)
+
+
+def open_client(config: TrainConfig, start: RunStart, console: Console
+                ) -> tuple[object, dict, list[dict], int | None]:
+    """The engine's training client at ``start`` (weights and, resuming, the AdamW state);
+    a resumed run's logs cut back to its checkpoint; ``config.json`` written.
+
+    Returns:
+        The training client; the resolved config as written (UPPERCASE keys); for a resumed
+        run the ``metrics.jsonl`` lines kept and the last step logged before the cut (what the
+        run's trackers already hold: :func:`tinkerkit.train.trackers.open_trackers`), else
+        ``[]`` and None.
+
+    Raises:
+        CheckpointError, EngineError, ModelError: As
+            :func:`tinkerkit.engines.create_training_client` says.
+    """
+    client = engines.create_training_client(config, start.run_dir / "checkpoints",
+                                            state=start.state,
+                                            with_optimizer=start.resumed is not None)
+    kept, logged_through = [], None
+    if start.resumed:
+        kept, logged_through = truncate_logs(start.run_dir, start.start_step)
+        console.print(f"Resuming {start.run_dir} from step {start.start_step} "
+                      f"({start.resumed['path']})")
+        for reason in start.resumed.get("skipped", []):
+            console.print(f"skipped the newer {reason}; the steps after {start.start_step} are "
+                          "trained and saved again")
+    resolved = config.model_copy(update={"run_dir": str(start.run_dir)}).dump()
+    files.atomic_write_json(start.run_dir / CONFIG_FILE, resolved)
+    return client, resolved, kept, logged_through
 
 
 def save_checkpoint(client, run_dir: Path, step: int, epoch: int) -> str:

@@ -52,17 +52,25 @@ def batch_indices(step: int, n_examples: int, batch_size: int, seed: int) -> tup
     return epoch, order[index * batch_size:(index + 1) * batch_size].tolist()
 
 
-def plan_steps(n_examples: int, config: TrainConfig) -> tuple[int, int]:
+def plan_steps(n_examples: int, config: TrainConfig, batch_size: int | None = None,
+               setting: str = "BATCH_SIZE") -> tuple[int, int]:
     """Optimizer steps per epoch and in total (``MAX_STEPS`` caps ``NUM_EPOCHS`` epochs).
 
+    Args:
+        n_examples: Training examples (for ``tinkerkit rl``: prompts).
+        config: ``NUM_EPOCHS``, ``MAX_STEPS`` and, by default, ``BATCH_SIZE``.
+        batch_size: Examples per step when not ``BATCH_SIZE`` (``RL_PROMPTS_PER_STEP``).
+        setting: The name of that setting, for the error.
+
     Raises:
-        ConfigError: ``BATCH_SIZE`` is larger than the number of examples.
+        ConfigError: The batch is larger than the number of examples.
     """
-    if config.batch_size > n_examples:
-        raise ConfigError(f"BATCH_SIZE={config.batch_size} is larger than the {n_examples} "
+    batch_size = batch_size or config.batch_size
+    if batch_size > n_examples:
+        raise ConfigError(f"{setting}={batch_size} is larger than the {n_examples} "
                           f"training examples of {', '.join(config.data_files)}; lower it or "
                           "add data")
-    per_epoch = batches_per_epoch(n_examples, config.batch_size)
+    per_epoch = batches_per_epoch(n_examples, batch_size)
     all_epochs = per_epoch * config.num_epochs
     return per_epoch, min(config.max_steps or all_epochs, all_epochs)
 

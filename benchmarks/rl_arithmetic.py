@@ -1,0 +1,98 @@
+"""RL acceptance: held-out accuracy of ``smollm2-135m-instruct`` before and after ``tinkerkit rl``.
+
+The usual path, on the demo's generated arithmetic problems (``tinkerkit.data.demo``): a short
+supervised stage (the demo's settings), then ``tinkerkit rl`` from its checkpoint. The held-out
+problems are evaluated exactly as ``tinkerkit eval`` does (greedy, the same problems) on the
+supervised checkpoint and on the RL checkpoint. Printed: both accuracies, their difference, the
+binomial standard error of that difference (what chance alone would give), the problems that
+changed verdict each way, the reward curve (mean reward per RL step) and the wall times.
+
+    .venv/bin/python benchmarks/rl_arithmetic.py                      # 200 held-out, 40 RL steps
+    .venv/bin/python benchmarks/rl_arithmetic.py --rl-steps 5 --test-size 40   # a smoke run
+
+Results: ``docs/RL.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from tinkerkit import files
+from tinkerkit.config import load_config
+from tinkerkit.data.demo import write_demo_data
+from tinkerkit.data.split import run_split
+from tinkerkit.demo import demo_settings
+from tinkerkit.evaluate import run_evaluation
+from tinkerkit.rl import rl
+from tinkerkit.train import train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output-dir", default="rl_arithmetic_output")
+    parser.add_argument("--test-size", type=int, default=200, help="held-out problems")
+    parser.add_argument("--sft-steps", type=int, default=60)
+    parser.add_argument("--rl-steps", type=int, default=40)
+    parser.add_argument("--rl-lr", type=float, default=1e-4)
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--prompts-per-step", type=int, default=8)
+    parser.add_argument("--rl-max-tokens", type=int, default=96)
+    args = parser.parse_args()
+    out, console = Path(args.output_dir), Console()
+    out.mkdir(parents=True, exist_ok=True)
+    source = write_demo_data(out / "data" / "problems.jsonl", n=1000 + args.test_size, seed=1)
+    run_split([source], out / "data", test_ratio=None, test_size=args.test_size, seed=7,
+              console=console)
+    settings = {**demo_settings(out, quick=False), "run_dir": None, "eval_limit": None,
+                "max_steps": args.sft_steps}
+    test = settings["test_files"]
+
+    started = time.perf_counter()
+    sft = train(load_config(None, **settings), run_dir=out / "sft", console=console)
+    sft_seconds = time.perf_counter() - started
+    before = run_evaluation(load_config(None, **settings), test, sft.final_checkpoint,
+                            out / "eval_sft.json", console=console)
+
+    rl_settings = {**settings, "learning_rate": args.rl_lr, "lr_schedule": "constant",
+                   "warmup_steps": 0, "max_steps": args.rl_steps, "save_every": 10,
+                   "rl_group_size": args.group_size, "rl_prompts_per_step": args.prompts_per_step,
+                   "rl_max_tokens": args.rl_max_tokens, "eval_data_files": test,
+                   "sample_eval_every": 10, "sample_eval_limit": 50}
+    started = time.perf_counter()
+    result = rl(load_config(None, **rl_settings), run_dir=out / "rl",
+                init_from=sft.final_checkpoint, console=console)
+    rl_seconds = time.perf_counter() - started
+    after = run_evaluation(load_config(None, **settings), test, result.final_checkpoint,
+                           out / "eval_rl.json", console=console)
+
+    n = before.metrics["num_graded"]
+    p0, p1 = before.metrics["accuracy_equivalent"], after.metrics["accuracy_equivalent"]
+    # Two independent binomial proportions on n problems each: the standard error of p1 - p0.
+    se = math.sqrt((p0 * (1 - p0) + p1 * (1 - p1)) / n)
+    right = [(a["num_correct"], b["num_correct"]) for a, b in zip(before.examples, after.examples)]
+    improved = sum(b > a for a, b in right)
+    regressed = sum(b < a for a, b in right)
+    lines = files.read_jsonl(out / "rl" / "metrics.jsonl")
+    print(f"held-out problems: {n} (greedy, MAX_TOKENS {settings['max_tokens']})")
+    print(f"accuracy after SFT ({args.sft_steps} steps): {p0:.3f}")
+    print(f"accuracy after RL ({args.rl_steps} steps, {args.prompts_per_step} prompts x "
+          f"{args.group_size} answers, lr {args.rl_lr:g}): {p1:.3f}")
+    print(f"difference: {p1 - p0:+.3f}; binomial standard error of the difference: {se:.3f} "
+          f"({(p1 - p0) / se if se else float('nan'):.1f} standard errors)")
+    print(f"problems that changed: {improved} now right, {regressed} now wrong")
+    print("reward per RL step: " + " ".join(f"{line['reward_mean']:.2f}" for line in lines))
+    print("sample accuracy per RL step: " + " ".join(f"{line['accuracy']:.2f}" for line in lines))
+    print("held-out eval_accuracy during RL: " + ", ".join(
+        f"step {line['step']}: {line['eval_accuracy']:.2f}" for line in lines
+        if "eval_accuracy" in line))
+    print(f"wall seconds: SFT {sft_seconds:.0f}, RL {rl_seconds:.0f} "
+          f"({rl_seconds / args.rl_steps:.1f} per step)")
+
+
+if __name__ == "__main__":
+    main()
