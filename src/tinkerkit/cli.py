@@ -138,13 +138,22 @@ def cmd_export(args: argparse.Namespace) -> None:
     from tinkerkit.checkpoint import resolve_checkpoint
     from tinkerkit.export import export_checkpoint
 
-    result = export_checkpoint(resolve_checkpoint(args.checkpoint), args.output, merge=args.merge,
-                               dtype=args.dtype, base_model=args.model)
+    result = export_checkpoint(resolve_checkpoint(args.checkpoint), args.output,
+                               merge=args.merge or args.gguf is not None, dtype=args.dtype,
+                               base_model=args.model)
     console.print(f"PEFT adapter: {result.adapter_dir}")
     if result.merged_dir is not None:
         console.print(f"Merged model ({result.dtype}): {result.merged_dir}  "
                       f"max |logit diff| = {result.max_logit_diff:.3g} "
                       f"(tolerance {result.tolerance:.3g})")
+    if args.gguf is not None:
+        from tinkerkit.export_gguf import export_gguf
+
+        gguf = export_gguf(result.merged_dir, Path(args.output) / f"model-{args.gguf}.gguf",
+                           args.gguf)
+        console.print(f"GGUF ({gguf.gguf_type}): {gguf.path}  max |logit diff| = "
+                      f"{gguf.max_logit_diff:.3g} vs the merged model (tolerance "
+                      f"{gguf.tolerance:.3g})")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -281,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--merge", action="store_true", help="also write a merged HF model")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--gguf", choices=["f16", "q8_0"],
+                   help="also write OUTPUT/model-TYPE.gguf for llama.cpp (implies --merge)")
     p.add_argument("--model", help="the base model, for an adapter that names none (default: "
                                    "the one recorded with the checkpoint)")
     p.set_defaults(func=cmd_export)

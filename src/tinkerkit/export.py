@@ -232,7 +232,7 @@ def merge_adapter(checkpoint_or_adapter: str | Path, output_dir: str | Path, dty
     base_name = _base_model(source, base_model)
     model = load_model(base_name, "float32")
     tokenizer = load_tokenizer(base_name)
-    input_ids = _check_input_ids(tokenizer)
+    input_ids = check_input_ids(tokenizer)
     peft_model = _apply_adapter(model, adapter, base_name)
     with torch.no_grad():
         reference = peft_model(input_ids).logits.float()
@@ -373,8 +373,9 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
 """
 
 
-def _check_input_ids(tokenizer) -> torch.Tensor:
-    """Token ids of the fixed check conversation, shape (1, T), int64."""
+def check_input_ids(tokenizer) -> torch.Tensor:
+    """Token ids of the fixed conversation on which exports are checked, shape (1, T), int64:
+    rendered with the tokenizer's chat template (plain ``role: content`` lines without one)."""
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(_CHECK_CHAT, tokenize=False)
     else:  # a base model without a template: the same words as plain text
