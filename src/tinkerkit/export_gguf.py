@@ -51,7 +51,7 @@ import gguf
 import numpy as np
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
 from tinkerkit.errors import ConfigError, ExportError
@@ -124,8 +124,9 @@ def export_gguf(model_dir: str | Path, output_path: str | Path,
         ModelError: The model directory or its tokenizer cannot be loaded.
     """
     model_dir, output_path = Path(model_dir), Path(output_path)
-    tokenizer = load_tokenizer(str(model_dir))
-    input_ids = check_input_ids(tokenizer)
+    _check_type(gguf_type)
+    _architecture(model_dir, _read_config(model_dir))  # refused before anything is loaded
+    input_ids = check_input_ids(load_tokenizer(str(model_dir)))
     with atomic_file(output_path) as staged:
         write_gguf(model_dir, staged, gguf_type)
         reference = _model_logits(model_dir, None, input_ids)
@@ -176,9 +177,10 @@ def gguf_tolerance(gguf_type: str, reference_logits: torch.Tensor) -> float:
 
 
 def load_tokenizer_gguf(path: str | Path):
-    """The tokenizer transformers rebuilds from a GGUF file's metadata (its GGUF loader)."""
-    from transformers import AutoTokenizer
+    """The tokenizer transformers rebuilds from a GGUF file's metadata (its GGUF loader).
 
+    Read the file alone in its directory: tokenizer files beside it would take precedence over
+    its metadata."""
     path = Path(path)
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
@@ -236,8 +238,8 @@ def pre_tokenizer_name(tokenizer) -> str:
     transformers' GGUF loader keeps the same table (``GGUF_PRE_TOKENIZER_SPLITS``), which is
     read here: a ``Split(regex)`` followed by ``ByteLevel`` takes the first name with that regex
     (Qwen2's gives ``qwen2``). A bare ``ByteLevel`` with GPT-2's regex is ``smollm`` (GPT-2's
-    regex with each digit apart, SmolLM's) when no merge joins a digit to anything, so that both
-    split alike, and ``gpt-2`` otherwise; ``Digits(individual)`` + ``ByteLevel`` is ``smollm``.
+    regex with each digit apart, SmolLM's) when no merge holds an ASCII digit, so that both split
+    alike, and ``gpt-2`` otherwise; ``Digits(individual)`` + ``ByteLevel`` is ``smollm``.
 
     Raises:
         ExportError: Another pre-tokenizer (the message shows it).
@@ -255,7 +257,10 @@ def pre_tokenizer_name(tokenizer) -> str:
         return "smollm"
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         merges = backend.get("model", {}).get("merges", [])
-        digit_merges = any(any(ch.isdigit() for ch in "".join(_merge_pair(m))) for m in merges)
+        # ASCII digits: in the byte-level alphabet they stand for themselves (str.isdigit would
+        # also take the byte symbols ², ³ and ¹)
+        digit_merges = any(any(ch in "0123456789" for ch in "".join(_merge_pair(m)))
+                           for m in merges)
         return "gpt-2" if digit_merges else "smollm"
     raise ExportError(f"tokenizer pre-tokenizer {json.dumps(pre)[:200]} has no llama.cpp name "
                       "that tinkerkit knows; GGUF export supports Qwen2/Qwen3-style, Llama-3-style "
@@ -296,10 +301,10 @@ def _tensor_plan(model_dir: Path, config: dict, arch, gguf_type: str) -> list[_P
         plan.append(_PlannedTensor(name, shape, _qtype(name, shape, gguf_type),
                                    _loader(sources, [key], _row_permutation(key, config, arch))))
     for (layer, which), by_index in sorted(experts.items()):
-        count = config.get("num_experts")
+        count = _expert_count(config)
         if sorted(by_index) != list(range(count or 0)):
             raise ExportError(f"{model_dir}: layer {layer} {which} has experts {sorted(by_index)}; "
-                              f"config.json says num_experts = {count}")
+                              f"config.json says {count} experts")
         stacked = f"model.layers.{layer}.mlp.experts.{which}"
         name = names.get_name(stacked, try_suffixes=(".weight",)) or ""
         keys = [by_index[e] for e in range(count)]
@@ -428,6 +433,11 @@ def _architecture(model_dir: Path, config: dict):
     return _ARCHITECTURES[model_type]
 
 
+def _expert_count(config: dict) -> int | None:
+    """Experts per MoE layer (transformers 5 saves ``num_local_experts``, earlier ``num_experts``)."""
+    return config.get("num_local_experts") or config.get("num_experts")
+
+
 def _head_dim(config: dict) -> int:
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
@@ -463,7 +473,7 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, model_dir: Path, config: dict,
         writer.add_vocab_size(config["vocab_size"])
         writer.add_rope_dimension_count(_head_dim(config))
     if arch == gguf.MODEL_ARCH.QWEN3MOE:
-        writer.add_expert_count(config["num_experts"])
+        writer.add_expert_count(_expert_count(config))
         writer.add_expert_used_count(config["num_experts_per_tok"])
         writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
     writer.add_file_type(_FILE_TYPES[gguf_type])
@@ -538,8 +548,6 @@ _KEYS_TRANSFORMERS_SKIPS = {
 def gguf_config(path: str | Path):
     """The transformers config of a GGUF file: transformers' own GGUF mapping, plus the keys it
     skips for Qwen3 and Qwen3-MoE (:data:`_KEYS_TRANSFORMERS_SKIPS`), read from the file."""
-    from transformers import AutoConfig
-
     path = Path(path)
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     reader = gguf.GGUFReader(path)
