@@ -166,8 +166,10 @@ def test_q8_0_blocks_and_logits(llama_dir, llama_q8):
     original = load_file(f"{llama_dir}/model.safetensors")[
         "model.layers.0.mlp.up_proj.weight"].numpy()
     blocks = original.reshape(-1, 32)
-    # Q8_0: each block of 32 rounded to a step of amax / 127 (float16 scale): error <= step / 2
-    bound = np.abs(blocks).max(axis=1, keepdims=True) / 254 * (1 + 2**-10) + 1e-8
+    # Q8_0: each block of 32 as int8 multiples q of its step d = amax / 127, d stored in float16:
+    # |q * fp16(d) - x| <= d / 2 + 127 * |fp16(d) - d| <= d * (1/2 + 127 * 2^-11)
+    step = np.abs(blocks).max(axis=1, keepdims=True) / 127
+    bound = step * (0.5 + 127 * 2.0**-11) + 1e-8
     assert (np.abs(stored.reshape(-1, 32) - blocks) <= bound).all()
     assert np.abs(stored - original).max() > 0
 
@@ -209,6 +211,36 @@ def test_qwen3_metadata_tokens_and_logits(tiny_qwen3, qwen3_f16, tmp_path, qwen_
     assert rebuilt(text, add_special_tokens=False)["input_ids"] == qwen_tokenizer(
         text, add_special_tokens=False)["input_ids"]
     assert _chat_ids(rebuilt) == _chat_ids(qwen_tokenizer)
+
+
+def test_qwen3_moe_experts_stacked_as_llama_cpp_stores_them(tmp_path, smol_tokenizer):
+    from tinkerkit.models import qwen3_moe_tiny_config, save_random_model
+
+    model_dir = tmp_path / "moe"
+    # the SmolLM2 tokenizer keeps this fast; the architecture is Qwen3-MoE's
+    config = qwen3_moe_tiny_config(vocab_size=49152, hidden_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   intermediate_size=128, moe_intermediate_size=32, num_experts=4,
+                                   num_experts_per_tok=2, initializer_range=0.2, bos_token_id=1,
+                                   eos_token_id=2, pad_token_id=2)
+    save_random_model(config, model_dir, smol_tokenizer, seed=0)
+    result = export_gguf(model_dir, tmp_path / "out" / "model-f16.gguf", "f16")
+
+    assert result.max_logit_diff <= result.tolerance
+    fields = _fields(result.path)
+    expected = {"general.architecture": "qwen3moe", "qwen3moe.expert_count": 4,
+                "qwen3moe.expert_used_count": 2, "qwen3moe.expert_feed_forward_length": 32}
+    assert {k: fields[k] for k in expected} == expected
+    tensors = _tensors(result.path)
+    assert list(tensors["blk.1.ffn_gate_exps.weight"].shape) == [64, 32, 4]  # [in, out, experts]
+    assert list(tensors["blk.1.ffn_down_exps.weight"].shape) == [32, 64, 4]
+    assert tensors["blk.1.ffn_gate_inp.weight"].tensor_type == GGMLQuantizationType.F32
+    assert not any(".experts." in name or "ffn_gate.weight" in name for name in tensors)
+    weights = load_file(model_dir / "model.safetensors")
+    stacked = np.array(tensors["blk.1.ffn_up_exps.weight"].data)  # [experts, out, in]
+    for expert in range(4):
+        original = weights[f"model.layers.1.mlp.experts.{expert}.up_proj.weight"]
+        assert torch.equal(torch.from_numpy(stacked[expert]), original.half())
 
 
 def test_bad_gguf_type_and_unsupported_architecture(llama_dir, tmp_path):
