@@ -255,6 +255,16 @@ def test_bad_gguf_type_and_unsupported_architecture(llama_dir, tmp_path):
     assert "\n" not in message and "config.json" in message and "'gpt2'" in message
     assert "llama, qwen3, qwen3_moe" in message
     assert not (tmp_path / "out" / "m.gguf").exists()
+    moe = tmp_path / "moe"
+    moe.mkdir()
+    (moe / "config.json").write_text('{"model_type": "qwen3_moe", "num_hidden_layers": 2, '
+                                     '"norm_topk_prob": true}')
+    with pytest.raises(ExportError, match="q8_0 is not offered for Qwen3-MoE.*--gguf f16"):
+        export_gguf(moe, tmp_path / "out" / "m.gguf", "q8_0")
+    (moe / "config.json").write_text('{"model_type": "qwen3_moe", "num_hidden_layers": 2, '
+                                     '"norm_topk_prob": false}')
+    with pytest.raises(ExportError, match="norm_topk_prob false has no llama.cpp equivalent"):
+        export_gguf(moe, tmp_path / "out" / "m.gguf", "f16")
 
 
 def test_a_failed_check_leaves_nothing(llama_dir, tmp_path, monkeypatch):
