@@ -153,7 +153,7 @@ def cmd_export(args: argparse.Namespace) -> None:
                            args.gguf)
         console.print(f"GGUF ({gguf.gguf_type}): {gguf.path}  max |logit diff| = "
                       f"{gguf.max_logit_diff:.3g} vs the merged model (tolerance "
-                      f"{gguf.tolerance:.3g})")
+                      f"{gguf.tolerance:.3g})", soft_wrap=True)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
