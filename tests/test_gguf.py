@@ -338,3 +338,15 @@ def test_cli_export_gguf_merges_and_writes_the_file(llama_dir, tmp_path, capsys)
     stored = _tensors(tmp_path / "out" / "model-q8_0.gguf")["blk.0.attn_q.weight"]
     values = torch.from_numpy(dequantize(stored.data, stored.tensor_type))
     assert (values - _naive_llama_permute(base, 4)).abs().max() > 0.1
+
+
+def test_non_finite_weights_are_refused_by_name(llama_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(llama_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ExportError, match=r"tensor blk\.1\.ffn_down\.weight holds 1 NaN"):
+        write_gguf(broken, tmp_path / "m.gguf", "f16")

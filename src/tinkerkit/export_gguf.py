@@ -234,7 +234,7 @@ def write_gguf(model_dir: str | Path, output_path: str | Path, gguf_type: str = 
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for tensor in plan:
-            writer.write_tensor_data(_encode(tensor.load(), tensor.qtype))
+            writer.write_tensor_data(_encode(model_dir, tensor))
     finally:
         writer.close()
     return output_path
@@ -343,10 +343,14 @@ def _stored_dtype_and_shape(tensor: _PlannedTensor) -> tuple[np.dtype, tuple[int
     return np.dtype(np.uint8), gguf.quant_shape_to_byte_shape(tensor.shape, tensor.qtype)
 
 
-def _encode(values: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+def _encode(model_dir: Path, tensor: _PlannedTensor) -> np.ndarray:
+    """The tensor's values in its stored type (``gguf.quants.quantize``); non-finite refused."""
+    values = tensor.load()
     if not np.isfinite(values).all():
-        raise ExportError("a tensor holds NaN or infinite values; refusing to write it to GGUF")
-    return gguf.quants.quantize(values, qtype)
+        raise ExportError(f"{model_dir}: tensor {tensor.name} holds "
+                          f"{int((~np.isfinite(values)).sum())} NaN or infinite values; refusing "
+                          "to write it to GGUF")
+    return gguf.quants.quantize(values, tensor.qtype)
 
 
 def _row_permutation(key: str, config: dict, arch) -> int | None:
