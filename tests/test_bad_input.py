@@ -426,6 +426,9 @@ CASES = [
     Case("export_unknown_dtype",
          lambda d, w: ["export", str(w.checkpoint), "--output", str(d / "e"), "--dtype", "int8"],
          ERROR, ("--dtype", "'int8'")),
+    Case("export_unknown_gguf_type",
+         lambda d, w: ["export", str(w.checkpoint), "--output", str(d / "e"), "--gguf", "q4_k"],
+         ERROR, ("--gguf", "'q4_k'", "f16", "q8_0")),
     Case("set_data_files_empty", lambda d, w: train(d, w, "--set", "DATA_FILES="), ERROR,
          ("DATA_FILES",)),
     # ---- model names ----

@@ -67,3 +67,20 @@ def test_a_staged_directory_gets_umask_permissions_even_for_safetensors_files(tm
     assert modes == {"model.safetensors": oct(files.FILE_MODE), "note.txt": oct(files.FILE_MODE),
                      "sub": oct(files.DIR_MODE),
                      "sub/adapter_model.safetensors": oct(files.FILE_MODE)}
+
+
+def test_atomic_file_replaces_the_target_only_when_the_writer_finishes(tmp_path):
+    target = tmp_path / "model.gguf"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), files.atomic_file(target) as staged:
+        assert staged.parent == tmp_path and staged.suffix == ".gguf" and staged != target
+        staged.write_bytes(b"half")
+        raise RuntimeError("writer died")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+
+    with files.atomic_file(target) as staged:
+        staged.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+    assert target.stat().st_mode & 0o777 == files.FILE_MODE

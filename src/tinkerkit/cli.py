@@ -153,9 +153,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     from tinkerkit.checkpoint import resolve_checkpoint
     from tinkerkit.export import export_checkpoint
 
-    result = export_checkpoint(resolve_checkpoint(args.checkpoint), args.output, merge=args.merge,
-                               dtype=args.dtype, base_model=args.model,
-                               logit_check=not args.no_logit_check)
+    result = export_checkpoint(resolve_checkpoint(args.checkpoint), args.output,
+                               merge=args.merge or args.gguf is not None, dtype=args.dtype,
+                               base_model=args.model, logit_check=not args.no_logit_check)
     console.print(f"PEFT adapter: {result.adapter_dir}")
     if result.vllm_adapter_dir is not None:
         console.print(f"Per-expert adapter (vLLM's MoE layout): {result.vllm_adapter_dir}")
@@ -168,6 +168,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     else:
         console.print(f"Logit check: max |logit diff| = {result.max_logit_diff:.3g} "
                       f"(tolerance {result.tolerance:.3g})")
+    if args.gguf is not None:
+        from tinkerkit.export_gguf import export_gguf
+
+        gguf = export_gguf(result.merged_dir, Path(args.output) / f"model-{args.gguf}.gguf",
+                           args.gguf)
+        console.print(f"GGUF ({gguf.gguf_type}): {gguf.path}  max |logit diff| = "
+                      f"{gguf.max_logit_diff:.3g} vs the merged model (tolerance "
+                      f"{gguf.tolerance:.3g})", soft_wrap=True)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -335,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the merged model's end-to-end logit check (each merged tensor is "
                         "still checked); it is skipped anyway for a model too large for memory")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--gguf", choices=["f16", "q8_0"],
+                   help="also write OUTPUT/model-TYPE.gguf for llama.cpp (implies --merge)")
     p.add_argument("--model", help="the base model, for an adapter that names none (default: "
                                    "the one recorded with the checkpoint)")
     p.set_defaults(func=cmd_export)

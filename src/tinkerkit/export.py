@@ -910,7 +910,7 @@ def _logit_check_skipped(logit_check: bool, fp32_bytes: int) -> str | None:
 def _logit_check(adapter: Adapter, base_name: str, merged_dir: Path, dtype: str,
                  tokenizer) -> tuple[float, float]:
     """``(max |logit difference|, tolerance)`` of the merged model against base + adapter."""
-    input_ids = _check_input_ids(tokenizer)
+    input_ids = check_input_ids(tokenizer)
     model = _apply_adapter(load_model(base_name, "float32"), adapter, base_name)
     routing: dict[str, tuple] = {}
     with torch.no_grad(), _routers(model, routing, replay=False):
@@ -1089,8 +1089,9 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
 """
 
 
-def _check_input_ids(tokenizer) -> torch.Tensor:
-    """Token ids of the fixed check conversation, shape (1, T), int64."""
+def check_input_ids(tokenizer) -> torch.Tensor:
+    """Token ids of the fixed conversation on which exports are checked, shape (1, T), int64:
+    rendered with the tokenizer's chat template (plain ``role: content`` lines without one)."""
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(_CHECK_CHAT, tokenize=False)
     else:  # a base model without a template: the same words as plain text

@@ -148,6 +148,39 @@ def rewrite_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
 
 
 @contextlib.contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Stage one large file that a writer streams to a path, and rename it into place.
+
+    Yields a temporary path beside ``target`` for the writer to create and fill (a GGUF file, for
+    one); when the block completes the file is fsynced, given the umask's permissions and renamed
+    over ``target``; on failure it is removed and ``target`` is untouched. The temporary name keeps
+    the target's extension (``.model-q8_0.x1y2.tmp.gguf``), for readers that go by it.
+
+    Example::
+
+        with atomic_file("exports/model-q8_0.gguf") as tmp:
+            write_everything_to(tmp)
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}",
+                               dir=target.parent)
+    os.close(fd)
+    staged = Path(tmp)
+    try:
+        yield staged
+        os.chmod(staged, FILE_MODE)
+        with open(staged, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(staged, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            staged.unlink()
+        raise
+
+
+@contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Stage a directory and move it into place only when the block completes.
 
