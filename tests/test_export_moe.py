@@ -379,7 +379,7 @@ def test_cli_exports_a_tinker_adapter_and_reports_the_skipped_check(per_expert_b
 @pytest.mark.parametrize("layout", ["per_expert_base", "fused_base"])
 def test_moe_export_matches_the_engines_base_plus_adapter(layout, request, tmp_path, input_ids):
     """The end-to-end check against the local engine's expert LoRA: the merged model (bf16 and
-    fp32, routed as the float32 reference, see export._routers) and the PEFT adapter/."""
+    fp32, routed as the float32 reference, see export.moe_routing) and the PEFT adapter/."""
     base = request.getfixturevalue(layout)
     adapter = _write_adapter(tmp_path / "adapter", _tinker_tensors(), base)
     engine = apply_adapter(load_model(str(base)), read_adapter(adapter))

@@ -913,7 +913,7 @@ def _logit_check(adapter: Adapter, base_name: str, merged_dir: Path, dtype: str,
     input_ids = check_input_ids(tokenizer)
     model = _apply_adapter(load_model(base_name, "float32"), adapter, base_name)
     routing: dict[str, tuple] = {}
-    with torch.no_grad(), _routers(model, routing, replay=False):
+    with torch.no_grad(), moe_routing(model, routing, replay=False):
         reference = model(input_ids).logits.float()
     del model  # free the float32 copy before loading the saved one
     diff = _reloaded_logit_diff(merged_dir, dtype, input_ids, reference, routing)
@@ -921,7 +921,8 @@ def _logit_check(adapter: Adapter, base_name: str, merged_dir: Path, dtype: str,
 
 
 @contextlib.contextmanager
-def _routers(model: torch.nn.Module, routing: dict[str, tuple], replay: bool) -> Iterator[None]:
+def moe_routing(model: torch.nn.Module, routing: dict[str, tuple],
+                replay: bool) -> Iterator[None]:
     """Record (``replay`` False) or impose (True) the routing of a model's mixture-of-experts
     layers: the output of each ``gate`` module beside an ``experts`` one (transformers'
     routers return ``(router_logits, top-k weights, top-k expert indices)``).
@@ -1111,13 +1112,13 @@ def _apply_adapter(model, adapter: Adapter, base_name: str):
 def _reloaded_logit_diff(model_dir: Path, dtype: str, input_ids: torch.Tensor,
                          reference: torch.Tensor, routing: dict[str, tuple]) -> float:
     """Max |logit difference| of the saved model (dtype weights, float32 compute) vs reference,
-    routed as the reference was (:func:`_routers`)."""
+    routed as the reference was (:func:`moe_routing`)."""
     model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype),
                                                        output_loading_info=True)
     if info["missing_keys"] or info["unexpected_keys"]:
         raise ExportError(f"the saved merged model does not load back: missing "
                           f"{sorted(info['missing_keys'])[:3]}, unexpected "
                           f"{sorted(info['unexpected_keys'])[:3]}")
-    with torch.no_grad(), _routers(model, routing, replay=True):
+    with torch.no_grad(), moe_routing(model, routing, replay=True):
         logits = model.float().eval()(input_ids).logits
     return (logits - reference).abs().max().item()

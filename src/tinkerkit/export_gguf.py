@@ -55,7 +55,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
 from tinkerkit.errors import ConfigError, ExportError
-from tinkerkit.export import check_input_ids
+from tinkerkit.export import check_input_ids, moe_routing
 from tinkerkit.files import atomic_file, read_json
 from tinkerkit.models import load_tokenizer
 
@@ -125,20 +125,12 @@ def export_gguf(model_dir: str | Path, output_path: str | Path,
     """
     model_dir, output_path = Path(model_dir), Path(output_path)
     _check_type(gguf_type)
-    arch = _architecture(model_dir, _read_config(model_dir))  # refused before anything loads
-    if arch == gguf.MODEL_ARCH.QWEN3MOE and gguf_type != "f16":
-        # Measured on the tiny random Qwen3-MoE: q8_0 moved the logits by 2.5 (its tolerance
-        # there: 1.05) where f16 moved them by 0.015 (tolerance 0.066), most likely because quantized
-        # experts shift the hidden states enough to flip the router's top-k choices (not
-        # investigated further); no rounding tolerance covers that, so it is not offered.
-        raise ExportError(f"{model_dir}: --gguf {gguf_type} is not offered for Qwen3-MoE models: "
-                          "its logits failed the check against the merged model in tinkerkit's "
-                          "measurement (quantized experts can flip the router's choices); use "
-                          "--gguf f16")
+    _architecture(model_dir, _read_config(model_dir))  # refused before anything loads
     input_ids = check_input_ids(load_tokenizer(str(model_dir)))
     with atomic_file(output_path) as staged:
         write_gguf(model_dir, staged, gguf_type)
-        reference = _model_logits(model_dir, None, input_ids)
+        routing: dict[str, tuple] = {}  # a Qwen3-MoE's expert choices, replayed in the check
+        reference = _model_logits(model_dir, None, input_ids, routing, replay=False)
         with tempfile.TemporaryDirectory(prefix=".gguf-check-", dir=output_path.parent) as alone:
             # The file alone in a directory: transformers would otherwise also read the tokenizer
             # and config files beside it, which then take precedence over the file's metadata.
@@ -150,7 +142,8 @@ def export_gguf(model_dir: str | Path, output_path: str | Path,
                 raise ExportError(f"GGUF export of {model_dir}: the tokenizer read back from the "
                                   f"file tokenizes the check chat differently (first at token "
                                   f"{first}); nothing was written to {output_path}")
-            logits = _model_logits(readable.parent, readable.name, input_ids)
+            logits = _model_logits(readable.parent, readable.name, input_ids, routing,
+                                   replay=True)
         diff = (logits - reference).abs().max().item()
         tolerance = gguf_tolerance(gguf_type, reference)
         if not diff <= tolerance:  # also catches NaN
@@ -572,13 +565,21 @@ def gguf_config(path: str | Path):
     return config
 
 
-def _model_logits(directory: Path, gguf_file: str | None, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits of a model directory, or of a GGUF file in it, in float32: shape (1, T, vocab)."""
+def _model_logits(directory: Path, gguf_file: str | None, input_ids: torch.Tensor,
+                  routing: dict[str, tuple], replay: bool) -> torch.Tensor:
+    """Logits of a model directory, or of a GGUF file in it, in float32: shape (1, T, vocab).
+
+    A mixture-of-experts model records its routing into ``routing`` (``replay`` False) or is
+    routed as recorded (True; :func:`tinkerkit.export.moe_routing`): Q8_0's rounding can move a
+    token whose two best experts score almost alike to another expert, which changes its logits
+    by far more than the rounding of the weights. Replaying the merged model's choices, the check
+    measures the file's weights alone.
+    """
     kwargs = {}
     if gguf_file:
         kwargs = {"gguf_file": gguf_file, "config": gguf_config(directory / gguf_file)}
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
-    with torch.no_grad():
+    with torch.no_grad(), moe_routing(model, routing, replay):
         return model.eval()(input_ids).logits.float()
 
 
