@@ -234,13 +234,16 @@ def qwen3_tiny_config(vocab_size: int = QWEN3_VOCAB_SIZE, **overrides):
     """
     from transformers import Qwen3Config
 
-    fields = dict(vocab_size=vocab_size, hidden_size=256, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                  intermediate_size=1024, tie_word_embeddings=False, max_position_embeddings=40960,
-                  rope_theta=1_000_000.0, rms_norm_eps=1e-6, bos_token_id=QWEN_FIRST_ADDED_ID,
-                  eos_token_id=QWEN_FIRST_ADDED_ID + 2, pad_token_id=QWEN_FIRST_ADDED_ID)
-    fields.update(overrides)
-    return Qwen3Config(**fields)
+    return Qwen3Config(**_qwen3_tiny_fields(vocab_size, overrides))
+
+
+def _qwen3_tiny_fields(vocab_size: int, overrides: dict) -> dict:
+    """The fields the tiny Qwen3 and Qwen3-MoE configs share, then ``overrides``."""
+    return dict(vocab_size=vocab_size, hidden_size=256, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                intermediate_size=1024, tie_word_embeddings=False, max_position_embeddings=40960,
+                rope_theta=1_000_000.0, rms_norm_eps=1e-6, bos_token_id=QWEN_FIRST_ADDED_ID,
+                eos_token_id=QWEN_FIRST_ADDED_ID + 2, pad_token_id=QWEN_FIRST_ADDED_ID) | overrides
 
 
 def save_random_model(config, out: Path, tokenizer, seed: int = 0) -> None:
@@ -282,15 +285,9 @@ def qwen3_moe_tiny_config(vocab_size: int = QWEN3_VOCAB_SIZE, **overrides):
     """
     from transformers import Qwen3MoeConfig
 
-    fields = dict(vocab_size=vocab_size, hidden_size=256, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                  intermediate_size=1024, moe_intermediate_size=128, num_experts=8,
-                  num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
-                  mlp_only_layers=[], tie_word_embeddings=False, max_position_embeddings=40960,
-                  rope_theta=1_000_000.0, rms_norm_eps=1e-6, bos_token_id=QWEN_FIRST_ADDED_ID,
-                  eos_token_id=QWEN_FIRST_ADDED_ID + 2, pad_token_id=QWEN_FIRST_ADDED_ID)
-    fields.update(overrides)
-    return Qwen3MoeConfig(**fields)
+    experts = dict(moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
+                   norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    return Qwen3MoeConfig(**_qwen3_tiny_fields(vocab_size, experts | overrides))
 
 
 def _build_qwen3_moe_tiny_random(out: Path) -> None:
