@@ -276,3 +276,24 @@ def test_samplers_beyond_the_limit_are_closed_and_rebuilt(server, local, tiny_mo
                                 temperature=0.0).sequences[0]
         assert answer == visible(local[name], expected.tokens)
         assert len(server.state._shared) == 1
+
+
+def test_an_answer_stops_generating_when_its_client_has_gone(local, tiny_model):
+    """A request without ``stream`` whose client closed the connection stops at the next token
+    (it would otherwise hold the shared sampler for all its max_tokens)."""
+    from tinkerkit.serve.openai import CompletionRequest, _Generation
+
+    checks = []
+
+    def client_gone() -> bool:
+        checks.append(1)
+        return len(checks) > 3  # the client leaves after the third token
+
+    body = CompletionRequest(model=tiny_model, prompt="Count: one two", temperature=0)
+    prompt = types.ModelInput.from_ints(local["base"].get_tokenizer().encode("Count: one two"))
+    stayed = _Generation(local["base"], prompt, body, 200, None, chat=False).whole()
+    left = _Generation(local["base"], prompt, body, 200, None, chat=False,
+                       client_gone=client_gone).whole()
+    assert stayed["usage"]["completion_tokens"] > 10  # a long answer when the client stays
+    assert left["usage"]["completion_tokens"] == 4  # three kept, the fourth's check ended it
+    assert left["choices"][0]["finish_reason"] == "stop"

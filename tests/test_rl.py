@@ -290,3 +290,22 @@ def test_records_without_reference_answers_are_skipped_and_none_left_is_an_error
     config = rl_config.model_copy(update={"data_files": [str(data)]})
     with pytest.raises(DataError, match="no prompt left for RL"):
         rl(config, run_dir=tmp_path / "run")
+
+
+def test_resume_refuses_a_run_of_the_other_kind(rl_config, tmp_path):
+    """`rl --resume` continues RL runs only and `train --resume` supervised runs only: one
+    run's metrics.jsonl holds one kind of step."""
+    from tinkerkit.train import train
+
+    rl(rl_config.model_copy(update={"max_steps": 2}), run_dir=tmp_path / "rl")
+    with pytest.raises(ConfigError, match=r"is an RL run: `tinkerkit train --resume` continues "
+                                          r"train runs only; .*--init-from"):
+        train(rl_config.model_copy(update={"max_steps": 4}), resume=str(tmp_path / "rl"))
+    # a supervised run: the same checkpoints, its metrics lines without the RL metrics
+    shutil.copytree(tmp_path / "rl", tmp_path / "sft")
+    files.rewrite_jsonl(tmp_path / "sft" / "metrics.jsonl",
+                        [{"step": 1, "epoch": 0, "loss": 2.0}, {"step": 2, "epoch": 0, "loss": 1.9}])
+    with pytest.raises(ConfigError, match=r"is a supervised run: `tinkerkit rl --resume` "
+                                          r"continues rl runs only"):
+        rl(rl_config.model_copy(update={"max_steps": 4}), resume=str(tmp_path / "sft"))
+    assert len(files.read_jsonl(tmp_path / "sft" / "metrics.jsonl")) == 2  # nothing appended

@@ -421,7 +421,7 @@ def rl(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str | 
     """
     console = console or Console()
     check_loss(config)
-    start = start_run(config, run_dir, resume, init_from)
+    start = start_run(config, run_dir, resume, init_from, rl=True)
     run_dir, start_step = start.run_dir, start.start_step
     check_trackers(config.report_to)
     tokenizer = engines.load_engine_tokenizer(config)

@@ -21,7 +21,9 @@ import errno
 import json
 import logging
 import re
+import select
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -66,6 +68,8 @@ class Request:
     params: dict[str, str] = field(default_factory=dict)
     owner: str = ""
     base_url: str = ""
+    client_gone: Callable[[], bool] = lambda: False
+    """Whether the client has closed its connection (a long answer stops generating then)."""
 
     def json(self, model: type[pydantic.BaseModel]) -> Any:
         """The body validated as ``model`` (a SDK request type), in pydantic's strict mode for
@@ -457,6 +461,15 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError as e:  # the client went away or stalled mid-body
             raise _ClientGone from e
 
+    def _client_gone(self) -> bool:
+        """Whether the client closed the connection: it is readable and a peek reads nothing
+        (a pipelined next request reads bytes: the client is still there)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except (OSError, ValueError):  # reset, or already closed
+            return True
+
     def _dispatch(self) -> None:
         start = time.perf_counter()
         url = urlsplit(self.path)
@@ -464,7 +477,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             request = Request(self.command, url.path, parse_qs(url.query), self.headers,
                               self._read_body(),
-                              base_url=f"http://{self.headers.get('Host') or f'{address}:{port}'}")
+                              base_url=f"http://{self.headers.get('Host') or f'{address}:{port}'}",
+                              client_gone=self._client_gone)
             response = self.server.routes.handle(request)
         except _ClientGone:
             self.close_connection = True

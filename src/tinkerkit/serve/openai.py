@@ -323,7 +323,8 @@ class OpenAIRoutes:
         max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_DEFAULT_MAX_TOKENS
         top = (body.top_logprobs or 0) if body.logprobs else None
         run = _Generation(client, prompt, body, max_tokens, top, chat=True,
-                          thinking=prompt_opens_thinking(tokenizer, prompt.to_ints()))
+                          thinking=prompt_opens_thinking(tokenizer, prompt.to_ints()),
+                          client_gone=request.client_gone)
         return run.stream() if body.stream else run.whole()
 
     def completions(self, request, owner: str):
@@ -339,7 +340,7 @@ class OpenAIRoutes:
             raise ApiError(400, "prompt is empty", param="prompt")
         run = _Generation(client, types.ModelInput.from_ints(tokens), body,
                           body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs,
-                          chat=False)
+                          chat=False, client_gone=request.client_gone)
         return run.stream() if body.stream else run.whole()
 
 
@@ -356,11 +357,15 @@ class _Generation:
         top: Top logprobs per token (0: the chosen token's only), or None for no logprobs.
         chat: Chat shapes (``chat.completion``) rather than ``text_completion``.
         thinking: The prompt opened a think block (the reply starts inside it).
+        client_gone: Whether the client has closed its connection; an answer without
+            ``stream`` stops generating then (a stream stops when a write fails).
     """
 
     def __init__(self, client, prompt: types.ModelInput, body: _Request, max_tokens: int,
-                 top: int | None, chat: bool, thinking: bool = False) -> None:
+                 top: int | None, chat: bool, thinking: bool = False,
+                 client_gone=lambda: False) -> None:
         self.client, self.prompt, self.body = client, prompt, body
+        self.client_gone = client_gone
         self.top, self.chat, self.thinking = top, chat, thinking
         self.tokenizer = client.get_tokenizer()
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -450,7 +455,7 @@ class _Generation:
 
     def whole(self) -> dict:
         """The answer of a request without ``stream``."""
-        future = self._sample()
+        future = self._sample(lambda index, token, logprob: not self.client_gone())
         try:
             response = future.result()
         except Exception as e:  # the generation failed (the batch it ran in, a closed sampler)

@@ -214,19 +214,32 @@ class RunStart:
         return self.resumed["path"] if self.resumed else self.init_from
 
 
+RL_METRIC = "reward_mean"
+"""A key every ``metrics.jsonl`` line of an RL run has and a supervised run's lines lack."""
+
+
 def start_run(config: TrainConfig, run_dir: str | Path | None, resume: str | None,
-              init_from: str | None) -> RunStart:
+              init_from: str | None, rl: bool = False) -> RunStart:
     """Check ``--run-dir``, ``--resume`` and ``--init-from`` before any work starts.
 
+    ``rl`` says which command asks: ``tinkerkit rl`` resumes RL runs only, ``tinkerkit train``
+    supervised runs only (one run's ``metrics.jsonl`` holds one kind of step).
+
     Raises:
-        ConfigError: A fresh run's directory already holds a run, or ``--run-dir`` or
-            ``RUN_DIR`` is not the resumed run's.
+        ConfigError: A fresh run's directory already holds a run, ``--run-dir`` or
+            ``RUN_DIR`` is not the resumed run's, or the resumed run is of the other kind.
         CheckpointError: ``--resume`` or ``--init-from`` names no usable checkpoint.
     """
     if resume:
         resumed_dir, entry = resolve_resume(resume)
         refuse_other_run_dir(run_dir, resumed_dir)
         refuse_other_run_dir(config.run_dir, resumed_dir, "RUN_DIR")  # --set or a config file
+        logged = files.read_jsonl(resumed_dir / METRICS_FILE)
+        if logged and (RL_METRIC in logged[0]) != rl:
+            kind, command = ("a supervised", "rl") if rl else ("an RL", "train")
+            raise ConfigError(f"{resumed_dir} is {kind} run: `tinkerkit {command} --resume` "
+                              f"continues {command} runs only; start a new {command} stage from "
+                              f"its weights with --init-from {resumed_dir} --run-dir NEW_DIR")
         return RunStart(resumed_dir, entry["step"], entry)
     run_dir = Path(run_dir or config.run_dir or default_run_dir())
     check_new_run_dir(run_dir)
