@@ -121,6 +121,12 @@ def test_chat_refuses_a_missing_model(capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_chat_refuses_an_empty_prompt_before_loading_the_model(capsys):
+    assert main(["chat", str(Path("/nonexistent/model")), "--prompt", "  "]) == 1
+    err = capsys.readouterr().err
+    assert "--prompt is empty" in err and "/nonexistent" not in err  # before the model loads
+
+
 def test_interactive_session_commands_and_end_of_input(tiny_model, monkeypatch, capsys):
     import io
 

@@ -33,6 +33,7 @@ from tinkerkit.config import TrainConfig
 from tinkerkit.data.conversation import Message
 from tinkerkit.engines import create_sampling_client
 from tinkerkit.engines.local import LocalSamplingClient
+from tinkerkit.errors import ConfigError
 from tinkerkit.evaluate import with_end_of_turn
 from tinkerkit.models import is_model_dir
 from tinkerkit.render import Renderer, end_of_turn_ids
@@ -196,9 +197,13 @@ def run_chat(config: TrainConfig, model: str, prompt: str | None = None,
         The reply to ``prompt``, or None after an interactive session.
 
     Raises:
+        ConfigError: ``prompt`` is empty or blank.
         ModelError, CheckpointError, ConfigError, EngineError: The model cannot be loaded or
             sampled.
     """
+    if prompt is not None and not prompt.strip():
+        raise ConfigError("--prompt is empty: give the question to answer, or leave --prompt out "
+                          "for an interactive chat")
     console = console or Console(highlight=False)
     base_model, checkpoint = model_and_checkpoint(model)
     client = create_sampling_client(config, checkpoint, base_model)
