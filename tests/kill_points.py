@@ -76,12 +76,12 @@ def install(point: str, step: int) -> None:
         run = LocalTrainingClient._run
         held_out_calls = []
 
-        def run_or_die(self, examples, backward):
+        def run_or_die(self, examples, loss, config, backward):
             if not backward:
                 held_out_calls.append(self._step)
                 if held_out_calls.count(step) == 2:  # the second chunk, after the first one ran
                     die()
-            return run(self, examples, backward)
+            return run(self, examples, loss, config, backward)
 
         LocalTrainingClient._run = run_or_die
     else:
