@@ -63,6 +63,7 @@ from tinkerkit.engines.local.model import (
     merge_lora,
     resolve_device,
 )
+from tinkerkit.engines.local.threads import CpuShare
 from tinkerkit.errors import CheckpointError, EngineError
 from tinkerkit.models import load_tokenizer, positions_in
 from tinkerkit.render import end_of_turn_ids
@@ -273,6 +274,7 @@ class LocalSamplingClient:
         self._lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinkerkit-sample")
         self._cancelled = threading.Event()  # close(cancel=True): generation stops at a step
+        self._cpu_share = CpuShare(self.device)
 
     def get_tokenizer(self):
         """The model's tokenizer."""
@@ -491,6 +493,7 @@ class LocalSamplingClient:
         while True:
             if self._cancelled.is_set():  # checked once per decode step: close(cancel=True)
                 raise EngineError("sampling cancelled: the sampling client was closed")
+            self._cpu_share.adjust()
             if all(row.request.params.temperature == 0 for row in active):
                 chosen = logits.argmax(-1)  # greedy: one call for the batch
             else:

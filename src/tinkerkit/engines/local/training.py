@@ -114,6 +114,7 @@ from tinkerkit.engines.local.model import (
     wrap_lora,
 )
 from tinkerkit.engines.local.sampling import LocalSamplingClient
+from tinkerkit.engines.local.threads import CpuShare
 from tinkerkit.errors import (
     CheckpointError,
     EngineError,
@@ -238,6 +239,9 @@ class LocalTrainingClient:
             :func:`set_activation_checkpointing`. Results are the same either way.
         mixed_precision: ``"auto"``, ``"bf16"`` or ``"no"``; see
             :func:`resolve_mixed_precision`.
+        cpu_threads: On the CPU, ``"auto"`` (all cores on an idle machine, fewer while other
+            programs keep cores busy, unless the user chose threads; see
+            :mod:`~tinkerkit.engines.local.threads`) or a fixed number of threads.
         adapter_base_model: The ``base_model_name_or_path`` that saved adapters record for
             ``PeftModel.from_pretrained`` (the name a ``tinkerkit serve`` client used); None:
             the hub id of ``base_model`` where tinkerkit knows one, else ``base_model``.
@@ -255,7 +259,8 @@ class LocalTrainingClient:
                  train_unembed: bool = False, seed: int = 0, device: str = "auto",
                  dtype: str = "float32", checkpoint_root: str | Path = "checkpoints",
                  microbatch_tokens: int = 8192, activation_checkpointing: bool | str = "auto",
-                 mixed_precision: str = "auto", adapter_base_model: str | None = None) -> None:
+                 mixed_precision: str = "auto", adapter_base_model: str | None = None,
+                 cpu_threads: int | str = "auto") -> None:
         if rank < 1 or microbatch_tokens < 1 or not 0 <= dropout < 1:
             raise EngineError(f"invalid LoRA settings: rank={rank}, dropout={dropout}, "
                               f"microbatch_tokens={microbatch_tokens}")
@@ -270,9 +275,14 @@ class LocalTrainingClient:
         self.device, self.dtype = resolve_device(device), dtype
         torch_dtype(dtype)  # refuses an unknown name before the model loads
         self.autocast = resolve_mixed_precision(mixed_precision, self.device)
+        self._cpu_share = CpuShare(self.device, cpu_threads)
         self.checkpoint_root, self.microbatch_tokens = Path(checkpoint_root), microbatch_tokens
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every new tensor with NaN to expose reads of memory never
+        # written; the engine reads none, and the fill cost 22% of a bf16 step on the CPU (the
+        # first touch of each fresh page; docs/PERFORMANCE.md).
+        torch.utils.deterministic.fill_uninitialized_memory = False
 
         base = load_model(base_model, dtype)
         check_plain_lm_head(base)
@@ -398,6 +408,7 @@ class LocalTrainingClient:
 
     def _run_locked(self, examples: list[Example], loss_fn: LossFunction,
                     config: dict[str, float], backward: bool) -> types.ForwardBackwardOutput:
+        self._cpu_share.adjust()
         if self._train_mode != backward:  # train() walks every module: not on every call
             self.model.train(backward)
             self._train_mode = backward

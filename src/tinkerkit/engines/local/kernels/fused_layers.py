@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 class RMSNormFunction(torch.autograd.Function):
     """``weight * x * rsqrt(mean(x**2, -1) + eps)`` with a frozen ``weight``.
 
     Inputs: ``x`` float32 ``[..., H]``; ``weight`` float32 ``[H]`` (no gradient is returned for
-    it); ``eps`` a float. Output: float32 ``[..., H]``.
+    it); ``eps`` a float; ``out_dtype`` the output's dtype (computed in float32 and rounded once:
+    bfloat16 under autocast, where the next layers are matrix products that autocast would cast
+    the float32 output for, once per layer). Output: ``out_dtype`` ``[..., H]``; the gradient of
+    ``x`` is float32 whatever ``out_dtype`` is.
 
     Backward, with ``r = rsqrt(mean(x**2) + eps)`` per row and ``u = g * weight`` for the output
     gradient ``g``: ``dx = r * (u - x * r**2 * sum(u * x) / H)`` (Zhang and Sennrich 2019, "Root
@@ -38,12 +40,15 @@ class RMSNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         width = x.shape[-1]
         rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # [..., 1]
         rstd = rstd.square_().div_(width).add_(eps).rsqrt_()
         ctx.save_for_backward(x, weight, rstd)
-        return (x * rstd).mul_(weight)
+        if out_dtype == torch.float32:
+            return (x * rstd).mul_(weight)
+        return torch.mul(x * rstd, weight, out=torch.empty_like(x, dtype=out_dtype))
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -51,19 +56,23 @@ class RMSNormFunction(torch.autograd.Function):
         scaled = grad_output * weight  # u
         coef = torch.linalg.vecdot(scaled, x).unsqueeze(-1)  # sum(u * x), [..., 1]
         coef.mul_(rstd.square()).div_(x.shape[-1])
-        return torch.addcmul(scaled, x, coef, value=-1).mul_(rstd), None, None
+        return torch.addcmul(scaled, x, coef, value=-1).mul_(rstd), None, None, None
 
 
 class _FusedRMSNorm:
     """Mixed into a transformers RMSNorm class: the forward of :class:`RMSNormFunction` where it
-    applies (float32 input and weight, frozen weight), the class's own otherwise."""
+    applies (float32 input and weight, frozen weight), the class's own otherwise. Under autocast
+    the output is in the autocast dtype (the matrix products that read it would cast it)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if (hidden_states.dtype != torch.float32 or weight.dtype != torch.float32
                 or weight.requires_grad):
             return super().forward(hidden_states)
-        return RMSNormFunction.apply(hidden_states, weight, self.variance_epsilon)
+        device = hidden_states.device.type
+        out_dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                     else torch.float32)
+        return RMSNormFunction.apply(hidden_states, weight, self.variance_epsilon, out_dtype)
 
 
 class RotaryFunction(torch.autograd.Function):
@@ -113,11 +122,10 @@ class _FusedRotaryAttention:
         if hasattr(self, "q_norm"):  # Qwen3: RMSNorm per head before the rotation
             query, key = self.q_norm(query), self.k_norm(key)
         query, key = query.transpose(1, 2), key.transpose(1, 2)
-        if query.dtype != cos.dtype:  # bf16 autocast: keep transformers' type promotion
-            query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        else:
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-            query, key = RotaryFunction.apply(query, cos, sin), RotaryFunction.apply(key, cos, sin)
+        # Under autocast the projections' outputs are bf16: the rotation runs in their dtype,
+        # as transformers runs it for a bf16 model (its rotary embedding casts cos and sin).
+        cos, sin = cos.unsqueeze(1).to(query.dtype), sin.unsqueeze(1).to(query.dtype)
+        query, key = RotaryFunction.apply(query, cos, sin), RotaryFunction.apply(key, cos, sin)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)
         if getattr(self, "sliding_window", None) is not None:
             kwargs["sliding_window"] = self.sliding_window
