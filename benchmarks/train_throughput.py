@@ -749,6 +749,8 @@ def step_figures(runs: list[dict], warmup: int) -> dict:
 def run_users(args: argparse.Namespace) -> None:
     """``--mode users``: fresh ``tinkerkit train`` and ``SFTTrainer.train()`` processes,
     alternating (see the module docstring)."""
+    import tinkerkit.train  # noqa: F401 (users_run's imports: torch loads here, not in a segment)
+
     print(f"load average at start: {load()}; OMP_NUM_THREADS "
           f"{args.threads or os.environ.get('OMP_NUM_THREADS', 'unset')}; {os.cpu_count()} CPUs")
     env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
