@@ -46,15 +46,26 @@ def test_head_under_autocast_multiplies_in_bf16_and_normalizes_in_float32():
     assert 0 < (logprobs - full).abs().max() < 0.1  # bf16 rounding of the logits, no more
 
 
-def test_workspace_is_kept_per_thread_and_grows():
-    first = logits_workspace(3, 50, torch.float32, torch.device("cpu"))
-    again = logits_workspace(2, 50, torch.float32, torch.device("cpu"))
-    assert again.shape == (2, 50) and again.data_ptr() == first.data_ptr()  # reused
-    bigger = logits_workspace(30, 50, torch.float32, torch.device("cpu"))
-    assert bigger.shape == (30, 50) and bigger.data_ptr() != first.data_ptr()
-    other = []
-    thread = threading.Thread(target=lambda: other.append(
-        logits_workspace(30, 50, torch.float32, torch.device("cpu")).data_ptr()))
+def in_new_thread(fn):
+    """``fn()`` run in a thread of its own (a fresh workspace), its result."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(fn()))
     thread.start()
     thread.join()
-    assert other[0] != bigger.data_ptr()  # another thread has its own block
+    return result[0]
+
+
+def test_workspace_is_kept_per_thread_and_grows():
+    def blocks():
+        first = logits_workspace(3, 50, torch.float32, torch.device("cpu"))
+        again = logits_workspace(2, 50, torch.float32, torch.device("cpu"))
+        bigger = logits_workspace(30, 50, torch.float32, torch.device("cpu"))
+        low = logits_workspace(3, 50, torch.bfloat16, torch.device("cpu"))
+        return first, again, bigger, low
+
+    first, again, bigger, low = in_new_thread(blocks)
+    assert again.shape == (2, 50) and again.data_ptr() == first.data_ptr()  # reused
+    assert bigger.shape == (30, 50) and bigger.data_ptr() != first.data_ptr()  # grown
+    assert low.dtype == torch.bfloat16  # one block per dtype
+    other = in_new_thread(lambda: logits_workspace(30, 50, torch.float32, torch.device("cpu")))
+    assert other.data_ptr() != bigger.data_ptr()  # another thread has its own block
