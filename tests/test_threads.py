@@ -47,14 +47,13 @@ def fake_machine(monkeypatch, samples):
     it = iter(samples)
     current = {}
 
-    def advance():
+    def read():
         current.update(zip(("wall", "own", "busy", "total"), next(it)))
-        return current["wall"]
+        return current["busy"], current["total"], 2
 
-    monkeypatch.setattr(threads.time, "perf_counter", advance)
+    monkeypatch.setattr(threads, "machine_cpu_seconds", read)
+    monkeypatch.setattr(threads.time, "perf_counter", lambda: current["wall"])
     monkeypatch.setattr(threads.time, "process_time", lambda: current["own"])
-    monkeypatch.setattr(threads, "machine_cpu_seconds",
-                        lambda: (current["busy"], current["total"], 2))
 
 
 def test_adapts_to_a_busy_core_and_back(monkeypatch):
@@ -63,15 +62,22 @@ def test_adapts_to_a_busy_core_and_back(monkeypatch):
     share = CpuShare(torch.device("cpu"))
     assert share.adaptive and share.most == 2
     fake_machine(monkeypatch, [
-        (0.0, 0.0, 0.0, 0.0),    # first call: a measurement only
-        (2.0, 4.0, 4.0, 4.0),    # idle machine: we used both cores for 2 s
-        (4.0, 6.1, 8.0, 8.0),    # another program took a core: we got 1.05, the machine 2
-        (6.0, 8.1, 12.0, 12.0),  # still busy: one thread
-        (8.0, 10.1, 14.0, 16.0),  # the other program stopped: the machine used only our core
-        (8.1, 10.2, 14.1, 16.2),  # 0.1 s later: too short to measure, the count stays
+        (0.0, 0.0, 0.0, 0.0), (2.0, 4.0, 4.0, 4.0),  # idle machine: we used both cores for 2 s
+        # 10 s later (we were idle; others may have been busy: not counted) another program
+        # takes a core while we work: we got 1.05 cores, the machine used 2
+        (12.0, 5.0, 24.0, 24.0), (14.0, 7.1, 28.0, 28.0),
+        (14.0, 7.1, 28.0, 28.0), (16.0, 9.1, 32.0, 32.0),  # still busy: one thread
+        # two short spans of 0.3 s: too short alone, decided on together (the machine used
+        # only our core: back to two threads)
+        (16.0, 9.1, 32.0, 32.0), (16.3, 9.4, 32.3, 32.6),
+        (16.3, 9.4, 32.3, 32.6), (16.6, 9.7, 32.6, 33.2),
     ])
-    assert [share.adjust() for _ in range(6)] == [2, 2, 1, 1, 2, 2]
-    assert torch.get_num_threads() == 2
+    seen = []
+    for _ in range(5):
+        with share.measure() as count:
+            seen.append((count, torch.get_num_threads()))
+    assert seen == [(2, 2), (2, 2), (1, 1), (1, 1), (1, 1)]
+    assert share.threads == torch.get_num_threads() == 2
 
 
 def test_a_users_choice_wins(monkeypatch):
@@ -85,10 +91,12 @@ def test_a_users_choice_wins(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY")
     torch.set_num_threads(1)  # torch.set_num_threads after tinkerkit was imported
     share = CpuShare(torch.device("cpu"))
-    assert not share.adaptive and share.adjust() == 1
+    with share.measure() as count:
+        assert not share.adaptive and count == torch.get_num_threads() == 1
     torch.set_num_threads(2)
     fixed = CpuShare(torch.device("cpu"), cpu_threads=1)  # CPU_THREADS = 1
-    assert not fixed.adaptive and fixed.adjust() == 1 and torch.get_num_threads() == 1
+    with fixed.measure() as count:
+        assert not fixed.adaptive and count == torch.get_num_threads() == 1
     assert not CpuShare(torch.device("meta")).adaptive  # not a CPU: nothing to share
     with pytest.raises(EngineError, match="cpu_threads=0"):
         CpuShare(torch.device("cpu"), cpu_threads=0)

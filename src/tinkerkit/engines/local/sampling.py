@@ -486,14 +486,14 @@ class LocalSamplingClient:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         capacity = width + max(row.request.max_tokens for row in rows)
         cache = _kv_cache(causal_lm(self._model).config, capacity)
-        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                          cache=cache, use_cache=True, logits_to_keep=1)
+        with self._cpu_share.measure():
+            out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                              cache=cache, use_cache=True, logits_to_keep=1)
         next_position, active = positions[:, -1:] + 1, list(rows)
         logits = out.logits[:, -1].float()
         while True:
             if self._cancelled.is_set():  # checked once per decode step: close(cancel=True)
                 raise EngineError("sampling cancelled: the sampling client was closed")
-            self._cpu_share.adjust()
             if all(row.request.params.temperature == 0 for row in active):
                 chosen = logits.argmax(-1)  # greedy: one call for the batch
             else:
@@ -511,6 +511,7 @@ class LocalSamplingClient:
                 mask, next_position, chosen = mask[index], next_position[index], chosen[index]
                 active = [active[j] for j in keep]
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-            out = self._model(input_ids=chosen[:, None], attention_mask=mask,
-                              position_ids=next_position, cache=cache, use_cache=True)
+            with self._cpu_share.measure():  # the thread count follows the machine's load
+                out = self._model(input_ids=chosen[:, None], attention_mask=mask,
+                                  position_ids=next_position, cache=cache, use_cache=True)
             logits, next_position = out.logits[:, -1].float(), next_position + 1

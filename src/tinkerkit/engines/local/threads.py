@@ -9,9 +9,9 @@ SmolLM2-135M training fell from 337 to 50 tokens/s with 2 threads, and ran 191 t
 (docs/PERFORMANCE.md, "A fair share of a busy machine"). Making the threads sleep instead of spin
 while they wait (``OMP_WAIT_POLICY=PASSIVE``) helps less (174) and costs the idle machine 16%.
 
-:class:`CpuShare` therefore measures, between two calls, how many cores the rest of the machine
-used (``/proc/stat`` minus this process's own CPU time) and sets ``torch.set_num_threads`` to the
-cores left, between 1 and the thread count the engine started with. A user's own choice wins: it
+:class:`CpuShare` therefore measures how many cores the rest of the machine used while the engine
+worked (``/proc/stat`` minus this process's own CPU time) and sets ``torch.set_num_threads`` to
+the cores left, between 1 and the thread count the engine started with. A user's own choice wins: it
 does nothing when ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OMP_WAIT_POLICY``,
 ``GOMP_SPINCOUNT`` or ``KMP_BLOCKTIME`` is set, when ``torch.set_num_threads`` was called after
 tinkerkit's engine was imported, when the ``CPU_THREADS`` setting is a number (then that many
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,8 +35,8 @@ USER_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY"
 """Environment variables by which a user chooses threads or their waiting; any of them set turns
 the adaptation off."""
 MIN_INTERVAL_SECONDS = 0.5
-"""Shortest interval measured: calls closer together keep the last decision (``/proc/stat``
-counts in clock ticks of 10 ms, so shorter intervals are noise)."""
+"""Measured work the thread count is decided on: spans of work are added up to this many
+seconds (``/proc/stat`` counts in clock ticks of 10 ms, so shorter spans alone are noise)."""
 PROC_STAT = Path("/proc/stat")
 
 _IMPORT_THREADS = torch.get_num_threads()  # torch's count before any tinkerkit client ran
@@ -83,13 +85,15 @@ def cpu_threads_setting(value: int | str) -> int | None:
 
 
 class CpuShare:
-    """Sets the calling thread's PyTorch thread count before each call of CPU work.
+    """Sets the calling thread's PyTorch thread count from the machine's load during its work.
 
-    Call :meth:`adjust` at the start of each call, in the thread that runs it (the training
-    client's worker). The first call only takes a measurement; each later one compares the
-    machine's busy CPU time since the previous call with this process's own
-    (``time.process_time``, all its threads) and sets ``torch.set_num_threads`` to
-    :func:`threads_for_share` when that changes the count.
+    Wrap each piece of CPU work in :meth:`measure`, in the thread that runs it (a training
+    client's worker, a sampler's thread). The spans are added up; once they cover
+    :data:`MIN_INTERVAL_SECONDS`, the machine's busy CPU time in them minus this process's own
+    (``time.process_time``, all its threads) gives the cores other programs used while this work
+    ran, and ``torch.set_num_threads`` is set to :func:`threads_for_share` for the work that
+    follows. Time between spans (this process idle, waiting for its caller) is not counted: what
+    other programs did then says nothing about the cores this work will get.
 
     Args:
         device: The engine's device; only ``cpu`` adapts.
@@ -97,8 +101,8 @@ class CpuShare:
             or a number of threads to use always.
 
     Attributes:
-        adaptive: Whether :meth:`adjust` changes the thread count.
-        threads: The thread count set by the last :meth:`adjust` (the starting count before).
+        adaptive: Whether :meth:`measure` changes the thread count.
+        threads: The thread count chosen last (the starting count before).
 
     Raises:
         EngineError: A bad ``cpu_threads``.
@@ -113,37 +117,44 @@ class CpuShare:
         self.threads = self.fixed or self.most
         self.adaptive = (device.type == "cpu" and self.fixed is None and not chosen
                          and machine_cpu_seconds() is not None)
-        self._last: tuple[float, float, float, float] | None = None  # wall, busy, total, own
+        self._spans = [0.0, 0.0, 0.0, 0.0]  # wall, machine busy, machine total, own CPU seconds
 
-    def adjust(self) -> int:
-        """Measure the interval since the last call and set this thread's torch thread count.
-
-        Returns:
-            The thread count now set (unchanged when not adaptive).
-        """
-        if self.fixed is not None:
-            if torch.get_num_threads() != self.fixed:
-                torch.set_num_threads(self.fixed)
-            return self.fixed
-        if not self.adaptive:
-            return self.threads
-        now, last = time.perf_counter(), self._last
-        if last is not None and now - last[0] < MIN_INTERVAL_SECONDS:
-            return self.threads
+    def _sample(self) -> tuple[float, float, float, float] | None:
         machine = machine_cpu_seconds()
         if machine is None:
-            return self.threads
-        busy, total, cpus = machine
-        own = time.process_time()
-        self._last = (now, busy, total, own)
-        if last is None:
-            return self.threads
+            return None
+        busy, total, self._cpus = machine
+        return time.perf_counter(), busy, total, time.process_time()
+
+    @contextmanager
+    def measure(self) -> Iterator[int]:
+        """Run the ``with`` body with this share's thread count and measure the machine meanwhile.
+
+        Yields:
+            The thread count the body runs with.
+        """
+        if self.fixed is not None and torch.get_num_threads() != self.fixed:
+            torch.set_num_threads(self.fixed)
+        if self.adaptive and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)  # this thread may not have run with it yet
+        start = self._sample() if self.adaptive else None
+        try:
+            yield self.threads
+        finally:
+            end = self._sample() if start is not None else None
+            if end is not None:
+                self._add(start, end)
+
+    def _add(self, start: tuple[float, ...], end: tuple[float, ...]) -> None:
+        for i, (a, b) in enumerate(zip(start, end)):
+            self._spans[i] += b - a
+        wall, busy, total, own = self._spans
+        if wall < MIN_INTERVAL_SECONDS:
+            return
+        self._spans = [0.0, 0.0, 0.0, 0.0]
         # Cores the machine used, from the share of busy time in all CPUs' time.
-        elapsed = total - last[2]
-        machine_cores = (busy - last[1]) / elapsed * cpus if elapsed > 0 else 0.0
-        own_cores = (own - last[3]) / (now - last[0])
-        threads = threads_for_share(max(0.0, machine_cores - own_cores), cpus, self.most)
-        if threads != self.threads or torch.get_num_threads() != threads:
+        machine_cores = busy / total * self._cpus if total > 0 else 0.0
+        threads = threads_for_share(max(0.0, machine_cores - own / wall), self._cpus, self.most)
+        if threads != self.threads:
             torch.set_num_threads(threads)
             self.threads = threads
-        return threads

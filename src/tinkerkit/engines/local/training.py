@@ -38,7 +38,12 @@ Memory (long sequences; measured by ``benchmarks/long_context.py``, figures in
   least :data:`ACTIVATION_CHECKPOINTING_MIN_TOKENS` tokens.
 * Mixed precision (``mixed_precision``): ``"bf16"`` runs the forward and backward passes under
   ``torch.autocast(dtype=torch.bfloat16)``; LoRA weights, gradients, the loss and the optimizer
-  stay float32.
+  stay float32. The frozen base products run in bf16 (each weight cast once), the LoRA update is
+  added in float32, norms, attention and the log-softmax compute in float32
+  (:mod:`~tinkerkit.engines.local.kernels`).
+* CPU threads (``cpu_threads``): every core on an idle machine, the cores left while other
+  programs keep some busy (:class:`~tinkerkit.engines.local.threads.CpuShare`, measured during
+  each call).
 * LoRA layers are PEFT's with a fused forward and backward pass
   (:class:`~tinkerkit.engines.local.kernels.lora_linear.FusedLoraLinear`); RMSNorm layers and
   rotary embeddings compute their gradients in fewer passes
@@ -403,12 +408,11 @@ class LocalTrainingClient:
         # Dropout draws from torch's process-wide RNG, which this client swaps in and out around
         # each call; the lock keeps clients in other threads (a server's sessions, an abandoned
         # client still draining its queue) from interleaving with that swap.
-        with GLOBAL_RNG_LOCK:
+        with GLOBAL_RNG_LOCK, self._cpu_share.measure():
             return self._run_locked(examples, loss, config, backward)
 
     def _run_locked(self, examples: list[Example], loss_fn: LossFunction,
                     config: dict[str, float], backward: bool) -> types.ForwardBackwardOutput:
-        self._cpu_share.adjust()
         if self._train_mode != backward:  # train() walks every module: not on every call
             self.model.train(backward)
             self._train_mode = backward
