@@ -21,6 +21,8 @@ are not float32, a KV cache) the layer's own forward runs.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -123,19 +125,19 @@ class _FusedRotaryAttention:
         if hasattr(self, "q_norm"):  # Qwen3: RMSNorm per head before the rotation
             query, key = self.q_norm(query), self.k_norm(key)
         query, key = query.transpose(1, 2), key.transpose(1, 2)
-        # Under autocast the projections' outputs are bf16; the rotation and the attention run
-        # in float32 all the same, where PyTorch's CPU flash-attention backward pass is faster
-        # (1.7x on SmolLM2's packed datums; docs/PERFORMANCE.md) and more exact. The output
-        # goes to o_proj, which casts it back.
+        # The rotation runs in float32 (the fused LoRA layers' outputs are float32 under
+        # autocast too; others are cast). On the CPU the attention runs in float32 as well,
+        # where PyTorch's flash-attention backward pass is faster than in bf16 (1.7x on
+        # SmolLM2's packed datums; docs/PERFORMANCE.md); on a GPU autocast runs it in bf16.
         device = hidden_states.device.type
         if query.dtype != cos.dtype:
             query, key, value = query.to(cos.dtype), key.to(cos.dtype), value.to(cos.dtype)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        query, key = RotaryFunction.apply(query, cos, sin), RotaryFunction.apply(key, cos, sin)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)
         if getattr(self, "sliding_window", None) is not None:
             kwargs["sliding_window"] = self.sliding_window
-        with torch.autocast(device, enabled=False):
-            query, key = RotaryFunction.apply(query, cos, sin), RotaryFunction.apply(key, cos, sin)
+        with torch.autocast("cpu", enabled=False) if device == "cpu" else nullcontext():
             output, weights = attention(self, query, key, value, attention_mask,
                                         dropout=self.attention_dropout if self.training else 0.0,
                                         scaling=self.scaling, **kwargs)
