@@ -67,10 +67,10 @@ def test_adapts_to_a_busy_core_and_back(monkeypatch):
         # takes a core while we work: we got 1.05 cores, the machine used 2
         (12.0, 5.0, 24.0, 24.0), (14.0, 7.1, 28.0, 28.0),
         (14.0, 7.1, 28.0, 28.0), (16.0, 9.1, 32.0, 32.0),  # still busy: one thread
-        # two short spans of 0.3 s: too short alone, decided on together (the machine used
+        # two short spans of 0.15 s: too short alone, decided on together (the machine used
         # only our core: back to two threads)
-        (16.0, 9.1, 32.0, 32.0), (16.3, 9.4, 32.3, 32.6),
-        (16.3, 9.4, 32.3, 32.6), (16.6, 9.7, 32.6, 33.2),
+        (16.0, 9.1, 32.0, 32.0), (16.15, 9.25, 32.15, 32.3),
+        (16.15, 9.25, 32.15, 32.3), (16.3, 9.4, 32.3, 32.6),
     ])
     seen = []
     for _ in range(5):

@@ -34,9 +34,9 @@ USER_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY"
                          "KMP_BLOCKTIME")
 """Environment variables by which a user chooses threads or their waiting; any of them set turns
 the adaptation off."""
-MIN_INTERVAL_SECONDS = 0.5
+MIN_INTERVAL_SECONDS = 0.2
 """Measured work the thread count is decided on: spans of work are added up to this many
-seconds (``/proc/stat`` counts in clock ticks of 10 ms, so shorter spans alone are noise)."""
+seconds (``/proc/stat`` counts in clock ticks of 10 ms: 0.2 s on 2 CPUs is 40 ticks, enough to tell a busy core)."""
 PROC_STAT = Path("/proc/stat")
 
 _IMPORT_THREADS = torch.get_num_threads()  # torch's count before any tinkerkit client ran

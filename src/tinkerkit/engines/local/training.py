@@ -408,7 +408,7 @@ class LocalTrainingClient:
         # Dropout draws from torch's process-wide RNG, which this client swaps in and out around
         # each call; the lock keeps clients in other threads (a server's sessions, an abandoned
         # client still draining its queue) from interleaving with that swap.
-        with GLOBAL_RNG_LOCK, self._cpu_share.measure():
+        with GLOBAL_RNG_LOCK:
             return self._run_locked(examples, loss, config, backward)
 
     def _run_locked(self, examples: list[Example], loss_fn: LossFunction,
@@ -428,14 +428,18 @@ class LocalTrainingClient:
                 positions = None if positions is None else positions.to(self.device)
                 if backward:
                     set_activation_checkpointing(self.model, self._checkpointing(tokens.numel()))
-                with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                # The forward and the backward pass are measured apart, so that a busy machine
+                # seen during the forward pass already sets the backward pass's threads.
+                with self._cpu_share.measure(), torch.autocast(
+                        self.device.type, torch.bfloat16, enabled=self.autocast):
                     batch_logprobs = token_logprobs(self.model, tokens, targets,
                                                     grad_mask=loss_fn.needs_grad(inputs, config),
                                                     valid_mask=valid, position_ids=positions,
                                                     segments=batch.segments)
                 loss = loss_fn.summed(batch_logprobs, inputs, config)
                 if backward and loss.requires_grad:  # a micro-batch without weights has no graph
-                    loss.backward()
+                    with self._cpu_share.measure():
+                        loss.backward()
                 loss_sum += loss.item()
                 for example, row, start in batch.places:
                     end = start + len(example.tokens)
