@@ -26,12 +26,18 @@ def test_function_gradient_is_exact_in_float64():
     torch.testing.assert_close(out, torch.tensor([3.0, 8.0]) / 12.5 ** 0.5)
 
 
-def test_fused_layers_equal_transformers_in_values_and_gradients():
+def frozen_norm() -> LlamaRMSNorm:
+    """A Llama RMSNorm of width 16 with a random frozen weight (seed 0), as under LoRA."""
     torch.manual_seed(0)
     norm = LlamaRMSNorm(16, eps=1e-5)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(16))
     norm.weight.requires_grad_(False)
+    return norm
+
+
+def test_fused_layers_equal_transformers_in_values_and_gradients():
+    norm = frozen_norm()
     fused = LlamaRMSNorm(16, eps=1e-5)
     fused.load_state_dict(norm.state_dict())
     fused.weight.requires_grad_(False)
@@ -118,3 +124,18 @@ def test_fused_model_equals_the_original_in_values_and_input_gradients(config_cl
         results.append((logits, embeds_grad))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-5)
+
+
+def test_norm_under_autocast_rounds_its_float32_output_once_to_bf16():
+    norm = frozen_norm()
+    fuse_layers(torch.nn.Sequential(norm))
+    x = (torch.randn(3, 7, 16) * 4).requires_grad_()
+    grad = torch.randn(3, 7, 16).bfloat16()
+    full = norm(x)
+    (full_grad,) = torch.autograd.grad(full, x, grad.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = norm(x)
+    (half_grad,) = torch.autograd.grad(half, x, grad)
+    assert half.dtype == torch.bfloat16 and half_grad.dtype == torch.float32
+    assert torch.equal(half, full.detach().bfloat16())  # computed in float32, rounded once
+    assert torch.equal(half_grad, full_grad)  # the same float32 arithmetic on the same gradient

@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from tinkerkit.engines.local.kernels.lora_linear import (
     FusedLoraLinear,
     LoraLinearFunction,
+    MixedLoraLinearFunction,
     autocast_weight,
 )
 
@@ -112,12 +113,34 @@ def test_fused_layer_under_bf16_autocast_is_as_close_to_float32_as_peft():
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         peft_bf16, fused_bf16 = run(peft_model, x), run(fused_model, x)
-    assert fused_bf16[0].dtype == peft_bf16[0].dtype == torch.bfloat16  # both ran in bf16
+    assert peft_bf16[0].dtype == torch.bfloat16  # PEFT's output is rounded to bf16
+    assert fused_bf16[0].dtype == torch.float32  # ours: bf16 base product, float32 LoRA sum
     assert all(g.dtype == torch.float32 for g in fused_bf16[2].values())  # float32 weights
     peft_error, fused_error = error(peft_bf16), error(fused_bf16)
     assert len(fused_error) == 6 and 0 < max(fused_error) < 0.02  # bf16 rounding, no more
-    # One rounding fewer (the LoRA product is added inside addmm): no less accurate than PEFT.
+    # Fewer roundings (the output and the LoRA sum stay float32): no less accurate than PEFT.
     assert sum(fused_error) <= 1.5 * sum(peft_error)
+
+
+def test_a_small_lora_update_survives_bf16_autocast():
+    # Early in training lora_B is near zero: its update is far below the bf16 spacing of the
+    # base output (2^-8 relative) and a bf16 sum would drop it; the float32 sum keeps it.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 8, generator=generator)
+    weight = torch.randn(6, 8, generator=generator).bfloat16()
+    lora_a = torch.randn(2, 8, generator=generator)
+    lora_b = torch.full((6, 2), 1e-5, requires_grad=True)
+    out = MixedLoraLinearFunction.apply(x, weight, None, lora_a, lora_b, 2.0)
+    base = (x.bfloat16() @ weight.t()).float()
+    update = 2.0 * (x.bfloat16() @ lora_a.bfloat16().t()).float() @ lora_b.detach().t()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, base + update, rtol=1e-6, atol=1e-9)
+    assert not torch.equal(out, base)  # the update is there
+    assert torch.equal((base + update).bfloat16(), base.bfloat16())  # and bf16 would lose it
+    grad = torch.linspace(-1, 1, 30).view(5, 6)
+    (grad_b,) = torch.autograd.grad(out, lora_b, grad)
+    down = (x.bfloat16() @ lora_a.bfloat16().t()).float()
+    torch.testing.assert_close(grad_b, 2.0 * grad.t() @ down)  # float32, as computed by hand
 
 
 def test_autocast_weight_is_cast_once_per_value_of_the_weight():

@@ -141,7 +141,7 @@ def _local_kwargs(config: TrainConfig, checkpoint_root: Path) -> dict:
                 train_unembed=config.train_unembed, seed=config.seed, device=config.device,
                 dtype=config.dtype, checkpoint_root=checkpoint_root,
                 activation_checkpointing=config.activation_checkpointing,
-                mixed_precision=config.mixed_precision)
+                mixed_precision=config.mixed_precision, cpu_threads=config.cpu_threads)
 
 
 def create_training_client(config: TrainConfig, checkpoint_root: Path, state: str | None = None,

@@ -63,6 +63,7 @@ from tinkerkit.engines.local.model import (
     merge_lora,
     resolve_device,
 )
+from tinkerkit.engines.local.threads import CpuShare
 from tinkerkit.errors import CheckpointError, EngineError
 from tinkerkit.models import load_tokenizer, positions_in
 from tinkerkit.render import end_of_turn_ids
@@ -273,6 +274,7 @@ class LocalSamplingClient:
         self._lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinkerkit-sample")
         self._cancelled = threading.Event()  # close(cancel=True): generation stops at a step
+        self._cpu_share = CpuShare(self.device)
 
     def get_tokenizer(self):
         """The model's tokenizer."""
@@ -484,8 +486,9 @@ class LocalSamplingClient:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         capacity = width + max(row.request.max_tokens for row in rows)
         cache = _kv_cache(causal_lm(self._model).config, capacity)
-        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                          cache=cache, use_cache=True, logits_to_keep=1)
+        with self._cpu_share.measure():
+            out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                              cache=cache, use_cache=True, logits_to_keep=1)
         next_position, active = positions[:, -1:] + 1, list(rows)
         logits = out.logits[:, -1].float()
         while True:
@@ -508,6 +511,7 @@ class LocalSamplingClient:
                 mask, next_position, chosen = mask[index], next_position[index], chosen[index]
                 active = [active[j] for j in keep]
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-            out = self._model(input_ids=chosen[:, None], attention_mask=mask,
-                              position_ids=next_position, cache=cache, use_cache=True)
+            with self._cpu_share.measure():  # the thread count follows the machine's load
+                out = self._model(input_ids=chosen[:, None], attention_mask=mask,
+                                  position_ids=next_position, cache=cache, use_cache=True)
             logits, next_position = out.logits[:, -1].float(), next_position + 1

@@ -38,7 +38,12 @@ Memory (long sequences; measured by ``benchmarks/long_context.py``, figures in
   least :data:`ACTIVATION_CHECKPOINTING_MIN_TOKENS` tokens.
 * Mixed precision (``mixed_precision``): ``"bf16"`` runs the forward and backward passes under
   ``torch.autocast(dtype=torch.bfloat16)``; LoRA weights, gradients, the loss and the optimizer
-  stay float32.
+  stay float32. The frozen base products run in bf16 (each weight cast once), the LoRA update is
+  added in float32, norms, attention and the log-softmax compute in float32
+  (:mod:`~tinkerkit.engines.local.kernels`).
+* CPU threads (``cpu_threads``): every core on an idle machine, the cores left while other
+  programs keep some busy (:class:`~tinkerkit.engines.local.threads.CpuShare`, measured during
+  each call).
 * LoRA layers are PEFT's with a fused forward and backward pass
   (:class:`~tinkerkit.engines.local.kernels.lora_linear.FusedLoraLinear`); RMSNorm layers and
   rotary embeddings compute their gradients in fewer passes
@@ -114,6 +119,7 @@ from tinkerkit.engines.local.model import (
     wrap_lora,
 )
 from tinkerkit.engines.local.sampling import LocalSamplingClient
+from tinkerkit.engines.local.threads import CpuShare
 from tinkerkit.errors import (
     CheckpointError,
     EngineError,
@@ -238,6 +244,9 @@ class LocalTrainingClient:
             :func:`set_activation_checkpointing`. Results are the same either way.
         mixed_precision: ``"auto"``, ``"bf16"`` or ``"no"``; see
             :func:`resolve_mixed_precision`.
+        cpu_threads: On the CPU, ``"auto"`` (all cores on an idle machine, fewer while other
+            programs keep cores busy, unless the user chose threads; see
+            :mod:`~tinkerkit.engines.local.threads`) or a fixed number of threads.
         adapter_base_model: The ``base_model_name_or_path`` that saved adapters record for
             ``PeftModel.from_pretrained`` (the name a ``tinkerkit serve`` client used); None:
             the hub id of ``base_model`` where tinkerkit knows one, else ``base_model``.
@@ -255,7 +264,8 @@ class LocalTrainingClient:
                  train_unembed: bool = False, seed: int = 0, device: str = "auto",
                  dtype: str = "float32", checkpoint_root: str | Path = "checkpoints",
                  microbatch_tokens: int = 8192, activation_checkpointing: bool | str = "auto",
-                 mixed_precision: str = "auto", adapter_base_model: str | None = None) -> None:
+                 mixed_precision: str = "auto", adapter_base_model: str | None = None,
+                 cpu_threads: int | str = "auto") -> None:
         if rank < 1 or microbatch_tokens < 1 or not 0 <= dropout < 1:
             raise EngineError(f"invalid LoRA settings: rank={rank}, dropout={dropout}, "
                               f"microbatch_tokens={microbatch_tokens}")
@@ -270,9 +280,14 @@ class LocalTrainingClient:
         self.device, self.dtype = resolve_device(device), dtype
         torch_dtype(dtype)  # refuses an unknown name before the model loads
         self.autocast = resolve_mixed_precision(mixed_precision, self.device)
+        self._cpu_share = CpuShare(self.device, cpu_threads)
         self.checkpoint_root, self.microbatch_tokens = Path(checkpoint_root), microbatch_tokens
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every new tensor with NaN to expose reads of memory never
+        # written; the engine reads none, and the fill cost 22% of a bf16 step on the CPU (the
+        # first touch of each fresh page; docs/PERFORMANCE.md).
+        torch.utils.deterministic.fill_uninitialized_memory = False
 
         base = load_model(base_model, dtype)
         check_plain_lm_head(base)
@@ -413,14 +428,18 @@ class LocalTrainingClient:
                 positions = None if positions is None else positions.to(self.device)
                 if backward:
                     set_activation_checkpointing(self.model, self._checkpointing(tokens.numel()))
-                with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                # The forward and the backward pass are measured apart, so that a busy machine
+                # seen during the forward pass already sets the backward pass's threads.
+                with self._cpu_share.measure(), torch.autocast(
+                        self.device.type, torch.bfloat16, enabled=self.autocast):
                     batch_logprobs = token_logprobs(self.model, tokens, targets,
                                                     grad_mask=loss_fn.needs_grad(inputs, config),
                                                     valid_mask=valid, position_ids=positions,
                                                     segments=batch.segments)
                 loss = loss_fn.summed(batch_logprobs, inputs, config)
                 if backward and loss.requires_grad:  # a micro-batch without weights has no graph
-                    loss.backward()
+                    with self._cpu_share.measure():
+                        loss.backward()
                 loss_sum += loss.item()
                 for example, row, start in batch.places:
                     end = start + len(example.tokens)

@@ -21,16 +21,20 @@ are not float32, a KV cache) the layer's own forward runs.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 class RMSNormFunction(torch.autograd.Function):
     """``weight * x * rsqrt(mean(x**2, -1) + eps)`` with a frozen ``weight``.
 
     Inputs: ``x`` float32 ``[..., H]``; ``weight`` float32 ``[H]`` (no gradient is returned for
-    it); ``eps`` a float. Output: float32 ``[..., H]``.
+    it); ``eps`` a float; ``out_dtype`` the output's dtype (computed in float32 and rounded once:
+    bfloat16 under autocast, where the next layers are matrix products that autocast would cast
+    the float32 output for, once per layer). Output: ``out_dtype`` ``[..., H]``; the gradient of
+    ``x`` is float32 whatever ``out_dtype`` is.
 
     Backward, with ``r = rsqrt(mean(x**2) + eps)`` per row and ``u = g * weight`` for the output
     gradient ``g``: ``dx = r * (u - x * r**2 * sum(u * x) / H)`` (Zhang and Sennrich 2019, "Root
@@ -38,32 +42,40 @@ class RMSNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         width = x.shape[-1]
         rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # [..., 1]
         rstd = rstd.square_().div_(width).add_(eps).rsqrt_()
         ctx.save_for_backward(x, weight, rstd)
-        return (x * rstd).mul_(weight)
+        if out_dtype == torch.float32:
+            return (x * rstd).mul_(weight)
+        return torch.mul(x * rstd, weight, out=torch.empty_like(x, dtype=out_dtype))
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        scaled = grad_output * weight  # u
-        coef = torch.linalg.vecdot(scaled, x).unsqueeze(-1)  # sum(u * x), [..., 1]
+        scaled = grad_output * weight  # u, float32
+        with torch.autocast(x.device.type, enabled=False):  # float32 whatever the caller's mode
+            coef = torch.linalg.vecdot(scaled, x).unsqueeze(-1)  # sum(u * x), [..., 1]
         coef.mul_(rstd.square()).div_(x.shape[-1])
-        return torch.addcmul(scaled, x, coef, value=-1).mul_(rstd), None, None
+        return torch.addcmul(scaled, x, coef, value=-1).mul_(rstd), None, None, None
 
 
 class _FusedRMSNorm:
     """Mixed into a transformers RMSNorm class: the forward of :class:`RMSNormFunction` where it
-    applies (float32 input and weight, frozen weight), the class's own otherwise."""
+    applies (float32 input and weight, frozen weight), the class's own otherwise. Under autocast
+    the output is in the autocast dtype (the matrix products that read it would cast it)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if (hidden_states.dtype != torch.float32 or weight.dtype != torch.float32
                 or weight.requires_grad):
             return super().forward(hidden_states)
-        return RMSNormFunction.apply(hidden_states, weight, self.variance_epsilon)
+        device = hidden_states.device.type
+        out_dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                     else torch.float32)
+        return RMSNormFunction.apply(hidden_states, weight, self.variance_epsilon, out_dtype)
 
 
 class RotaryFunction(torch.autograd.Function):
@@ -113,17 +125,22 @@ class _FusedRotaryAttention:
         if hasattr(self, "q_norm"):  # Qwen3: RMSNorm per head before the rotation
             query, key = self.q_norm(query), self.k_norm(key)
         query, key = query.transpose(1, 2), key.transpose(1, 2)
-        if query.dtype != cos.dtype:  # bf16 autocast: keep transformers' type promotion
-            query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        else:
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-            query, key = RotaryFunction.apply(query, cos, sin), RotaryFunction.apply(key, cos, sin)
+        # The rotation runs in float32 (the fused LoRA layers' outputs are float32 under
+        # autocast too; others are cast). On the CPU the attention runs in float32 as well,
+        # where PyTorch's flash-attention backward pass is faster than in bf16 (1.7x on
+        # SmolLM2's packed datums; docs/PERFORMANCE.md); on a GPU autocast runs it in bf16.
+        device = hidden_states.device.type
+        if query.dtype != cos.dtype:
+            query, key, value = query.to(cos.dtype), key.to(cos.dtype), value.to(cos.dtype)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        query, key = RotaryFunction.apply(query, cos, sin), RotaryFunction.apply(key, cos, sin)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)
         if getattr(self, "sliding_window", None) is not None:
             kwargs["sliding_window"] = self.sliding_window
-        output, weights = attention(self, query, key, value, attention_mask,
-                                    dropout=self.attention_dropout if self.training else 0.0,
-                                    scaling=self.scaling, **kwargs)
+        with torch.autocast("cpu", enabled=False) if device == "cpu" else nullcontext():
+            output, weights = attention(self, query, key, value, attention_mask,
+                                        dropout=self.attention_dropout if self.training else 0.0,
+                                        scaling=self.scaling, **kwargs)
         output = output.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.o_proj(output), weights
 

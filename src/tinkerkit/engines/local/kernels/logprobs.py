@@ -10,8 +10,11 @@ recomputes each chunk in the backward pass (``torch.utils.checkpoint``).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
+from tinkerkit.engines.local.kernels.lora_linear import autocast_weight
 from tinkerkit.engines.local.kernels.packing import SEGMENTS_KWARG
 
 LOGIT_CHUNK = 1024
@@ -41,6 +44,29 @@ def last_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor,
     return out.last_hidden_state
 
 
+_WORKSPACE = threading.local()
+
+
+def logits_workspace(rows: int, vocab: int, dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+    """A ``[rows, vocab]`` block of ``dtype`` for one chunk's logits, kept by the calling thread.
+
+    The block is reused by every later chunk and step of the same thread (a training client's
+    worker, a sampler's thread) instead of being allocated anew: a block of logits is larger than
+    what the C allocator keeps for reuse, so a fresh one is mapped from the kernel each time and
+    every page is faulted in and zeroed again (about a third of the frozen head's time under bf16
+    on a CPU; docs/PERFORMANCE.md). One block per dtype and device is kept per thread, grown to
+    the largest request (at most :data:`LOGIT_CHUNK_ELEMENTS` elements where the chunk rule
+    applies); it is freed with the thread.
+    """
+    blocks = _WORKSPACE.__dict__.setdefault("blocks", {})
+    key = (dtype, device)
+    block = blocks.get(key)
+    if block is None or block.numel() < rows * vocab:
+        block = blocks[key] = torch.empty(rows * vocab, dtype=dtype, device=device)
+    return block[:rows * vocab].view(rows, vocab)
+
+
 def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor,
                     targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()  # [chunk, vocab]
@@ -58,24 +84,48 @@ class FrozenHeadLogprobs(torch.autograd.Function):
 
     Inputs: ``hidden`` ``[N, H]``, ``weight`` ``[V, H]`` and ``bias`` ``[V]`` or None (not
     trainable), ``targets`` int64 ``[N]``, ``chunk`` positions per block. Output: float32 ``[N]``.
+
+    Under autocast the two matrix products run in the autocast dtype, with the weight's cast
+    kept (:func:`~tinkerkit.engines.local.kernels.lora_linear.autocast_weight`) rather than
+    redone for every chunk; the log-softmax is float32 (logits rounded to bf16 carry a relative
+    error of 2^-9, as under autocast in any model), and ``weight[targets]`` uses the float32 rows.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk):
         logprobs = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
         jacobian = torch.empty_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
-        for start in range(0, len(hidden), chunk):
-            rows = slice(start, start + chunk)
-            logits = torch.nn.functional.linear(hidden[rows], weight, bias).float()
-            picked = logits.gather(-1, targets[rows, None]).squeeze(-1)
-            # logsumexp and softmax from one exp, in place of the logits (one [chunk, vocab] block)
-            peak = logits.amax(-1, keepdim=True)
-            exp = logits.sub_(peak).exp_()
-            total = exp.sum(-1, keepdim=True)
-            logprobs[rows] = picked - (peak + total.log()).squeeze(-1)
-            if jacobian is not None:
-                probs = exp.div_(total).to(weight.dtype)
-                jacobian[rows] = weight[targets[rows]].float() - (probs @ weight).float()
+        device = hidden.device.type
+        product_weight, product_bias = weight, bias
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            product_weight = autocast_weight(weight, dtype)
+            product_bias = None if bias is None else autocast_weight(bias, dtype)
+            hidden = hidden.to(dtype)
+        vocab, low = weight.shape[0], product_weight.dtype != torch.float32
+        with torch.autocast(device, enabled=False):
+            for start in range(0, len(hidden), chunk):
+                rows = slice(start, start + chunk)
+                count = len(hidden[rows])
+                logits = logits_workspace(count, vocab, torch.float32, hidden.device)
+                products = (logits_workspace(count, vocab, product_weight.dtype, hidden.device)
+                            if low else logits)
+                torch.mm(hidden[rows], product_weight.t(), out=products)
+                if product_bias is not None:
+                    products.add_(product_bias)
+                if low:
+                    logits.copy_(products)
+                picked = logits.gather(-1, targets[rows, None]).squeeze(-1)
+                # logsumexp and softmax from one exp, in place of the logits
+                peak = logits.amax(-1, keepdim=True)
+                exp = logits.sub_(peak).exp_()
+                total = exp.sum(-1, keepdim=True)
+                logprobs[rows] = picked - (peak + total.log()).squeeze(-1)
+                if jacobian is not None:
+                    probs = exp.div_(total)
+                    if low:
+                        probs = products.copy_(probs)
+                    jacobian[rows] = weight[targets[rows]].float() - (probs @ product_weight).float()
         ctx.save_for_backward(jacobian)
         ctx.hidden_dtype = hidden.dtype
         return logprobs
