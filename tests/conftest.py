@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Tests compare runs bitwise (a resumed run with an uninterrupted one, training before and after
+# an evaluation, serve against in-process), which on the CPU holds at a fixed thread count. The
+# local engine's own choice of threads (CPU_THREADS = "auto") follows the machine's load and
+# could change the count between two runs of one test on a busy machine; a thread count set in
+# the environment turns it off, as documented (test_threads.py tests the choice itself).
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")

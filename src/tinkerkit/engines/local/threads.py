@@ -16,6 +16,10 @@ does nothing when ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OMP_WAIT_POLICY``,
 ``GOMP_SPINCOUNT`` or ``KMP_BLOCKTIME`` is set, when ``torch.set_num_threads`` was called after
 tinkerkit's engine was imported, when the ``CPU_THREADS`` setting is a number (then that many
 threads), on a GPU, and where ``/proc/stat`` does not exist (not Linux).
+
+Floating-point sums (matrix products, reductions) are split by thread, so their rounding depends
+on the count: a run is bitwise repeatable on the CPU only at a fixed count, which a user who
+needs that (exact resume) sets as above.
 """
 
 from __future__ import annotations

@@ -52,7 +52,9 @@ Memory (long sequences; measured by ``benchmarks/long_context.py``, figures in
 
 Determinism: ``seed`` fixes the LoRA initialization (drawn on the CPU, so it does not depend on
 the device); LoRA dropout draws from the client's own RNG state, which ``save_state`` stores and
-``load_state_with_optimizer`` restores, so that a resumed run is bitwise identical on the CPU.
+``load_state_with_optimizer`` restores, so that a resumed run is bitwise identical on the CPU
+at a fixed thread count (``cpu_threads`` a number, or threads set by the user: sums in matrix
+products and reductions depend on the count, which ``"auto"`` changes with the machine's load).
 The client turns on ``torch.use_deterministic_algorithms(True, warn_only=True)``.
 
 Checkpoints follow :mod:`tinkerkit.checkpoint`. ``save_state(name)`` writes
