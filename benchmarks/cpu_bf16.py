@@ -32,7 +32,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from train_throughput import BATCH_SIZE, DATA, MODEL, Worker, load
+from train_throughput import BATCH_SIZE, DATA, MODEL, Worker, check_counts, load
 
 PRECISIONS = ("float32", "bf16")
 LOSS_TOLERANCE = 0.02
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args(argv)
+    check_counts(parser, args, {"examples": 1, "rounds": 1, "threads": 0})
     if not args.data.is_file():
         raise SystemExit(f"{args.data}: no such file (set --data or TINKERKIT_SHARED_DATA)")
     print(f"load average at start: {load()}; {os.cpu_count()} CPUs; native bf16: "

@@ -531,6 +531,16 @@ class Worker:
         return reply
 
 
+def check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 least: dict[str, int]) -> None:
+    """Exit through ``parser.error`` when an option in ``least`` (name: smallest value) is
+    smaller; unset (None) options are skipped."""
+    for name, smallest in least.items():
+        value = getattr(args, name)
+        if value is not None and value < smallest:
+            parser.error(f"--{name.replace('_', '-')} {value}: must be at least {smallest}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["rounds", "users"], default="rounds",
@@ -562,13 +572,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
-    for name in ("rounds", "runs", "busy", "warmup_steps", "examples", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name in ("busy", "warmup_steps", "threads")
-                                          else 1):
-            parser.error(f"--{name.replace('_', '-')} {value}: too small")
+    check_counts(parser, args, {"rounds": 1, "runs": 1, "examples": 1, "busy": 0,
+                                "warmup_steps": 0, "threads": 0})
     if args.examples is None:
         args.examples = 80 if args.mode == "users" else 200
+    steps = math.ceil(args.examples / BATCH_SIZE)
+    if args.mode == "users" and args.warmup_steps >= steps:
+        parser.error(f"--warmup-steps {args.warmup_steps} leaves no steady-state step of the "
+                     f"{steps} steps of --examples {args.examples}")
 
     import importlib.util
 

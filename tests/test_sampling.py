@@ -232,3 +232,24 @@ def test_a_merged_output_projection_adapter_leaves_the_tied_input_embedding_alon
     base = LocalSamplingClient(tiny_model, device="cpu").compute_logprobs(prompt).result()
     assert max(abs(a - b) for a, b in zip(base[1:], got[1:])) > 0.1  # the adapter does matter
     client.close()
+
+
+def test_a_fixed_cpu_threads_setting_reaches_the_samplers(tiny_model, tmp_path):
+    import torch
+
+    from tinkerkit.config import build_config
+    from tinkerkit.engines import create_sampling_client
+
+    before = torch.get_num_threads()
+    config = build_config({"base_model": str(tiny_model), "device": "cpu", "cpu_threads": 1})
+    sampler = create_sampling_client(config)  # `tinkerkit eval`'s sampler
+    trainer = LocalTrainingClient(str(tiny_model), rank=2, device="cpu", cpu_threads=1,
+                                  checkpoint_root=tmp_path)
+    snapshot = trainer.save_weights_and_get_sampling_client("s")  # sampling during training
+    seen = []
+    for client in (sampler, snapshot):
+        with client._cpu_share.measure() as count:
+            seen.append((count, torch.get_num_threads()))
+    torch.set_num_threads(before)
+    trainer.close()
+    assert seen == [(1, 1), (1, 1)]

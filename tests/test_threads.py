@@ -19,6 +19,7 @@ def _keep_torch_threads(monkeypatch):
     before = torch.get_num_threads()
     for name in threads.USER_THREAD_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads, "_COUNTS_SET", set())  # counts other tests' shares set
     yield
     torch.set_num_threads(before)
 
@@ -100,3 +101,15 @@ def test_a_users_choice_wins(monkeypatch):
     assert not CpuShare(torch.device("meta")).adaptive  # not a CPU: nothing to share
     with pytest.raises(EngineError, match="cpu_threads=0"):
         CpuShare(torch.device("cpu"), cpu_threads=0)
+
+
+def test_a_thread_another_share_turned_down_still_adapts(monkeypatch):
+    # A sampler made in a training worker whose share chose one thread on a busy machine: that
+    # count is not the user's choice; the sampler adapts and may go back to the engine's count.
+    monkeypatch.setattr(threads, "_IMPORT_THREADS", 2)
+    monkeypatch.setattr(threads, "_COUNTS_SET", {1})
+    torch.set_num_threads(1)
+    share = CpuShare(torch.device("cpu"))
+    assert share.adaptive and share.most == 2
+    monkeypatch.setattr(threads, "_COUNTS_SET", set())
+    assert not CpuShare(torch.device("cpu")).adaptive  # 1 set by someone else: a choice

@@ -200,7 +200,7 @@ def create_sampling_client(config: TrainConfig, checkpoint: str | None = None,
     recorded = None if checkpoint is None else base_model_of(checkpoint)
     return LocalSamplingClient(base_model or recorded or config.base_model,
                                adapter_path=checkpoint, device=config.device, dtype=config.dtype,
-                               max_batch_size=EVAL_BATCH_SIZE)
+                               max_batch_size=EVAL_BATCH_SIZE, cpu_threads=config.cpu_threads)
 
 
 def load_engine_tokenizer(config: TrainConfig):

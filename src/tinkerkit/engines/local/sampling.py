@@ -238,6 +238,8 @@ class LocalSamplingClient:
             stays where it is.
         dtype: dtype of a loaded base model.
         max_batch_size: Most sequences generated together.
+        cpu_threads: On the CPU, ``"auto"`` or a fixed number of threads
+            (:class:`~tinkerkit.engines.local.threads.CpuShare`).
 
     Raises:
         ModelError: The base model or tokenizer cannot be loaded.
@@ -247,7 +249,8 @@ class LocalSamplingClient:
 
     def __init__(self, base_model: str, adapter_path: str | None = None, *,
                  model: torch.nn.Module | None = None, tokenizer=None, device: str = "auto",
-                 dtype: str = "float32", max_batch_size: int = 32) -> None:
+                 dtype: str = "float32", max_batch_size: int = 32,
+                 cpu_threads: int | str = "auto") -> None:
         if max_batch_size < 1:
             raise EngineError(f"max_batch_size={max_batch_size} must be at least 1")
         self.base_model, self.max_batch_size = base_model, max_batch_size
@@ -274,7 +277,7 @@ class LocalSamplingClient:
         self._lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinkerkit-sample")
         self._cancelled = threading.Event()  # close(cancel=True): generation stops at a step
-        self._cpu_share = CpuShare(self.device)
+        self._cpu_share = CpuShare(self.device, cpu_threads)
 
     def get_tokenizer(self):
         """The model's tokenizer."""

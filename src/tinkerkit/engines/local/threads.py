@@ -14,7 +14,8 @@ worked (``/proc/stat`` minus this process's own CPU time) and sets ``torch.set_n
 the cores left, between 1 and the thread count the engine started with. A user's own choice wins: it
 does nothing when ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OMP_WAIT_POLICY``,
 ``GOMP_SPINCOUNT`` or ``KMP_BLOCKTIME`` is set, when ``torch.set_num_threads`` was called after
-tinkerkit's engine was imported, when the ``CPU_THREADS`` setting is a number (then that many
+tinkerkit's engine was imported (a call before the import looks like torch's own default and
+is adapted from), when the ``CPU_THREADS`` setting is a number (then that many
 threads), on a GPU, and where ``/proc/stat`` does not exist (not Linux).
 
 Floating-point sums (matrix products, reductions) are split by thread, so their rounding depends
@@ -44,6 +45,7 @@ seconds (``/proc/stat`` counts in clock ticks of 10 ms: 0.2 s on 2 CPUs is 40 ti
 PROC_STAT = Path("/proc/stat")
 
 _IMPORT_THREADS = torch.get_num_threads()  # torch's count before any tinkerkit client ran
+_COUNTS_SET: set[int] = set()  # counts CpuShare itself set (a thread it adjusted is not a choice)
 
 
 def machine_cpu_seconds(stat: Path = PROC_STAT) -> tuple[float, float, int] | None:
@@ -115,9 +117,12 @@ class CpuShare:
     def __init__(self, device: torch.device, cpu_threads: int | str = "auto") -> None:
         fixed = cpu_threads_setting(cpu_threads)
         self.fixed = fixed if device.type == "cpu" else None
+        current = torch.get_num_threads()
         chosen = (any(os.environ.get(name) for name in USER_THREAD_VARIABLES)
-                  or torch.get_num_threads() != _IMPORT_THREADS)
-        self.most = torch.get_num_threads()
+                  or current not in {_IMPORT_THREADS, *_COUNTS_SET})
+        # A thread another share turned down (a sampler made in a training worker) still starts
+        # from the engine's own count.
+        self.most = current if chosen else _IMPORT_THREADS
         self.threads = self.fixed or self.most
         self.adaptive = (device.type == "cpu" and self.fixed is None and not chosen
                          and machine_cpu_seconds() is not None)
@@ -140,6 +145,7 @@ class CpuShare:
         if self.fixed is not None and torch.get_num_threads() != self.fixed:
             torch.set_num_threads(self.fixed)
         if self.adaptive and torch.get_num_threads() != self.threads:
+            _COUNTS_SET.add(self.threads)
             torch.set_num_threads(self.threads)  # this thread may not have run with it yet
         start = self._sample() if self.adaptive else None
         try:
@@ -160,5 +166,6 @@ class CpuShare:
         machine_cores = busy / total * self._cpus if total > 0 else 0.0
         threads = threads_for_share(max(0.0, machine_cores - own / wall), self._cpus, self.most)
         if threads != self.threads:
+            _COUNTS_SET.add(threads)
             torch.set_num_threads(threads)
             self.threads = threads

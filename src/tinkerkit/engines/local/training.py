@@ -283,6 +283,7 @@ class LocalTrainingClient:
         torch_dtype(dtype)  # refuses an unknown name before the model loads
         self.autocast = resolve_mixed_precision(mixed_precision, self.device)
         self._cpu_share = CpuShare(self.device, cpu_threads)
+        self.cpu_threads = cpu_threads  # its samplers use the same setting
         self.checkpoint_root, self.microbatch_tokens = Path(checkpoint_root), microbatch_tokens
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -719,13 +720,15 @@ class LocalTrainingClient:
             if not same_base_model(meta.get("base_model"), self.base_model):
                 raise
             return LocalSamplingClient(self.base_model, str(path), tokenizer=self.get_tokenizer(),
-                                       device=str(self.device), dtype=self.dtype)
+                                       device=str(self.device), dtype=self.dtype,
+                                       cpu_threads=self.cpu_threads)
         snapshot = self._submit(apply_adapter, self.model, path).result()
         return self._sampling_client(snapshot)
 
     def _sampling_client(self, model: torch.nn.Module) -> LocalSamplingClient:
         return LocalSamplingClient(self.base_model, model=model, tokenizer=self.get_tokenizer(),
-                                   device=str(self.device), dtype=self.dtype)
+                                   device=str(self.device), dtype=self.dtype,
+                                   cpu_threads=self.cpu_threads)
 
 
 def create_training_client_from_state(path: str | Path, *, with_optimizer: bool,
