@@ -106,7 +106,7 @@ class FrozenHeadLogprobs(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             for start in range(0, len(hidden), chunk):
                 rows = slice(start, start + chunk)
-                count = len(hidden[rows])
+                count = min(chunk, len(hidden) - start)
                 logits = logits_workspace(count, vocab, torch.float32, hidden.device)
                 products = (logits_workspace(count, vocab, product_weight.dtype, hidden.device)
                             if low else logits)

@@ -107,12 +107,9 @@ class MixedLoraLinearFunction(torch.autograd.Function):
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @torch.autocast("cpu", enabled=False)  # the dtypes are chosen here, not by the caller's
+    @torch.autocast("cuda", enabled=False)  # autocast (backward may run inside its context)
     def backward(ctx, grad_output: torch.Tensor):
-        with torch.autocast(grad_output.device.type, enabled=False):  # the dtypes are chosen here
-            return MixedLoraLinearFunction._backward(ctx, grad_output)
-
-    @staticmethod
-    def _backward(ctx, grad_output: torch.Tensor):
         flat, down, weight, lora_a, lora_b = ctx.saved_tensors
         grad = grad_output.reshape(-1, grad_output.shape[-1]).float()  # [tokens, out]
         grad_down = grad @ lora_b  # [tokens, r]
