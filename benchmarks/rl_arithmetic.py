@@ -50,7 +50,15 @@ def mcnemar(improved: int, regressed: int) -> str:
     return f"McNemar z = {z:.2f}, exact two-sided p = {min(1.0, 2 * tail):.4f}"
 
 
-def main() -> None:
+MINIMUMS = {"test_size": 1, "sft_steps": 1, "sft_warmup": 0, "rl_steps": 1, "group_size": 2,
+            "prompts_per_step": 1, "rl_max_tokens": 1, "eval_max_tokens": 1,
+            "sample_eval_every": 0}
+"""The least value of each integer option (a group needs two answers to have a baseline)."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, checked: an integer below its :data:`MINIMUMS` entry, or a learning rate or
+    temperature not above 0, exits with argparse's usage message (status 2)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default="rl_arithmetic_output")
     parser.add_argument("--test-size", type=int, default=200, help="held-out problems")
@@ -65,17 +73,18 @@ def main() -> None:
     parser.add_argument("--eval-max-tokens", type=int, default=64)
     parser.add_argument("--sample-eval-every", type=int, default=0,
                         help="eval_accuracy on the first 50 held-out problems every N RL steps")
-    args = parser.parse_args()
-    for name in ("test_size", "sft_steps", "rl_steps", "group_size", "prompts_per_step",
-                 "rl_max_tokens", "eval_max_tokens"):
-        if getattr(args, name) < (2 if name == "group_size" else 1):
-            parser.error(f"--{name.replace('_', '-')} must be at least "
-                         f"{2 if name == 'group_size' else 1}")
+    args = parser.parse_args(argv)
+    for name, least in MINIMUMS.items():
+        if getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}")
     for name in ("rl_lr", "rl_temperature"):
-        if not getattr(args, name) > 0:
+        if not getattr(args, name) > 0:  # also refuses nan
             parser.error(f"--{name.replace('_', '-')} must be above 0")
-    if args.sft_warmup < 0 or args.sample_eval_every < 0:
-        parser.error("--sft-warmup and --sample-eval-every must be at least 0")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     out, console = Path(args.output_dir), Console()
     out.mkdir(parents=True, exist_ok=True)
     source = write_demo_data(out / "data" / "problems.jsonl", n=1000 + args.test_size, seed=1)
