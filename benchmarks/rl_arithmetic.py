@@ -134,23 +134,25 @@ def main() -> None:
     print(f"accuracy after RL ({args.rl_steps} steps, {args.prompts_per_step} prompts x "
           f"{args.group_size} answers at temperature {args.rl_temperature:g}, lr {args.rl_lr:g}): "
           f"{p1:.3f}")
+    spread = f"{(p1 - p0) / se:.1f} standard errors" if se else "no spread: every verdict alike"
     print(f"difference: {p1 - p0:+.3f}; binomial standard error of the difference: {se:.3f} "
-          f"({(p1 - p0) / se if se else float('nan'):.1f} standard errors)")
+          f"({spread})")
     print(f"problems that changed: {improved} now right, {regressed} now wrong; "
           f"{mcnemar(improved, regressed)}")
     print("held-out accuracy along the run: " + ", ".join(
         [f"step 0: {p0:.3f}", *(f"step {k}: {v:.3f}" for k, v in sorted(along.items())),
          f"step {args.rl_steps}: {p1:.3f}"]))
     rewards = [line["reward_mean"] for line in lines]
-    tenth = max(1, len(rewards) // 10)
-    print("mean reward per tenth of the run: " + " ".join(
-        f"{sum(rewards[i:i + tenth]) / len(rewards[i:i + tenth]):.3f}"
-        for i in range(0, len(rewards), tenth)))
+    block = max(1, len(rewards) // 10)  # a tenth of the run, at least one step
+    print(f"mean reward per {block} step(s): " + " ".join(
+        f"{sum(rewards[i:i + block]) / len(rewards[i:i + block]):.3f}"
+        for i in range(0, len(rewards), block)))
     print("reward per RL step: " + " ".join(f"{line['reward_mean']:.2f}" for line in lines))
     print("sample accuracy per RL step: " + " ".join(f"{line['accuracy']:.2f}" for line in lines))
-    print("held-out eval_accuracy during RL: " + ", ".join(
-        f"step {line['step']}: {line['eval_accuracy']:.2f}" for line in lines
-        if "eval_accuracy" in line))
+    sampled = [f"step {line['step']}: {line['eval_accuracy']:.2f}" for line in lines
+               if "eval_accuracy" in line]
+    if sampled:  # --sample-eval-every
+        print("held-out eval_accuracy (first 50 problems) during RL: " + ", ".join(sampled))
     print(f"wall seconds: SFT {sft_seconds:.0f}, RL {rl_seconds:.0f} "
           f"({rl_seconds / args.rl_steps:.1f} per step)")
 

@@ -12,8 +12,10 @@ generated demo arithmetic (:func:`tinkerkit.data.demo.generate_demo_problems`).
 Without ``--base-url`` a ``tinkerkit serve`` starts in this process on a loopback port (CPU); with
 it, the loop runs against that server (or the hosted Tinker service, given
 ``TINKER_API_KEY``). Each iteration prints one JSON line: reward mean, accuracy, groups with
-signal, mean answer length, the sampler-learner KL estimate ``mean(sampler_logprob -
-learner_logprob)`` over sampled tokens, and the seconds of the iteration and of
+signal, mean answer length, ``logprob_gap`` (``mean(sampler_logprob - learner_logprob)`` over
+the trained answer tokens: the plain estimate of KL(sampler || learner), unbiased but of either
+sign; ``tinkerkit rl`` logs the never-negative k3 estimate as ``kl_sampler_learner``, so the two
+are not the same number), and the seconds of the iteration and of
 ``save_weights_and_get_sampling_client``.
 
 Run::
@@ -122,7 +124,7 @@ def train(base_url: str, args: argparse.Namespace) -> list[dict]:
                 with_signal += 1
                 mean = statistics.fmean(group)
                 data += [rl_datum(prompt, s, r - mean) for s, r in zip(sequences, group)]
-            kl = None
+            gap = None
             if data:
                 fwd_bwd = training.forward_backward(data, "importance_sampling")
                 optim = training.optim_step(types.AdamParams(learning_rate=args.learning_rate))
@@ -132,11 +134,11 @@ def train(base_url: str, args: argparse.Namespace) -> list[dict]:
                         for q, p, a in zip(d.loss_fn_inputs["logprobs"].tolist(),
                                            out["logprobs"].tolist(),
                                            d.loss_fn_inputs["advantages"].tolist()) if a != 0]
-                kl = statistics.fmean(gaps) if gaps else None
+                gap = statistics.fmean(gaps) if gaps else None
             record = {"iteration": iteration + 1, "reward_mean": statistics.fmean(rewards),
                       "accuracy": statistics.fmean(correct), "groups_with_signal": with_signal,
                       "groups": len(batch), "mean_answer_tokens": statistics.fmean(lengths),
-                      "kl_sampler_learner": kl,
+                      "logprob_gap": gap,
                       "seconds": round(time.perf_counter() - start, 3),
                       "sampler_seconds": round(snapshot_seconds, 3)}
             print(json.dumps(record), flush=True)

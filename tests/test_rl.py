@@ -20,17 +20,19 @@ from tinkerkit.config import load_config
 from tinkerkit.data.conversation import Conversation
 from tinkerkit.data.demo import write_demo_data
 from tinkerkit.errors import ConfigError, DataError
-from tinkerkit.grader import Grader
+from tinkerkit.grader import Grader, GraderConfig
 from tinkerkit.rl import (
     Prompt,
     Rollout,
+    batch_metrics,
     build_batch,
-    check_loss,
     grade_group,
+    grading_error_warning,
     group_advantages,
     kl_sampler_learner,
     rl,
     rollout_datum,
+    run_warnings,
     sampling_seed,
 )
 
@@ -145,6 +147,41 @@ def test_grade_group_rewards_as_eval_grades_with_an_optional_format_reward(smol_
     assert [r.reward for r in shaped] == pytest.approx([1.1, 0.1, 0.0])  # no answer: no bonus
 
 
+def test_a_failing_grader_gives_reward_0_and_is_counted_and_named(smol_tokenizer, tmp_path):
+    path = tmp_path / "broken_grader.py"
+    path.write_text("def score(output, example):\n"
+                    "    if '42' in output:\n        raise ValueError('no 42 here')\n"
+                    "    return 0.5\n")
+    texts = ["The answer is 42.", "The answer is 41."]
+    response = tinker.types.SampleResponse(
+        sequences=[sequence(smol_tokenizer.encode(t, add_special_tokens=False)) for t in texts])
+    prompt = Prompt(Conversation(messages=[{"role": "user", "content": "6 x 7?"}],
+                                 reference_answer="42"), tinker.types.ModelInput.from_ints([1]))
+    with GraderConfig(path=str(path)).build() as grader:
+        rollouts = grade_group(response, prompt, smol_tokenizer, grader, 0.0)
+    assert [r.reward for r in rollouts] == [0.0, 0.5]
+    assert "no 42 here" in rollouts[0].grading_error and rollouts[1].grading_error is None
+    batch = build_batch([prompt], [rollouts])
+    assert batch_metrics(batch)["grading_errors"] == 1
+    warning = grading_error_warning(batch, 3)
+    assert warning.startswith("the grader failed on 1 of 2 answers at step 3 (reward 0")
+    assert "no 42 here" in warning
+    assert grading_error_warning(build_batch([prompt], [rollouts[1:]]), 3) is None
+
+
+def test_run_warnings_name_steps_without_signal_and_truncated_answers():
+    def step(signal, truncated):
+        return {"groups_with_signal": signal, "answers_truncated": truncated}
+
+    assert run_warnings([step(0.5, 1), step(0.25, 0)], answers_per_step=8) == []
+    assert run_warnings([], answers_per_step=8) == []
+    some, = run_warnings([step(0.0, 0), step(0.5, 4)], answers_per_step=8)
+    assert some.startswith("1 of 2 steps had no group with signal") and "When RL helps" in some
+    every, cut = run_warnings([step(0.0, 8), step(0.0, 5)], answers_per_step=8)
+    assert every.startswith("every step had no group with signal")
+    assert cut.startswith("13 of 16 answers were cut at RL_MAX_TOKENS")
+
+
 def test_a_sequence_without_logprobs_is_a_clear_error(smol_tokenizer):
     response = tinker.types.SampleResponse(sequences=[sequence([5, 6], logprobs=False)])
     with pytest.raises(DataError, match="log-probability"):
@@ -171,7 +208,7 @@ def rl_config(tiny_model, tmp_path):
 
 RL_KEYS = {"step", "epoch", "loss", "lr", "weighted_tokens", "total_tokens", "reward_mean",
            "accuracy", "groups_with_signal", "groups_skipped", "answer_tokens_mean",
-           "answers_truncated", "kl_sampler_learner", "seconds"}
+           "answers_truncated", "grading_errors", "kl_sampler_learner", "seconds"}
 
 
 def test_rl_steps_run_and_log_their_metrics(rl_config, tmp_path):
@@ -197,6 +234,7 @@ def test_rl_steps_run_and_log_their_metrics(rl_config, tmp_path):
     assert (tmp_path / "run" / "reward_curve.png").stat().st_size > 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["first_10_mean_reward"] == pytest.approx(np.mean(result.rewards))
+    assert summary["grading_errors"] == 0 and all(line["grading_errors"] == 0 for line in lines)
     steps = [entry["step"] for entry in files.read_jsonl(tmp_path / "run" / "checkpoints.jsonl")]
     assert steps == [2, 4]
 
@@ -261,18 +299,22 @@ def test_bad_rl_settings_are_one_line_errors(setting, message, capsys, tmp_path)
     ("cispo", "{clip_low_threshold: 2, clip_high_threshold: 1}", "must satisfy 0 <= low <= high"),
     ("dro", "{beta: -1}", "dro: beta=-1.0 must be >= 0"),
 ])
-def test_loss_config_is_checked_against_its_loss_before_anything_loads(loss, loss_config,
+def test_loss_config_is_checked_against_its_loss_when_the_config_loads(loss, loss_config,
                                                                        message, tmp_path):
-    config = load_config(None, [f"RL_LOSS={loss}", f"RL_LOSS_CONFIG={loss_config}"])
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        rl(config, run_dir=tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=re.escape(message)) as refused:
+        load_config(None, [f"RL_LOSS={loss}", f"RL_LOSS_CONFIG={loss_config}"])
+    assert "--set: RL_LOSS_CONFIG=" in str(refused.value)
+    # From a config file, the error names the file (as every other setting's does).
+    path = tmp_path / "rl.toml"
+    path.write_text(f'RL_LOSS = "{loss}"\nRL_LOSS_CONFIG = {loss_config.replace(":", " =")}\n')
+    with pytest.raises(ConfigError, match=re.escape(message)) as refused:
+        load_config(path)
+    assert str(path) in str(refused.value)
 
 
 def test_a_loss_config_the_loss_takes_is_kept():
     config = load_config(None, ["RL_LOSS=ppo", "RL_LOSS_CONFIG={clip_low_threshold: 0.9, "
                                                "clip_high_threshold: 1.1}"])
-    check_loss(config)
     assert config.rl_loss_config == {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}
 
 

@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from tinkerkit.errors import ConfigError
+from tinkerkit.loss_rules import resolve_loss_config
 from tinkerkit.sampling_rules import SAMPLING_SETTINGS, setting_problem
 
 
@@ -142,7 +143,7 @@ class TrainConfig(BaseModel):
     rl_temperature: float = Field(1.0, gt=0, description="Sampling temperature of `tinkerkit rl` (above 0; 1 samples the model's own distribution, whose log-probabilities the losses use).")
     rl_max_tokens: int = Field(256, gt=0, description="Most tokens generated per answer in `tinkerkit rl`.")
     rl_loss: RLLoss = Field(RLLoss.IMPORTANCE_SAMPLING, description="Policy-gradient loss of `tinkerkit rl`: importance_sampling, ppo, cispo or dro (Tinker's built-in losses).")
-    rl_loss_config: dict[str, float] = Field(default_factory=dict, description="The loss's settings (Tinker's loss_fn_config): clip_low_threshold and clip_high_threshold for ppo and cispo, beta for dro; absent keys take Tinker's defaults (checked when `tinkerkit rl` starts).")
+    rl_loss_config: dict[str, float] = Field(default_factory=dict, description="The loss's settings (Tinker's loss_fn_config): clip_low_threshold and clip_high_threshold for ppo and cispo, beta for dro; absent keys take Tinker's defaults.")
     rl_format_reward: float = Field(0.0, ge=0, le=1, description="Reward added in `tinkerkit rl` to an answer whose final answer can be extracted (right or wrong); 0 disables.")
 
     @field_validator("*", mode="before")
@@ -196,6 +197,14 @@ class TrainConfig(BaseModel):
     def _cpu_threads(cls, value: int | str) -> int | str:
         if value != "auto" and value < 1:
             raise ValueError("must be 'auto' or a positive number of threads")
+        return value
+
+    @field_validator("rl_loss_config")
+    @classmethod
+    def _rl_loss_config(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        loss = info.data.get("rl_loss")
+        if loss is not None:  # an invalid RL_LOSS is reported on its own
+            resolve_loss_config(loss.value, value)  # ValueError: the key or value refused
         return value
 
     @field_validator("tinker_base_url")

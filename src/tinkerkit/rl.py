@@ -50,8 +50,7 @@ from rich.console import Console
 from tinkerkit import engines, files
 from tinkerkit.config import RLLoss, TrainConfig
 from tinkerkit.data.conversation import Conversation
-from tinkerkit.engines.local.losses import resolve_loss
-from tinkerkit.errors import ConfigError, DataError, EngineError, plural
+from tinkerkit.errors import DataError, plural
 from tinkerkit.evaluate import grade_sequence, with_end_of_turn
 from tinkerkit.grader import Grader, GraderConfig, grading_example
 from tinkerkit.render import Renderer
@@ -112,6 +111,8 @@ class Rollout:
         reward: ``Grader.reward_of`` of the answer plus the format reward, if any.
         correct: Whether the final answer is equivalent to the reference.
         truncated: Whether the answer stopped at ``RL_MAX_TOKENS`` (stop reason ``length``).
+        grading_error: Why the ``GRADER`` file failed on the answer (its reward is then 0, as
+            ``tinkerkit eval`` counts it wrong), or None.
     """
 
     tokens: list[int]
@@ -119,6 +120,7 @@ class Rollout:
     reward: float
     correct: bool
     truncated: bool
+    grading_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,8 @@ def grade_group(response: tinker.types.SampleResponse, prompt: Prompt, tokenizer
                                             tokenizer, grader)
         reward = grader.reward_of(verdict) + format_reward * (verdict.extracted is not None)
         rollouts.append(Rollout(tokens, [float(x) for x in sequence.logprobs], reward,
-                                bool(verdict.equivalent), sequence.stop_reason == "length"))
+                                bool(verdict.equivalent), sequence.stop_reason == "length",
+                                verdict.error))
     return rollouts
 
 
@@ -356,7 +359,7 @@ def sample_step(client, prompts: Sequence[Prompt], config: TrainConfig, step: in
 def batch_metrics(batch: RLBatch) -> dict:
     """The sampling metrics of a step (see docs/RL.md): ``reward_mean``, ``accuracy``,
     ``groups_with_signal`` (fraction), ``groups_skipped``, ``answer_tokens_mean``,
-    ``answers_truncated``."""
+    ``answers_truncated``, ``grading_errors``."""
     answers = [r for group in batch.rollouts for r in group]
     return {
         "reward_mean": float(np.mean([r.reward for r in answers])),
@@ -365,7 +368,55 @@ def batch_metrics(batch: RLBatch) -> dict:
         "groups_skipped": batch.groups_skipped,
         "answer_tokens_mean": float(np.mean([len(r.tokens) for r in answers])),
         "answers_truncated": sum(r.truncated for r in answers),
+        "grading_errors": sum(r.grading_error is not None for r in answers),
     }
+
+
+def grading_error_warning(batch: RLBatch, step: int) -> str | None:
+    """The warning of a step where the ``GRADER`` file failed on some answers, or None.
+
+    Args:
+        batch: The step's graded answers; ``step`` its 1-based number.
+    """
+    failed = [r.grading_error for group in batch.rollouts for r in group
+              if r.grading_error is not None]
+    if not failed:
+        return None
+    total = sum(len(group) for group in batch.rollouts)
+    return (f"the grader failed on {len(failed)} of {total} answers at step {step} (reward 0, "
+            f"as tinkerkit eval counts them wrong; later steps count them in metrics.jsonl "
+            f"grading_errors); the first: {failed[0]}")
+
+
+def run_warnings(records: Sequence[dict], answers_per_step: int) -> list[str]:
+    """What an RL run's metrics say went wrong with its learning signal, one line each.
+
+    Args:
+        records: The metrics of this invocation's steps (``metrics.jsonl`` lines).
+        answers_per_step: ``RL_PROMPTS_PER_STEP * RL_GROUP_SIZE``.
+
+    Returns:
+        A line when steps had no group with signal (every answer of every group earned the
+        same reward: nothing learned on them), and when more than half of the answers were cut
+        at ``RL_MAX_TOKENS``; empty when neither.
+    """
+    if not records:
+        return []
+    warnings = []
+    empty = sum(r["groups_with_signal"] == 0 for r in records)
+    if empty:
+        every = "every step" if empty == len(records) else f"{empty} of {len(records)} steps"
+        warnings.append(f"{every} had no group with signal: every answer of a group earned the "
+                        "same reward, so nothing was learned on those steps (docs/RL.md, 'When "
+                        "RL helps': train the format first, or use easier prompts or larger "
+                        "RL_GROUP_SIZE)")
+    answers = sum(r["answers_truncated"] for r in records)
+    total = answers_per_step * len(records)
+    if answers * 2 > total:
+        warnings.append(f"{answers} of {total} answers were cut at RL_MAX_TOKENS (reward 0 "
+                        "unless the final answer came first): raise RL_MAX_TOKENS or train the "
+                        "format first")
+    return warnings
 
 
 def learner_metrics(batch: RLBatch, output) -> dict:
@@ -383,19 +434,6 @@ def describe(record: StepRecord) -> str:
     m = record.metrics
     return (f"epoch {record.epoch} reward {m['reward_mean']:.3f} acc {m['accuracy']:.2f} "
             f"signal {m['groups_with_signal']:.2f} lr {record.lr:.2e}")
-
-
-def check_loss(config: TrainConfig) -> None:
-    """Check ``RL_LOSS_CONFIG`` against ``RL_LOSS`` as the engines do
-    (:func:`~tinkerkit.engines.local.losses.resolve_loss`: the keys each loss takes, their ranges).
-
-    Raises:
-        ConfigError: A key the loss does not take, or a value out of its range.
-    """
-    try:
-        resolve_loss(config.rl_loss.value, config.rl_loss_config)
-    except EngineError as e:
-        raise ConfigError(f"RL_LOSS_CONFIG={config.rl_loss_config}: {e}") from e
 
 
 def rl(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str | None = None,
@@ -420,7 +458,6 @@ def rl(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str | 
         ExportError: ``EXPORT_AFTER_TRAINING`` and the export failed.
     """
     console = console or Console()
-    check_loss(config)
     start = start_run(config, run_dir, resume, init_from, rl=True)
     run_dir, start_step = start.run_dir, start.start_step
     check_trackers(config.report_to)
@@ -441,13 +478,18 @@ def rl(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str | 
                 task = progress.add_task("rl", total=total_steps, completed=start_step, info="")
                 log = StepLog(run_dir, progress, task, 0, trackers, describe)
                 timer = StepTimer()
-                rewards = []  # this invocation's, for the result
+                logged = []  # this invocation's step metrics
+                grader_warned = False
                 for step in range(start_step, total_steps):
                     epoch, indices = batch_indices(step, len(prompts),
                                                    config.rl_prompts_per_step, config.seed)
                     lr = learning_rate_at(step, total_steps, config)
                     batch = sample_step(client, [prompts[i] for i in indices], config, step,
                                         tokenizer, grader)
+                    failed = None if grader_warned else grading_error_warning(batch, step + 1)
+                    if failed:
+                        console.print(f"[yellow]Warning:[/yellow] {failed}", soft_wrap=True)
+                        grader_warned = True
                     record = train_step(client, batch, config, step, epoch, lr, run_dir, timer)
                     if is_due(step + 1, config.eval_every, total_steps):
                         record.evaluations["eval_loss"] = sum(
@@ -457,7 +499,7 @@ def rl(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str | 
                         record.evaluations.update(sample_evaluations(client, held_out, config,
                                                                      console))
                     log.write(record)
-                    rewards.append(record.metrics["reward_mean"])
+                    logged.append(record.metrics)
                     if config.save_every and (step + 1) % config.save_every == 0 \
                             and step + 1 < total_steps:
                         save_checkpoint(client, run_dir, step + 1, epoch)
@@ -473,7 +515,10 @@ def rl(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str | 
                                     final_checkpoint, exported, engines.backend_of(config),
                                     extra=_reward_summary(run_dir))
             trackers.summarize(summary, total_steps)
-    return RLResult(run_dir, final_checkpoint, total_steps, rewards)
+            for warning in run_warnings(logged, config.rl_prompts_per_step * config.rl_group_size):
+                console.print(f"[yellow]Warning:[/yellow] {warning}", soft_wrap=True)
+    return RLResult(run_dir, final_checkpoint, total_steps,
+                    [metrics["reward_mean"] for metrics in logged])
 
 
 def train_step(client, batch: RLBatch, config: TrainConfig, step: int, epoch: int, lr: float,
@@ -502,12 +547,14 @@ def train_step(client, batch: RLBatch, config: TrainConfig, step: int, epoch: in
 
 
 def _reward_summary(run_dir: Path) -> dict:
-    """``first_10_mean_reward``, ``last_10_mean_reward`` and ``final_accuracy_of_samples``."""
+    """``first_10_mean_reward``, ``last_10_mean_reward``, ``last_10_mean_accuracy`` and
+    ``grading_errors`` (all steps)."""
     records = files.read_jsonl(run_dir / METRICS_FILE)
     rewards = [r["reward_mean"] for r in records if "reward_mean" in r]
     if not rewards:
         return {}
     return {"first_10_mean_reward": float(np.mean(rewards[:10])),
             "last_10_mean_reward": float(np.mean(rewards[-10:])),
-            "last_10_mean_accuracy": float(np.mean([r["accuracy"] for r in records][-10:]))}
+            "last_10_mean_accuracy": float(np.mean([r["accuracy"] for r in records][-10:])),
+            "grading_errors": sum(r.get("grading_errors", 0) for r in records)}
 

@@ -16,10 +16,8 @@ sampler's log-probabilities (an input), ``ratio = exp(target_logprobs - logprobs
 * ``dro``: ``-sum(target_logprobs * A - beta / 2 * (target_logprobs - logprobs) ** 2)``.
 
 ``low``/``high`` are the ``loss_fn_config`` keys ``clip_low_threshold``/``clip_high_threshold``,
-``beta`` the key ``beta``. Defaults when a key is absent: ``ppo`` 0.8 and 1.2 (Tinker's PPO
-page: epsilon 0.2 on both sides); ``cispo`` 0.0 and 4.0 (Tinker's loss tutorial,
-``tutorials/202_loss_functions.py``: a one-sided clip, after MiniMax-M1 and ScaleRL); ``dro``
-beta 0.05 (the value of Tinker's DRO example; the page states no default).
+``beta`` the key ``beta``; which keys each loss takes, their defaults and ranges are
+:mod:`tinkerkit.loss_rules`.
 
 For ``importance_sampling``, ``ppo`` and ``cispo`` a token with ``A == 0`` adds exactly 0 (even
 where ``ratio`` would overflow: prompt tokens carry no sampler log-probability). ``dro``'s
@@ -29,13 +27,13 @@ token should carry the sampler's log-probability there, or lie outside the datum
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from tinkerkit.errors import EngineError
+from tinkerkit.loss_rules import resolve_loss_config
 
 Inputs = Mapping[str, torch.Tensor]
 Config = Mapping[str, float]
@@ -50,7 +48,6 @@ class LossFunction:
         inputs: ``loss_fn_inputs`` it requires besides ``target_tokens`` (float ``[T]`` each).
         optional_inputs: Float inputs it accepts when present, with the value of each
             position when absent.
-        config: ``loss_fn_config`` keys it accepts, with their defaults.
         summed: ``(target_logprobs, inputs, config) -> loss``: float32 tensors of one shape
             (``[T]`` or ``[B, T]``; padding positions 0 in every input and in
             ``target_logprobs`` add 0), a float32 scalar.
@@ -61,7 +58,6 @@ class LossFunction:
     name: str
     inputs: tuple[str, ...]
     optional_inputs: Mapping[str, float]
-    config: Mapping[str, float]
     summed: Callable[[torch.Tensor, Inputs, Config], torch.Tensor]
     needs_grad: Callable[[Inputs, Config], torch.Tensor]
 
@@ -125,13 +121,12 @@ def _dro_grad(inputs: Inputs, config: Config) -> torch.Tensor:
 
 
 _RL_INPUTS = ("logprobs", "advantages")
-_CLIP = ("clip_low_threshold", "clip_high_threshold")
 LOSSES: dict[str, LossFunction] = {loss.name: loss for loss in (
-    LossFunction("cross_entropy", (), {"weights": 1.0}, {}, cross_entropy, _weighted),
-    LossFunction("importance_sampling", _RL_INPUTS, {}, {}, importance_sampling, _advantaged),
-    LossFunction("ppo", _RL_INPUTS, {}, dict(zip(_CLIP, (0.8, 1.2))), ppo, _advantaged),
-    LossFunction("cispo", _RL_INPUTS, {}, dict(zip(_CLIP, (0.0, 4.0))), cispo, _advantaged),
-    LossFunction("dro", _RL_INPUTS, {}, {"beta": 0.05}, dro, _dro_grad),
+    LossFunction("cross_entropy", (), {"weights": 1.0}, cross_entropy, _weighted),
+    LossFunction("importance_sampling", _RL_INPUTS, {}, importance_sampling, _advantaged),
+    LossFunction("ppo", _RL_INPUTS, {}, ppo, _advantaged),
+    LossFunction("cispo", _RL_INPUTS, {}, cispo, _advantaged),
+    LossFunction("dro", _RL_INPUTS, {}, dro, _dro_grad),
 )}
 """The losses of the local engine (and ``tinkerkit serve``), by Tinker's ``loss_fn`` name."""
 
@@ -145,32 +140,17 @@ def resolve_loss(loss_fn: str, loss_fn_config: Mapping[str, object] | None
         loss_fn_config: ``loss_fn_config`` as the SDK sends it (str -> number), or None.
 
     Raises:
-        EngineError: An unknown loss, an unknown config key, a value that is not a finite
-            number, a negative or inverted clip range (``clip_low_threshold`` must lie in
-            ``[0, clip_high_threshold]``), or a negative ``beta``.
+        EngineError: An unknown loss, or a config :func:`~tinkerkit.loss_rules.resolve_loss_config`
+            refuses (an unknown key, a value not a finite number or out of its range).
     """
     loss = LOSSES.get(loss_fn)
     if loss is None:
         raise EngineError(f"loss_fn '{loss_fn}' is not supported by the local engine; "
                           f"supported: {', '.join(LOSSES)}")
-    config = dict(loss.config)
-    for key, value in (loss_fn_config or {}).items():
-        if key not in loss.config:
-            accepted = ", ".join(loss.config) or "none"
-            raise EngineError(f"loss_fn_config key '{key}' is not used by {loss_fn} "
-                              f"(keys it takes: {accepted})")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value):
-            raise EngineError(f"loss_fn_config['{key}']={value!r} must be a finite number")
-        config[key] = float(value)
-    if "clip_low_threshold" in config:
-        low, high = config["clip_low_threshold"], config["clip_high_threshold"]
-        if not 0 <= low <= high:
-            raise EngineError(f"{loss_fn}: clip_low_threshold={low} and clip_high_threshold="
-                              f"{high} must satisfy 0 <= low <= high")
-    if config.get("beta", 0.0) < 0:
-        raise EngineError(f"dro: beta={config['beta']} must be >= 0")
-    return loss, config
+    try:
+        return loss, resolve_loss_config(loss_fn, loss_fn_config)
+    except ValueError as e:
+        raise EngineError(str(e)) from None
 
 
 def datum_inputs(index: int, loss: LossFunction, given: Mapping[str, object],
