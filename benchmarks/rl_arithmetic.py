@@ -47,7 +47,9 @@ def mcnemar(improved: int, regressed: int) -> str:
         return "McNemar: no discordant problem"
     z = (improved - regressed) / math.sqrt(n)
     tail = sum(math.comb(n, k) for k in range(max(improved, regressed), n + 1)) / 2 ** n
-    return f"McNemar z = {z:.2f}, exact two-sided p = {min(1.0, 2 * tail):.4f}"
+    p = min(1.0, 2 * tail)
+    return f"McNemar z = {z:.2f}, exact two-sided p = {p:.4f}" if p >= 1e-4 else \
+        f"McNemar z = {z:.2f}, exact two-sided p = {p:.1e}"
 
 
 MINIMUMS = {"test_size": 1, "sft_steps": 1, "sft_warmup": 0, "rl_steps": 1, "group_size": 2,

@@ -30,9 +30,11 @@ def test_mcnemar_exact_p_value_of_the_discordant_problems():
     assert rl_arithmetic.mcnemar(0, 0) == "McNemar: no discordant problem"
 
 
-def test_mcnemar_z_of_a_large_difference():
-    z = float(rl_arithmetic.mcnemar(43, 9).split("z = ")[1].split(",")[0])
-    assert z == pytest.approx(round(34 / math.sqrt(52), 2))
+def test_mcnemar_of_a_large_difference_prints_a_small_p_value_in_full():
+    # 43 became right, 9 wrong (the documented run): z = 34 / sqrt(52); p = 2 * P(X >= 43).
+    p = 2 * sum(math.comb(52, k) for k in range(43, 53)) / 2 ** 52
+    assert rl_arithmetic.mcnemar(43, 9) == f"McNemar z = 4.71, exact two-sided p = {p:.1e}"
+    assert f"{p:.1e}" == "2.0e-06"
 
 
 def test_defaults_are_the_documented_run():
