@@ -96,13 +96,13 @@ def main() -> None:
     settings = {**demo_settings(out, quick=False), "run_dir": None, "eval_limit": None,
                 "max_steps": args.sft_steps, "warmup_steps": args.sft_warmup,
                 "save_every": 0, "max_tokens": args.eval_max_tokens}
-    test = settings["test_files"]
+    test, config = settings["test_files"], load_config(None, **settings)  # SFT and every eval
 
     started = time.perf_counter()
-    sft = train(load_config(None, **settings), run_dir=out / "sft", console=console)
+    sft = train(config, run_dir=out / "sft", console=console)
     sft_seconds = time.perf_counter() - started
-    before = run_evaluation(load_config(None, **settings), test, sft.final_checkpoint,
-                            out / "eval_sft.json", console=console)
+    before = run_evaluation(config, test, sft.final_checkpoint, out / "eval_sft.json",
+                            console=console)
 
     rl_settings = {**settings, "learning_rate": args.rl_lr, "lr_schedule": "constant",
                    "warmup_steps": 0, "max_steps": args.rl_steps, "save_every": 10,
@@ -114,13 +114,13 @@ def main() -> None:
     result = rl(load_config(None, **rl_settings), run_dir=out / "rl",
                 init_from=sft.final_checkpoint, console=console)
     rl_seconds = time.perf_counter() - started
-    after = run_evaluation(load_config(None, **settings), test, result.final_checkpoint,
-                           out / "eval_rl.json", console=console)
+    after = run_evaluation(config, test, result.final_checkpoint, out / "eval_rl.json",
+                           console=console)
     along = {}  # the intermediate checkpoints' held-out accuracy, by RL step
     for saved in files.read_jsonl(out / "rl" / "checkpoints.jsonl"):
         if saved["step"] < args.rl_steps:
             along[saved["step"]] = run_evaluation(
-                load_config(None, **settings), test, str(out / "rl" / saved["path"]),
+                config, test, str(out / "rl" / saved["path"]),
                 out / f"eval_rl_step{saved['step']}.json",
                 console=console).metrics["accuracy_equivalent"]
 
