@@ -312,6 +312,12 @@ def test_loss_config_is_checked_against_its_loss_when_the_config_loads(loss, los
     assert str(path) in str(refused.value)
 
 
+@pytest.mark.parametrize("value", ["'0.8'", "true"])
+def test_a_loss_config_value_must_be_a_number_not_a_string_or_boolean(value):
+    with pytest.raises(ConfigError, match=re.escape("must be a finite number")):
+        load_config(None, ["RL_LOSS=ppo", f"RL_LOSS_CONFIG={{clip_low_threshold: {value}}}"])
+
+
 def test_a_loss_config_the_loss_takes_is_kept():
     config = load_config(None, ["RL_LOSS=ppo", "RL_LOSS_CONFIG={clip_low_threshold: 0.9, "
                                                "clip_high_threshold: 1.1}"])

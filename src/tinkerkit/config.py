@@ -199,11 +199,11 @@ class TrainConfig(BaseModel):
             raise ValueError("must be 'auto' or a positive number of threads")
         return value
 
-    @field_validator("rl_loss_config")
+    @field_validator("rl_loss_config", mode="before")  # before '0.8' or true became a float
     @classmethod
-    def _rl_loss_config(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+    def _rl_loss_config(cls, value: Any, info: ValidationInfo) -> Any:
         loss = info.data.get("rl_loss")
-        if loss is not None:  # an invalid RL_LOSS is reported on its own
+        if loss is not None and isinstance(value, dict):  # else reported on its own
             resolve_loss_config(loss.value, value)  # ValueError: the key or value refused
         return value
 

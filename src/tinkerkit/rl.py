@@ -408,13 +408,13 @@ def run_warnings(records: Sequence[dict], answers_per_step: int) -> list[str]:
         every = "every step" if empty == len(records) else f"{empty} of {len(records)} steps"
         warnings.append(f"{every} had no group with signal: every answer of a group earned the "
                         "same reward, so nothing was learned on those steps (docs/RL.md, 'When "
-                        "RL helps': train the format first, or use easier prompts or larger "
-                        "RL_GROUP_SIZE)")
+                        "RL helps': train the format first, use easier prompts or a larger "
+                        "RL_GROUP_SIZE, or fix a GRADER that fails: grading_errors)")
     answers = sum(r["answers_truncated"] for r in records)
     total = answers_per_step * len(records)
     if answers * 2 > total:
-        warnings.append(f"{answers} of {total} answers were cut at RL_MAX_TOKENS (reward 0 "
-                        "unless the final answer came first): raise RL_MAX_TOKENS or train the "
+        warnings.append(f"{answers} of {total} answers were cut at RL_MAX_TOKENS (graded on "
+                        "what came before the cut: usually no final answer): raise RL_MAX_TOKENS or train the "
                         "format first")
     return warnings
 
