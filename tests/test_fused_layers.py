@@ -90,6 +90,21 @@ def test_models_norms_are_fused_unless_they_compute_something_else():
     assert fuse_layers(ScaledLlamaAttention(config, 0))["attention"] == 0
 
 
+def test_attention_with_large_outputs_is_fused():
+    # Deep layers of real models give large outputs on the check's random input (SmolLM2-135M:
+    # ~100 in 5 of its 30 attention layers, which an element-wise tolerance left unfused for
+    # rounding differences of ~1e-4); the check compares against the size of the output.
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=576, num_attention_heads=9,
+                                      num_key_value_heads=3, head_dim=64)  # SmolLM2's widths
+    config._attn_implementation = "sdpa"
+    attention = LlamaAttention(config, 0)
+    with torch.no_grad():
+        for projection in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj):
+            projection.weight.mul_(30.0)  # outputs of ~1,000, rounding differences of ~1e-3
+    assert fuse_layers(attention)["attention"] == 1
+
+
 def test_rotary_gradient_is_exact_in_float64():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, 2, 5, 8, dtype=torch.float64, generator=generator, requires_grad=True)

@@ -46,6 +46,26 @@ def test_head_under_autocast_multiplies_in_bf16_and_normalizes_in_float32():
     assert 0 < (logprobs - full).abs().max() < 0.1  # bf16 rounding of the logits, no more
 
 
+def test_head_under_autocast_pads_rows_without_changing_values():
+    # 50 positions are padded to 64 rows for the bf16 products (chunks of 40: 40 rows, then 24
+    # rows for 10 positions); 64 positions whose last 14 are zero rows use the same shapes
+    # and must give the first 50 log-probabilities and gradients bit for bit.
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(50, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(70, 8, generator=generator)
+    targets = torch.randint(0, 70, (50,), generator=generator)
+    padded = torch.cat([hidden.detach(), torch.zeros(14, 8)]).requires_grad_()
+    padded_targets = torch.cat([targets, torch.zeros(14, dtype=torch.int64)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logprobs = FrozenHeadLogprobs.apply(hidden, weight, None, targets, 40)
+        padded_logprobs = FrozenHeadLogprobs.apply(padded, weight, None, padded_targets, 40)
+    grad = torch.linspace(-1, 1, 50)
+    (actual,) = torch.autograd.grad(logprobs, hidden, grad)
+    (expected,) = torch.autograd.grad(padded_logprobs, padded, torch.cat([grad, torch.zeros(14)]))
+    assert logprobs.shape == (50,) and torch.equal(logprobs, padded_logprobs[:50])
+    assert torch.equal(actual, expected[:50])
+
+
 def in_new_thread(fn):
     """``fn()`` run in a thread of its own (a fresh workspace), its result."""
     result = []

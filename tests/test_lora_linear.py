@@ -9,10 +9,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from tinkerkit.engines.local.kernels.lora_linear import (
+    ROW_BLOCK,
     FusedLoraLinear,
     LoraLinearFunction,
     MixedLoraLinearFunction,
     autocast_weight,
+    low_precision_rows,
 )
 
 
@@ -141,6 +143,37 @@ def test_a_small_lora_update_survives_bf16_autocast():
     (grad_b,) = torch.autograd.grad(out, lora_b, grad)
     down = (x.bfloat16() @ lora_a.bfloat16().t()).float()
     torch.testing.assert_close(grad_b, 2.0 * grad.t() @ down)  # float32, as computed by hand
+
+
+def test_low_precision_rows_pads_cpu_operands_with_zero_rows():
+    matrix = torch.tensor([[1.0, 1.0 + 2**-10], [-2.0, 3.0], [0.5, 0.25]])
+    padded = low_precision_rows(matrix, torch.bfloat16)
+    assert ROW_BLOCK == 64 and padded.shape == (64, 2) and padded.dtype == torch.bfloat16
+    assert padded[:3].tolist() == [[1.0, 1.0], [-2.0, 3.0], [0.5, 0.25]]  # cast, bf16 rounding
+    assert not padded[3:].any()
+    full = torch.ones(128, 2)
+    assert low_precision_rows(full, torch.bfloat16).shape == (128, 2)  # a whole number of blocks
+
+
+def test_padded_rows_change_no_value_or_gradient():
+    # 50 tokens are padded to 64 rows inside the function; the same 50 tokens followed by 14
+    # zero rows (64 rows, no padding, the same product shapes) must give the same outputs and
+    # gradients, bit for bit: the padding rows contribute nothing and are dropped.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(6, 8, generator=generator).bfloat16()
+    lora_a = torch.randn(2, 8, generator=generator, requires_grad=True)
+    lora_b = torch.randn(6, 2, generator=generator, requires_grad=True)
+    grad = torch.randn(50, 6, generator=generator)
+    out = MixedLoraLinearFunction.apply(x, weight, None, lora_a, lora_b, 2.0)
+    padded_x = torch.cat([x.detach(), torch.zeros(14, 8)]).requires_grad_()
+    padded_out = MixedLoraLinearFunction.apply(padded_x, weight, None, lora_a, lora_b, 2.0)
+    grads = torch.autograd.grad(out, (x, lora_a, lora_b), grad)
+    padded_grads = torch.autograd.grad(padded_out, (padded_x, lora_a, lora_b),
+                                       torch.cat([grad, torch.zeros(14, 6)]))
+    assert out.shape == (50, 6) and torch.equal(out, padded_out[:50])
+    assert torch.equal(grads[0], padded_grads[0][:50])
+    assert torch.equal(grads[1], padded_grads[1]) and torch.equal(grads[2], padded_grads[2])
 
 
 def test_autocast_weight_is_cast_once_per_value_of_the_weight():

@@ -168,8 +168,12 @@ def _is_llama_attention(module: torch.nn.Module) -> bool:
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
-    return actual.shape == expected.shape and torch.allclose(actual, expected, rtol=1e-4,
-                                                             atol=1e-5)
+    """Whether two outputs of a layer agree up to float rounding: the largest difference is at
+    most 1e-4 of the largest output. (Per-element tolerances reject layers whose outputs reach
+    ~100, as deep attention layers' do, for rounding differences of 1e-4 in elements near zero.)"""
+    if actual.shape != expected.shape:
+        return False
+    return bool((actual - expected).abs().max() <= 1e-4 * expected.abs().max())
 
 
 def _own_output(module: torch.nn.Module, *inputs) -> torch.Tensor:

@@ -14,7 +14,7 @@ import threading
 
 import torch
 
-from tinkerkit.engines.local.kernels.lora_linear import autocast_weight
+from tinkerkit.engines.local.kernels.lora_linear import autocast_weight, low_precision_rows
 from tinkerkit.engines.local.kernels.packing import SEGMENTS_KWARG
 
 LOGIT_CHUNK = 1024
@@ -101,20 +101,23 @@ class FrozenHeadLogprobs(torch.autograd.Function):
             dtype = torch.get_autocast_dtype(device)
             product_weight = autocast_weight(weight, dtype)
             product_bias = None if bias is None else autocast_weight(bias, dtype)
-            hidden = hidden.to(dtype)
-        vocab, low = weight.shape[0], product_weight.dtype != torch.float32
+        positions, vocab = len(hidden), weight.shape[0]
+        low = product_weight.dtype != torch.float32
+        if low:  # rows padded on the CPU so that the products' shapes repeat (ROW_BLOCK)
+            hidden = low_precision_rows(hidden, product_weight.dtype)
         with torch.autocast(device, enabled=False):
-            for start in range(0, len(hidden), chunk):
+            for start in range(0, positions, chunk):
                 rows = slice(start, start + chunk)
-                count = min(chunk, len(hidden) - start)
+                count = min(chunk, positions - start)
                 logits = logits_workspace(count, vocab, torch.float32, hidden.device)
-                products = (logits_workspace(count, vocab, product_weight.dtype, hidden.device)
+                products = (logits_workspace(min(chunk, len(hidden) - start), vocab,
+                                             product_weight.dtype, hidden.device)
                             if low else logits)
                 torch.mm(hidden[rows], product_weight.t(), out=products)
                 if product_bias is not None:
                     products.add_(product_bias)
                 if low:
-                    logits.copy_(products)
+                    logits.copy_(products[:count])
                 picked = logits.gather(-1, targets[rows, None]).squeeze(-1)
                 # logsumexp and softmax from one exp, in place of the logits
                 peak = logits.amax(-1, keepdim=True)
@@ -123,9 +126,11 @@ class FrozenHeadLogprobs(torch.autograd.Function):
                 logprobs[rows] = picked - (peak + total.log()).squeeze(-1)
                 if jacobian is not None:
                     probs = exp.div_(total)
-                    if low:
-                        probs = products.copy_(probs)
-                    jacobian[rows] = weight[targets[rows]].float() - (probs @ product_weight).float()
+                    if low:  # the padding rows' products are computed and dropped
+                        products[:count].copy_(probs)
+                        probs = products
+                    jacobian[rows] = (weight[targets[rows]].float()
+                                      - (probs @ product_weight)[:count].float())
         ctx.save_for_backward(jacobian)
         ctx.hidden_dtype = hidden.dtype
         return logprobs

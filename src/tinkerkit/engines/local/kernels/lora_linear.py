@@ -91,17 +91,19 @@ class MixedLoraLinearFunction(torch.autograd.Function):
     slowly than in float32. Backward, with ``g`` the float32 output gradient: ``dx = g @ weight
     + scaling * (g @ lora_b) @ lora_a`` (the first product in the low precision),
     ``d lora_a = scaling * (g @ lora_b).T @ x`` (low precision), ``d lora_b = scaling * g.T @
-    (x @ lora_a.T)`` (float32).
+    (x @ lora_a.T)`` (float32). On the CPU the low-precision operands' rows are padded with zeros
+    to a multiple of :data:`ROW_BLOCK` (:func:`low_precision_rows`) and the extra output rows
+    dropped, so that the products' shapes repeat from step to step.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-        low = weight.dtype
-        flat = x.reshape(-1, x.shape[-1]).to(low)
-        down = (flat @ lora_a.to(low).t()).float()  # [tokens, r]
-        out = torch.nn.functional.linear(flat, weight, bias).float()  # [tokens, out]
-        out.addmm_(down, lora_b.t(), alpha=scaling)
+        low, tokens = weight.dtype, x.numel() // x.shape[-1]
+        flat = low_precision_rows(x.reshape(tokens, x.shape[-1]), low)  # [rows, in], rows >= tokens
+        down = (flat @ lora_a.to(low).t()).float()  # [rows, r]
+        out = torch.nn.functional.linear(flat, weight, bias)[:tokens].float()  # [tokens, out]
+        out.addmm_(down[:tokens], lora_b.t(), alpha=scaling)
         ctx.save_for_backward(flat, down, weight, lora_a, lora_b)
         ctx.scaling, ctx.input_shape, ctx.input_dtype = scaling, x.shape, x.dtype
         return out.view(*x.shape[:-1], weight.shape[0])
@@ -112,17 +114,48 @@ class MixedLoraLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         flat, down, weight, lora_a, lora_b = ctx.saved_tensors
         grad = grad_output.reshape(-1, grad_output.shape[-1]).float()  # [tokens, out]
+        tokens, low = len(grad), weight.dtype
         grad_down = grad @ lora_b  # [tokens, r]
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad.to(weight.dtype) @ weight).float()
+            grad_x = (low_precision_rows(grad, low) @ weight)[:tokens].float()
             grad_x.addmm_(grad_down, lora_a, alpha=ctx.scaling)
             grad_x = grad_x.view(ctx.input_shape).to(ctx.input_dtype)
         if ctx.needs_input_grad[3]:
-            grad_a = (grad_down.to(weight.dtype).t() @ flat).float().mul_(ctx.scaling)
+            # the rows past `tokens` are zero in both operands of this sum over rows
+            grad_a = (low_precision_rows(grad_down, low).t() @ flat).float().mul_(ctx.scaling)
         if ctx.needs_input_grad[4]:
-            grad_b = (grad.t() @ down).mul_(ctx.scaling)
+            grad_b = (grad.t() @ down[:tokens]).mul_(ctx.scaling)
         return grad_x, None, None, grad_a, grad_b, None
+
+
+ROW_BLOCK = 64
+"""Rows of a low-precision matrix product's operand are padded to a multiple of this on the CPU.
+
+PyTorch runs bf16 (and float16) products on the CPU through oneDNN, which builds a primitive for
+every new operand shape (milliseconds: code is generated for the shape) and keeps up to 1,024 of
+them, each holding memory (about 1 MiB). Training steps pack different numbers of tokens; with
+rows in blocks of 64 the shapes repeat, so primitives are built in the first steps only and the
+memory they hold stays bounded. The padding costs at most 63 rows per product
+(docs/PERFORMANCE.md, "Matrix shapes under bf16 on the CPU").
+"""
+
+
+def low_precision_rows(matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``matrix`` ``[n, k]`` cast to ``dtype`` for a matrix product, rows padded on the CPU.
+
+    On the CPU the result is ``[m, k]`` with ``m`` = ``n`` rounded up to a multiple of
+    :data:`ROW_BLOCK` and rows ``n:`` zero (zero rows add nothing where a product sums over rows,
+    and a product's extra output rows are sliced off by the caller); elsewhere it is
+    ``matrix.to(dtype)``, ``[n, k]``.
+    """
+    rows = len(matrix)
+    if matrix.device.type != "cpu" or rows % ROW_BLOCK == 0:
+        return matrix.to(dtype)
+    padded = matrix.new_empty((rows + ROW_BLOCK - rows % ROW_BLOCK, matrix.shape[1]), dtype=dtype)
+    padded[:rows].copy_(matrix)
+    padded[rows:].zero_()
+    return padded
 
 
 def autocast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
