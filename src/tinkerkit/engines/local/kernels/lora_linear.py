@@ -99,8 +99,8 @@ class MixedLoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-        low, tokens = weight.dtype, x.numel() // x.shape[-1]
-        flat = low_precision_rows(x.reshape(tokens, x.shape[-1]), low)  # [rows, in], rows >= tokens
+        low, tokens = weight.dtype, x.shape[:-1].numel()
+        flat = low_precision_rows(x.reshape(tokens, -1), low)  # [rows, in], rows >= tokens
         down = (flat @ lora_a.to(low).t()).float()  # [rows, r]
         out = torch.nn.functional.linear(flat, weight, bias)[:tokens].float()  # [tokens, out]
         out.addmm_(down[:tokens], lora_b.t(), alpha=scaling)
