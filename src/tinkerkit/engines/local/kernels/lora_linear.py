@@ -100,7 +100,7 @@ class MixedLoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
         low, tokens = weight.dtype, x.shape[:-1].numel()
-        flat = low_precision_rows(x.reshape(tokens, -1), low)  # [rows, in], rows >= tokens
+        flat = low_precision_rows(x.reshape(tokens, x.shape[-1]), low)  # [rows, in], rows >= tokens
         down = (flat @ lora_a.to(low).t()).float()  # [rows, r]
         out = torch.nn.functional.linear(flat, weight, bias)[:tokens].float()  # [tokens, out]
         out.addmm_(down[:tokens], lora_b.t(), alpha=scaling)
