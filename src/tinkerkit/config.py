@@ -82,7 +82,7 @@ class TrainConfig(BaseModel):
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Local engine parameter dtype.")
     activation_checkpointing: bool | Literal["auto"] = Field("auto", description="Gradient (activation) checkpointing: decoder layers recompute their activations in the backward pass instead of keeping them (less memory, more compute); auto: on for micro-batches of at least 2,048 tokens.")
     cpu_threads: int | Literal["auto"] = Field("auto", description="Local engine threads on the CPU: auto (every core on an idle machine, one per core left while other programs keep cores busy; OMP_NUM_THREADS, MKL_NUM_THREADS, OMP_WAIT_POLICY, GOMP_SPINCOUNT, KMP_BLOCKTIME or a torch.set_num_threads call after importing tinkerkit win), or a fixed number: results are bitwise repeatable (exact resume on the CPU) only at a fixed thread count.")
-    mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="bf16 autocast in the local engine: frozen base products in bf16; the LoRA update, norms, attention on the CPU, loss and optimizer in float32. auto: bf16 on CUDA GPUs that support it, float32 on the CPU (bf16 there: 1.2-1.3x faster on CPUs with native bf16, loss within 0.5%; see the README).")
+    mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="bf16 autocast in the local engine: frozen base products in bf16; the LoRA update, norms, attention on the CPU, loss and optimizer in float32. auto: bf16 on CUDA GPUs that support it, float32 on the CPU (bf16 there: about 1.4x faster on CPUs with native bf16, loss within 0.5%; see the README).")
 
     # Rendering
     max_sequence_length: int = Field(4096, gt=1, description="Longest rendered example in tokens.")
